@@ -1,0 +1,174 @@
+"""The Backend protocol.
+
+A backend is one class: it declares what it is (name, device, protocol version,
+activation dtypes, weight formats it computes natively) and implements one private
+method per op (`_rms_norm`, `_attention`, ...). The public methods here validate
+every input against the op contract (spec.py) and check `supports(op, **meta)`
+before calling the implementation, so a kernel never sees an input it was not
+written for. Implementations allocate outputs with `new_output`, which the
+conformance suite poisons (NaN) to catch elements a kernel never writes.
+
+Optional: `probe()` (is it usable here, and if not why), `info()` (extra facts for
+`portinfer backends`, e.g. the SIMD path chosen), and fused ops later.
+"""
+from __future__ import annotations
+
+import torch
+
+from . import spec
+from .spec import OPS, PreparedLinear, UnsupportedOpError
+
+# Bump when the Backend interface changes incompatibly; out-of-tree backends declare
+# the version they were built for and are refused when it differs.
+PROTOCOL_VERSION = 1
+
+
+class Backend:
+    name: str = "unnamed"
+    protocol_version: int = PROTOCOL_VERSION
+    default_device: str = "cpu"
+    activation_dtypes: tuple = spec.ACTIVATION_DTYPES
+    # formats `linear` computes in directly; any other format is dequantized at prepare time
+    native_weight_formats: tuple = spec.DENSE_FORMATS
+    # an op set smaller than OPS means the rest fall back (see placement.py)
+    ops: tuple = OPS
+    # a backend that quantizes activations (integer dot products) is held to the int8 budget
+    quantizes_activations: bool = False
+
+    def __init__(self, device=None):
+        self.device = torch.device(device if device is not None else self.default_device)
+        self.poison_outputs = False
+
+    # ---------------------------------------------------------------- description
+
+    @classmethod
+    def probe(cls) -> tuple[bool, str]:
+        """(available here, reason if not). Must be cheap and never raise."""
+        return True, ""
+
+    def info(self) -> dict:
+        """Extra facts shown by `portinfer backends` (the SIMD path, threads, ...)."""
+        return {}
+
+    def supports(self, op: str, **meta) -> bool:
+        """Whether this backend computes `op` for these meta (see spec.validate_*)."""
+        if op not in self.ops:
+            return False
+        dtype = meta.get("dtype")
+        return dtype is None or dtype in self.activation_dtypes
+
+    def __repr__(self):
+        return f"<{type(self).__name__} {self.name!r} on {self.device}>"
+
+    # ---------------------------------------------------------------- helpers for implementations
+
+    def new_output(self, shape, dtype) -> torch.Tensor:
+        """Allocate an op's output; NaN-filled when the conformance suite asks for poison."""
+        if self.poison_outputs:
+            return torch.full(tuple(shape), float("nan"), dtype=dtype, device=self.device)
+        return torch.empty(tuple(shape), dtype=dtype, device=self.device)
+
+    def _require(self, op, meta):
+        if not self.supports(op, **meta):
+            shown = {k: (spec.dtype_name(v) if isinstance(v, torch.dtype) else v) for k, v in meta.items()}
+            raise UnsupportedOpError(f"backend {self.name!r} does not support {op} with {shown}")
+
+    def _check_device(self, t, name):
+        spec._device(name, t, self.device)
+
+    # ---------------------------------------------------------------- public ops (validated)
+
+    def prepare_linear(self, weight, dtype=None) -> PreparedLinear:
+        """Prepare a weight [N, K] (dense tensor or spec.QuantizedWeight) for `linear` with
+        activations of `dtype` (default: the weight's dtype, fp32 for quantized weights)."""
+        meta = spec.validate_prepare_linear(weight, dtype)
+        if dtype is None:
+            dtype = weight.dtype if isinstance(weight, torch.Tensor) else torch.float32
+        self._require("linear", {"dtype": dtype, "weight_format": meta["weight_format"]})
+        return self._prepare_linear(weight, dtype)
+
+    def embedding(self, ids, table):
+        self._require("embedding", spec.validate_embedding(ids, table, self.device))
+        return self._embedding(ids, table)
+
+    def linear(self, x, w, bias=None):
+        meta = spec.validate_linear(x, w, bias, self.device)
+        if w.backend != self.name:
+            raise ValueError(f"w: prepared by backend {w.backend!r}, expected one prepared by {self.name!r}")
+        self._require("linear", meta)
+        return self._linear(x, w, bias)
+
+    def rms_norm(self, x, weight, eps):
+        self._require("rms_norm", spec.validate_rms_norm(x, weight, eps, self.device))
+        return self._rms_norm(x, weight, float(eps))
+
+    def layer_norm(self, x, weight, bias, eps):
+        self._require("layer_norm", spec.validate_layer_norm(x, weight, bias, eps, self.device))
+        return self._layer_norm(x, weight, bias, float(eps))
+
+    def rope(self, x, pos, rotary):
+        self._require("rope", spec.validate_rope(x, pos, rotary, self.device))
+        return self._rope(x, pos, rotary)
+
+    def silu_mul(self, x):
+        self._require("silu_mul", spec.validate_silu_mul(x, self.device))
+        return self._silu_mul(x)
+
+    def gelu(self, x, approximate="none"):
+        self._require("gelu", spec.validate_gelu(x, approximate, self.device))
+        return self._gelu(x, approximate)
+
+    def attention(self, q, k, v, q_pos, kv_len, causal=True, scale=None):
+        if scale is None and isinstance(q, torch.Tensor) and q.dim() == 4:
+            scale = q.shape[-1] ** -0.5
+        self._require("attention", spec.validate_attention(q, k, v, q_pos, kv_len, causal, scale, self.device))
+        return self._attention(q, k, v, q_pos, kv_len, causal, float(scale))
+
+    # ---------------------------------------------------------------- implementations (override)
+
+    def _prepare_linear(self, weight, dtype) -> PreparedLinear:
+        raise NotImplementedError
+
+    def _embedding(self, ids, table):
+        raise NotImplementedError
+
+    def _linear(self, x, w, bias):
+        raise NotImplementedError
+
+    def _rms_norm(self, x, weight, eps):
+        raise NotImplementedError
+
+    def _layer_norm(self, x, weight, bias, eps):
+        raise NotImplementedError
+
+    def _rope(self, x, pos, rotary):
+        raise NotImplementedError
+
+    def _silu_mul(self, x):
+        raise NotImplementedError
+
+    def _gelu(self, x, approximate):
+        raise NotImplementedError
+
+    def _attention(self, q, k, v, q_pos, kv_len, causal, scale):
+        raise NotImplementedError
+
+
+def attention_mask(q_pos, kv_len, Sq, Sk, causal, device):
+    """bool [B, 1, Sq, Sk]: key j is visible to query row i of sequence b (the contract's rule)."""
+    q_pos = q_pos.to(device=device, dtype=torch.int64)
+    kv_len = kv_len.to(device=device, dtype=torch.int64)
+    j = torch.arange(Sk, device=device)
+    visible = j[None, None, :] < kv_len[:, None, None]  # [B, 1, Sk]
+    if causal:
+        row_pos = q_pos[:, None] + torch.arange(Sq, device=device)[None, :]  # [B, Sq]
+        visible = visible & (j[None, None, :] <= row_pos[:, :, None])  # [B, Sq, Sk]
+    else:
+        visible = visible.expand(-1, Sq, -1)
+    return visible[:, None]
+
+
+def rotary_angles(pos, rotary, dtype=torch.float64):
+    """pos int64 [B, S] -> angles [B, S, rotary_dim/2] = pos * inv_freq, computed in `dtype`."""
+    inv_freq = rotary.inv_freq.to(device=pos.device, dtype=dtype)
+    return pos.to(dtype)[..., None] * inv_freq
