@@ -46,6 +46,11 @@ class Backend:
         """(available here, reason if not). Must be cheap and never raise."""
         return True, ""
 
+    @classmethod
+    def auto_eligible(cls) -> bool:
+        """Whether backend="auto" may pick it (a Triton interpreter run is for tests only)."""
+        return True
+
     def info(self) -> dict:
         """Extra facts shown by `portinfer backends` (the SIMD path, threads, ...)."""
         return {}

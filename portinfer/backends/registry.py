@@ -141,6 +141,6 @@ def get(name: str = "auto", device=None, **options) -> Backend:
 
 def auto_name() -> str:
     for name in AUTO_ORDER:
-        if name in _all() and available(name):
+        if name in _all() and available(name) and entry(name).cls.auto_eligible():
             return name
     return "torch"
