@@ -9,6 +9,7 @@ import sys
 
 COMMAND_MODULES = (
     "portinfer.commands.backends",  # portinfer backends
+    "portinfer.conformance.cli",  # portinfer check
 )
 
 

@@ -28,17 +28,23 @@ class TorchBackend(Backend):
 
     def _prepare_linear(self, weight, dtype):
         if isinstance(weight, spec.QuantizedWeight):
-            dense = quant.dequantize(weight.__class__(weight.format, weight.blocks.to(self.device), weight.shape), dtype)
+            # d * q of a GGUF block is exact in fp32 but not in fp16/bf16: keep fp32 weights,
+            # so the result is that of the quantized matrix (the contract), not of a re-rounded one
+            blocks = spec.QuantizedWeight(weight.format, weight.blocks.to(self.device), weight.shape)
+            dense = quant.dequantize(blocks, torch.float32)
         else:
             dense = weight.to(device=self.device, dtype=dtype)
         dense = dense.contiguous()
         n, k = dense.shape
-        return spec.PreparedLinear(self.name, n, k, dtype, spec.dtype_name(dtype), spec.weight_format(weight), dense)
+        return spec.PreparedLinear(self.name, n, k, dtype, spec.dtype_name(dense.dtype), spec.weight_format(weight),
+                                   dense)
 
     def _embedding(self, ids, table):
         return F.embedding(ids, table)
 
     def _linear(self, x, w, bias):
+        if w.payload.dtype != x.dtype:  # fp32 weights dequantized from blocks
+            return F.linear(x.float(), w.payload, None if bias is None else bias.float()).to(x.dtype)
         return F.linear(x, w.payload, bias)
 
     def _rms_norm(self, x, weight, eps):

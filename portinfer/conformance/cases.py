@@ -1,0 +1,285 @@
+"""Hypothesis strategies for every op of the contract.
+
+A strategy draws a small dict of *parameters* (shapes, layouts, magnitudes, a tensor seed);
+`build(op, params, dtype)` turns it into concrete CPU tensors (generated in fp32 from the
+seed, then rounded to the activation dtype: the reference and the backend see the same
+rounded inputs). Drawing parameters rather than tensors keeps shrinking meaningful: a
+failure shrinks to the smallest shape and simplest layout that still fails.
+
+What the strategies cover, per DESIGN.md: odd sizes and sizes that are no multiple of any
+tile, Sq = 1, Hq/Hkv ratios 1..8, strided views (fused projections, a KV cache longer than
+kv_len, padded rows), large magnitudes for softmax/exp stability, fully masked rows.
+
+Profiles: "full" (shapes large enough to cross tile boundaries) and "small" (for slow
+executors such as the Triton interpreter).
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+from hypothesis import strategies as st
+
+from ..backends import quant, spec
+
+PROFILES = ("full", "small")
+
+# per profile: upper bounds of the drawn sizes
+_LIMITS = {
+    "full": dict(rows=48, cols=640, vocab=300, heads_kv=3, seq_q=40, seq_k=96, batch=3, head_dims=(8, 16, 32, 48, 64, 80, 128)),
+    "small": dict(rows=6, cols=96, vocab=40, heads_kv=2, seq_q=6, seq_k=20, batch=2, head_dims=(8, 16, 32)),
+}
+
+
+def _gen(seed):
+    return torch.Generator().manual_seed(seed)
+
+
+def _randn(shape, seed, scale=1.0, offset=0.0):
+    return torch.randn(*shape, generator=_gen(seed)) * scale + offset
+
+
+def _strided_rows(t, pad):
+    """A view of `t` [..., C] whose rows are `pad` elements longer than C in memory."""
+    if pad == 0:
+        return t
+    big = torch.zeros(*t.shape[:-1], t.shape[-1] + pad, dtype=t.dtype)
+    big[..., : t.shape[-1]] = t
+    return big[..., : t.shape[-1]]
+
+
+seeds = st.integers(0, 2 ** 31 - 1)
+
+
+# ---------------------------------------------------------------------------- strategies
+
+@st.composite
+def embedding_params(draw, profile="full"):
+    lim = _LIMITS[profile]
+    return dict(V=draw(st.integers(1, lim["vocab"])), H=draw(st.integers(1, lim["cols"])),
+                N=draw(st.integers(1, 2 * lim["rows"])), pad=draw(st.sampled_from((0, 0, 3))), seed=draw(seeds))
+
+
+@st.composite
+def linear_params(draw, profile="full", weight_format="dense"):
+    lim = _LIMITS[profile]
+    if weight_format == "dense":
+        K = draw(st.integers(1, lim["cols"]))
+    else:
+        K = 32 * draw(st.integers(1, max(1, lim["cols"] // 32)))
+    return dict(M=draw(st.integers(1, lim["rows"])), K=K, N=draw(st.integers(1, lim["cols"] // 2)),
+                bias=draw(st.booleans()), pad=draw(st.sampled_from((0, 0, 5))), weight_format=weight_format,
+                seed=draw(seeds))
+
+
+@st.composite
+def norm_params(draw, profile="full"):
+    lim = _LIMITS[profile]
+    return dict(M=draw(st.integers(1, lim["rows"])), H=draw(st.integers(1, 2 * lim["cols"])),
+                eps=draw(st.sampled_from((1e-5, 1e-6))), scale=draw(st.sampled_from((1.0, 1.0, 30.0))),
+                offset=draw(st.sampled_from((0.0, 0.0, 4.0))), pad=draw(st.sampled_from((0, 0, 7))),
+                seed=draw(seeds))
+
+
+@st.composite
+def rope_params(draw, profile="full"):
+    lim = _LIMITS[profile]
+    D = draw(st.sampled_from(lim["head_dims"]))
+    rotary_dim = draw(st.sampled_from(sorted({D, D, max(2, D // 2 // 2 * 2)})))
+    return dict(B=draw(st.integers(1, lim["batch"])), H=draw(st.integers(1, 2 * lim["heads_kv"])),
+                S=draw(st.integers(1, lim["seq_q"])), D=D, rotary_dim=rotary_dim,
+                style=draw(st.sampled_from(("neox", "interleaved"))),
+                theta=draw(st.sampled_from((10000.0, 500000.0))),
+                max_pos=draw(st.sampled_from((0, 64, 4096))), seq_major=draw(st.booleans()), seed=draw(seeds))
+
+
+@st.composite
+def silu_mul_params(draw, profile="full"):
+    lim = _LIMITS[profile]
+    return dict(M=draw(st.integers(1, lim["rows"])), I=draw(st.integers(1, lim["cols"])),
+                scale=draw(st.sampled_from((1.0, 1.0, 12.0))), pad=draw(st.sampled_from((0, 0, 3))),
+                seed=draw(seeds))
+
+
+@st.composite
+def gelu_params(draw, profile="full"):
+    lim = _LIMITS[profile]
+    shape = draw(st.lists(st.integers(1, lim["rows"]), min_size=0, max_size=2)) + [draw(st.integers(1, lim["cols"]))]
+    return dict(shape=shape, approximate=draw(st.sampled_from(("none", "tanh"))),
+                scale=draw(st.sampled_from((1.0, 1.0, 10.0))), seed=draw(seeds))
+
+
+@st.composite
+def attention_params(draw, profile="full"):
+    lim = _LIMITS[profile]
+    B = draw(st.integers(1, lim["batch"]))
+    Sk = draw(st.integers(1, lim["seq_k"]))
+    Sq = draw(st.one_of(st.just(1), st.integers(1, lim["seq_q"])))
+    causal = draw(st.booleans())
+    # per sequence: kv_len in [0, Sk] (0 = a fully masked sequence), q_pos in [0, Sk]
+    kv_len = draw(st.lists(st.one_of(st.just(Sk), st.integers(0, Sk)), min_size=B, max_size=B))
+    q_pos = [draw(st.one_of(st.just(max(0, k - Sq)), st.integers(0, Sk))) for k in kv_len]
+    return dict(B=B, Hkv=draw(st.integers(1, lim["heads_kv"])), group=draw(st.integers(1, 8)), Sq=Sq, Sk=Sk,
+                D=draw(st.sampled_from(lim["head_dims"])), causal=causal, kv_len=kv_len, q_pos=q_pos,
+                magnitude=draw(st.sampled_from((1.0, 1.0, 3.0, 6.0))), fused_q=draw(st.booleans()),
+                cache_pad=draw(st.sampled_from((0, 0, 5))), seed=draw(seeds))
+
+
+def strategy(op, profile="full", variant=None):
+    if op == "linear":
+        return linear_params(profile, variant or "dense")
+    return {
+        "embedding": embedding_params, "rms_norm": norm_params, "layer_norm": norm_params,
+        "rope": rope_params, "silu_mul": silu_mul_params, "gelu": gelu_params, "attention": attention_params,
+    }[op](profile)
+
+
+# variants: linear is checked once per weight format
+LINEAR_VARIANTS = ("dense",) + tuple(spec.QUANT_FORMATS)
+
+
+def variants(op):
+    return LINEAR_VARIANTS if op == "linear" else (None,)
+
+
+# ---------------------------------------------------------------------------- building inputs
+
+class Case:
+    """Concrete inputs for one op call, plus what the budget needs (reduction length, cond)."""
+
+    def __init__(self, op, params, dtype):
+        self.op, self.params, self.dtype = op, params, dtype
+        self.reduction, self.cond = 1, 0.0
+        self.magnitude = None  # float64 tensor that rounding errors scale with (budget.py: kappa)
+        getattr(self, "_build_" + op)(params, dtype)
+
+    def _build_embedding(self, p, dtype):
+        self.table = _strided_rows(_randn((p["V"], p["H"]), p["seed"]).to(dtype), p["pad"])
+        self.ids = torch.randint(0, p["V"], (p["N"],), generator=_gen(p["seed"] + 1))
+
+    def _build_linear(self, p, dtype):
+        s = p["seed"]
+        self.x = _strided_rows(_randn((p["M"], p["K"]), s).to(dtype), p["pad"])
+        w = _randn((p["N"], p["K"]), s + 1, scale=1.0 / math.sqrt(p["K"]))
+        self.weight = w.to(dtype) if p["weight_format"] == "dense" else quant.quantize(w, p["weight_format"])
+        self.bias = _randn((p["N"],), s + 2).to(dtype) if p["bias"] else None
+        self.reduction = p["K"]
+        exact_w = self.weight.double() if p["weight_format"] == "dense" else quant.dequantize(self.weight, torch.float64)
+        square = self.x.double() ** 2 @ (exact_w ** 2).T
+        if self.bias is not None:
+            square = square + self.bias.double() ** 2
+        self.magnitude = square.sqrt()
+
+    def _build_rms_norm(self, p, dtype):
+        s = p["seed"]
+        self.x = _strided_rows(_randn((p["M"], p["H"]), s, p["scale"], p["offset"]).to(dtype), p["pad"])
+        self.weight = _randn((p["H"],), s + 1, 0.5, 1.0).to(dtype)
+        self.bias = _randn((p["H"],), s + 2).to(dtype)
+        self.eps = p["eps"]
+        self.reduction = p["H"]
+
+    _build_layer_norm = _build_rms_norm
+
+    def _build_rope(self, p, dtype):
+        s = p["seed"]
+        B, H, S, D = p["B"], p["H"], p["S"], p["D"]
+        x = _randn((B, S, H, D), s) if p["seq_major"] else _randn((B, H, S, D), s)
+        x = x.to(dtype)
+        # seq-major storage ([B, S, H, D], as a projection writes it) seen as [B, H, S, D]
+        self.x = x.transpose(1, 2) if p["seq_major"] else x
+        start = torch.randint(0, p["max_pos"] + 1, (B, 1), generator=_gen(s + 1))
+        self.pos = (start + torch.arange(S)).to(torch.int64)
+        self.rotary = spec.RotaryParams.from_theta(D, p["theta"], p["rotary_dim"], p["style"])
+        self.cond = float(self.pos.max()) * float(self.rotary.inv_freq.max())
+
+    def _build_silu_mul(self, p, dtype):
+        self.x = _strided_rows(_randn((p["M"], 2 * p["I"]), p["seed"], p["scale"]).to(dtype), p["pad"])
+
+    def _build_gelu(self, p, dtype):
+        self.x = _randn(tuple(p["shape"]), p["seed"], p["scale"]).to(dtype)
+        self.approximate = p["approximate"]
+        self.magnitude = self.x.double().abs()
+
+    def _build_attention(self, p, dtype):
+        s = p["seed"]
+        B, Hkv, Sq, Sk, D = p["B"], p["Hkv"], p["Sq"], p["Sk"], p["D"]
+        Hq = Hkv * p["group"]
+        a = p["magnitude"]
+        if p["fused_q"]:
+            # q as a view of a fused [B, Sq, Hq + 2 Hkv, D] projection: strides (.., D, row, 1)
+            fused = _randn((B, Sq, Hq + 2 * Hkv, D), s, a).to(dtype)
+            self.q = fused[:, :, :Hq].transpose(1, 2)
+        else:
+            self.q = _randn((B, Hq, Sq, D), s, a).to(dtype)
+        # k, v as the first Sk positions of a longer cache [B, Hkv, Sk + pad, D]
+        cache = Sk + p["cache_pad"]
+        self.k = _randn((B, Hkv, cache, D), s + 1, a).to(dtype)[:, :, :Sk]
+        self.v = _randn((B, Hkv, cache, D), s + 2).to(dtype)[:, :, :Sk]
+        self.q_pos = torch.tensor(p["q_pos"], dtype=torch.int32)
+        self.kv_len = torch.tensor(p["kv_len"], dtype=torch.int32)
+        self.causal = p["causal"]
+        self.scale = D ** -0.5
+        self.reduction = Sk
+        group = p["group"]
+        logits = (self.q.double() @ self.k.double().repeat_interleave(group, 1).transpose(-1, -2)) * self.scale
+        self.cond = math.sqrt(D) * float(logits.abs().max())
+
+    # ------------------------------------------------------------------------ running
+
+    def meta(self):
+        """What `supports` is asked before the case runs."""
+        meta = {"dtype": self.dtype}
+        if self.op == "linear":
+            meta["weight_format"] = spec.weight_format(self.weight)
+        elif self.op == "attention":
+            meta.update(D=self.q.shape[-1], causal=self.causal, gqa=self.q.shape[1] // self.k.shape[1],
+                        Sq=self.q.shape[2], Sk=self.k.shape[2])
+        elif self.op == "rope":
+            meta.update(style=self.rotary.style, D=self.x.shape[-1], rotary_dim=self.rotary.rotary_dim)
+        elif self.op == "gelu":
+            meta["approximate"] = self.approximate
+        return meta
+
+    def run(self, backend):
+        """Call the op on `backend` (inputs moved to its device, views kept as views)."""
+        dev = backend.device
+
+        def on(t):
+            return t if t is None or t.device == dev else _to_device_keep_strides(t, dev)
+
+        op = self.op
+        if op == "embedding":
+            return backend.embedding(on(self.ids), on(self.table))
+        if op == "linear":
+            w = backend.prepare_linear(self.weight, self.dtype)
+            return backend.linear(on(self.x), w, on(self.bias))
+        if op == "rms_norm":
+            return backend.rms_norm(on(self.x), on(self.weight), self.eps)
+        if op == "layer_norm":
+            return backend.layer_norm(on(self.x), on(self.weight), on(self.bias), self.eps)
+        if op == "rope":
+            return backend.rope(on(self.x), on(self.pos), self.rotary)
+        if op == "silu_mul":
+            return backend.silu_mul(on(self.x))
+        if op == "gelu":
+            return backend.gelu(on(self.x), self.approximate)
+        if op == "attention":
+            return backend.attention(on(self.q), on(self.k), on(self.v), on(self.q_pos), on(self.kv_len),
+                                     self.causal, self.scale)
+        raise ValueError(f"op: unknown {op!r}")
+
+
+def _to_device_keep_strides(t, device):
+    """Copy a (possibly strided) view to `device`, preserving its strides."""
+    if t.is_contiguous():
+        return t.to(device)
+    base = torch.empty_strided(t.size(), t.stride(), dtype=t.dtype, device=device)
+    base.copy_(t)
+    return base
+
+
+def describe(op, params) -> str:
+    """A compact one-line description of a case, for tables and failure reports."""
+    p = dict(params)
+    seed = p.pop("seed", None)
+    return ", ".join(f"{k}={v}" for k, v in p.items()) + (f", seed={seed}" if seed is not None else "")
