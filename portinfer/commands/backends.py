@@ -35,14 +35,17 @@ def format_table(rows) -> str:
             lines.append(" " * 27 + ", ".join(f"{k}={v}" for k, v in r["info"].items()))
     avail = [r for r in rows if r["available"]]
     if avail:
+        width = max(16, *(len(r["name"]) + 2 for r in avail))
         lines.append("")
-        lines.append("support (dtypes per op; weight formats for linear, * = computed natively):")
-        lines.append(f"{'op':<12}" + "".join(f"{r['name']:<17}" for r in avail))
+        lines.append("op support (activation dtypes):")
+        lines.append(f"{'op':<12}" + "".join(f"{r['name']:<{width}}" for r in avail))
         for op in spec.OPS:
-            lines.append(f"{op:<12}" + "".join(f"{','.join(r['ops'][op]) or '-':<17}" for r in avail))
-        lines.append(f"{'weights':<12}" + "".join(
-            f"{','.join(f + ('*' if f in r['native_weight_formats'] else '') for f in r['weight_formats']):<17}"[:17]
-            for r in avail))
+            lines.append(f"{op:<12}" + "".join(f"{','.join(r['ops'][op]) or '-':<{width}}" for r in avail))
+        lines.append("")
+        lines.append("linear weight formats (* = computed natively, others dequantized once at prepare time):")
+        for r in avail:
+            formats = " ".join(f + ("*" if f in r["native_weight_formats"] else "") for f in r["weight_formats"])
+            lines.append(f"  {r['name']:<12}{formats}")
     return "\n".join(lines)
 
 
