@@ -26,12 +26,26 @@ class UnscaledAttention(TorchBackend):
         return super()._attention(q, k, v, q_pos, kv_len, causal, 1.0)
 
 
+class LastRowUnwritten(TorchBackend):
+    """silu_mul into a preallocated output whose last row is never written (an off-by-one tile)."""
+    name = "planted-unwritten"
+
+    def _silu_mul(self, x):
+        y = super()._silu_mul(x)
+        out = self.new_output(y.shape, y.dtype)
+        out[:-1] = y[:-1]
+        return out
+
+
+PLANTED = (WrongHalfRope, UnscaledAttention, LastRowUnwritten)
+
+
 @pytest.fixture
 def planted():
-    for cls in (WrongHalfRope, UnscaledAttention):
+    for cls in PLANTED:
         registry.register(cls.name, cls)
     yield
-    for cls in (WrongHalfRope, UnscaledAttention):
+    for cls in PLANTED:
         registry.unregister(cls.name)
 
 
@@ -55,6 +69,13 @@ def test_rope_bug_fails_rope_only_with_shrunk_reproducible_case(planted):
 def test_unscaled_attention_is_caught_in_every_dtype(planted):
     results = portinfer.check("planted-scale-bug", ops=["attention"], seed=7)
     assert [r.status for r in results.rows] == ["fail", "fail", "fail"]
+
+
+def test_unwritten_output_elements_are_caught_by_poison(planted):
+    results = portinfer.check("planted-unwritten", ops=["silu_mul"], dtypes=["bf16"], seed=11)
+    row = results.row("silu_mul", "bf16")
+    assert row.status == "fail" and "NaN positions differ" in row.failure.message
+    assert row.failure.params["M"] == 1  # shrunk to a single (unwritten) row
 
 
 def test_check_cli_exits_nonzero_and_prints_the_reproduction(planted, capsys):
