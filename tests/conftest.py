@@ -32,3 +32,10 @@ def available_backends(exclude=("reference",)):
 @pytest.fixture
 def conformance_seed():
     return CONFORMANCE_SEED
+
+
+def model_backends():
+    """Backends a model runs on in the model tests: available, usable by backend="auto" (a Triton
+    interpreter run is for kernel tests only: too slow for whole models), plus the reference."""
+    names = [n for n in available_backends() if backends.entry(n).cls.auto_eligible()]
+    return ["reference"] + names
