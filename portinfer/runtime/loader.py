@@ -140,45 +140,28 @@ def hf_name(gguf_name: str) -> str | None:
     return None
 
 
-def _metadata(reader) -> dict:
-    import gguf
-
-    meta = {}
-    for key, f in reader.fields.items():
-        if key.startswith("GGUF."):
-            continue
-        if f.types and f.types[0] == gguf.GGUFValueType.ARRAY and len(f.types) > 1 \
-                and f.types[1] != gguf.GGUFValueType.STRING:
-            meta[key] = [v.item() if hasattr(v, "item") else v for v in f.contents()]
-        else:
-            meta[key] = f.contents()
-    return meta
-
-
 def load_gguf(path: Path) -> Checkpoint:
-    import gguf
+    from .gguf_file import GGUFFile
 
     try:
-        reader = gguf.GGUFReader(str(path))
-        meta = _metadata(reader)
-    except Exception as exc:  # the reader raises ValueError, struct/IndexError or OSError on bad bytes
-        raise CheckpointError(f"{path}: cannot read GGUF (truncated or corrupt?): {type(exc).__name__}: {exc}") \
-            from None
-    names = {t.name for t in reader.tensors}
+        f = GGUFFile(path)
+    except (ValueError, OSError) as exc:  # GGUFFormatError, or a file numpy cannot map
+        raise CheckpointError(f"{path}: cannot read GGUF (truncated or corrupt?): {exc}") from None
+    meta = f.metadata
+    tensors = {t.name: t for t in f.tensors}
     freq_factors = None
-    if "rope_freqs.weight" in names:
-        t = next(t for t in reader.tensors if t.name == "rope_freqs.weight")
-        freq_factors = torch.from_numpy(np.array(t.data, dtype=np.float32)).reshape(-1)
-    config = ModelConfig.from_gguf(meta, names, freq_factors)
+    if "rope_freqs.weight" in tensors:
+        freq_factors = _gguf_tensor(tensors["rope_freqs.weight"]).reshape(-1).float()
+    config = ModelConfig.from_gguf(meta, set(tensors), freq_factors)
     weights = {}
-    for t in reader.tensors:
+    for t in f.tensors:
         name = hf_name(t.name)
         if name is None:
             continue
         try:
             value = _gguf_tensor(t)
         except Exception as exc:
-            raise CheckpointError(f"{path}: tensor {t.name!r} cannot be read (truncated or corrupt?): {exc}") from None
+            raise CheckpointError(f"{path}: tensor {t.name!r} cannot be read: {exc}") from None
         if config.architecture == "llama" and (".q_proj." in name or ".k_proj." in name):
             heads = config.num_heads if ".q_proj." in name else config.num_kv_heads
             value = _unpermute_rows(value, heads)
@@ -189,25 +172,22 @@ def load_gguf(path: Path) -> Checkpoint:
 
 
 def _gguf_tensor(t):
-    """A GGUF tensor -> dense torch tensor [N, K] (or [K]) or QuantizedWeight."""
+    """A GGUF tensor (raw bytes) -> dense torch tensor [N, K] (or [K]) or QuantizedWeight, in memory we own."""
     import gguf
 
-    # GGUF lists dimensions fastest first (ne0 = K): reversed, they are torch's [N, K]
-    shape = tuple(int(d) for d in reversed(t.shape.tolist()))
-    kind = t.tensor_type
+    kind = gguf.GGMLQuantizationType(t.type)
     T = gguf.GGMLQuantizationType
     if kind.name.lower() in spec.QUANT_FORMATS:
-        blocks = torch.from_numpy(np.ascontiguousarray(t.data).copy()).reshape(shape[0], -1)
-        return spec.QuantizedWeight(kind.name.lower(), blocks, shape)
-    if kind == T.F32:
-        return torch.from_numpy(np.array(t.data, dtype=np.float32)).reshape(shape)
-    if kind == T.F16:
-        return torch.from_numpy(np.array(t.data, dtype=np.float16)).reshape(shape)
-    if kind == T.BF16:
-        raw = np.ascontiguousarray(t.data).view(np.uint16).copy()
-        return torch.from_numpy(raw).view(torch.bfloat16).reshape(shape)
-    dense = gguf.quants.dequantize(t.data, kind)  # any other ggml type: fp32, once, at load
-    return torch.from_numpy(np.ascontiguousarray(dense, dtype=np.float32)).reshape(shape)
+        blocks = torch.from_numpy(np.array(t.data)).reshape(t.shape[0], -1)
+        return spec.QuantizedWeight(kind.name.lower(), blocks, t.shape)
+    if kind in (T.F32, T.F16, T.BF16):
+        raw = np.array(t.data)
+        if kind == T.BF16:
+            return torch.from_numpy(raw.view(np.int16)).view(torch.bfloat16).reshape(t.shape)
+        return torch.from_numpy(raw.view(np.float32 if kind == T.F32 else np.float16)).reshape(t.shape)
+    # any other ggml type (K-quants, ...): fp32, once, at load, by the gguf package's dequantizer
+    dense = gguf.quants.dequantize(np.array(t.data).reshape(t.shape[0] if len(t.shape) > 1 else 1, -1), kind)
+    return torch.from_numpy(np.ascontiguousarray(dense, dtype=np.float32)).reshape(t.shape)
 
 
 def _unpermute_rows(weight, heads: int):
