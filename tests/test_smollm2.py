@@ -96,3 +96,17 @@ def test_chat_answer_stops_at_end_of_turn(model):
     result = model.generate(chat_ids(model, "What is the capital of France?"), max_new_tokens=48)
     assert result.finish_reason == "eos"
     assert "Paris" in result.text
+
+
+def test_hf_directory_tokenizer_and_chat_template(hf, tmp_path):
+    """A Hugging Face directory's tokenizer.json + chat template (as transformers saves them)."""
+    from portinfer.runtime.tokenizer import Tokenizer
+
+    _, tokenizer = hf
+    tokenizer.save_pretrained(tmp_path)
+    ours = Tokenizer.from_hf_dir(tmp_path)
+    for text in TEXTS:
+        assert ours.encode(text) == tokenizer(text)["input_ids"], text
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": CHATS[1]}]
+    assert ours.apply_chat_template(messages) == tokenizer.apply_chat_template(
+        messages, tokenize=False, add_generation_prompt=True)
