@@ -9,22 +9,14 @@ import portinfer
 from portinfer import cli
 
 
-@pytest.fixture(scope="module")
-def smollm():
-    try:
-        return portinfer.load(backend="torch")
-    except FileNotFoundError as exc:
-        pytest.skip(f"needs the SmolLM2 GGUF: {exc}")
-
-
 QUESTION = "What is the capital of France?"
 
 
-def test_generate_json_equals_the_api(smollm, capsys):
+def test_generate_json_equals_the_api(smollm2_torch, capsys):
     assert cli.main(["generate", "--backend", "torch", "--chat", "--prompt", QUESTION, "--max-new-tokens", "12",
                      "--json"]) == 0
     out = json.loads(capsys.readouterr().out)
-    expected = smollm.generate(smollm.apply_chat_template([{"role": "user", "content": QUESTION}]),
+    expected = smollm2_torch.generate(smollm2_torch.apply_chat_template([{"role": "user", "content": QUESTION}]),
                                max_new_tokens=12)
     assert out["token_ids"] == expected.token_ids and out["text"] == expected.text
     assert "Paris" in out["text"]
@@ -32,16 +24,16 @@ def test_generate_json_equals_the_api(smollm, capsys):
     assert {r["op"] for r in out["placement"]["ops"]} >= {"linear", "attention", "rms_norm"}
 
 
-def test_generate_streams_text_and_ends_with_speeds(smollm, capsys):
+def test_generate_streams_text_and_ends_with_speeds(smollm2_torch, capsys):
     assert cli.main(["generate", "--backend", "torch", "--prompt", "The capital of France is",
                      "--max-new-tokens", "6"]) == 0
     captured = capsys.readouterr()
-    expected = smollm.generate("The capital of France is", max_new_tokens=6)
+    expected = smollm2_torch.generate("The capital of France is", max_new_tokens=6)
     assert captured.out == expected.text + "\n"
     assert "prefill: 5 tokens" in captured.err and "tok/s" in captured.err and "decode: 6 tokens" in captured.err
 
 
-def test_chat_reads_turns_until_end_of_input(smollm, capsys, monkeypatch):
+def test_chat_reads_turns_until_end_of_input(smollm2_torch, capsys, monkeypatch):
     monkeypatch.setattr("sys.stdin", io.StringIO(QUESTION + "\n"))
     assert cli.main(["chat", "--backend", "torch", "--max-new-tokens", "12"]) == 0
     captured = capsys.readouterr()

@@ -32,6 +32,24 @@ def copy_of(src, tmp_path):
     return dst
 
 
+def edited_config(src, tmp_path, **changes):
+    """A copy of the checkpoint whose config.json has `changes` applied."""
+    path = copy_of(src, tmp_path)
+    cfg = json.loads((path / "config.json").read_text())
+    cfg.update(changes)
+    (path / "config.json").write_text(json.dumps(cfg))
+    return path
+
+
+def edited_weights(src, tmp_path, edit):
+    """A copy of the checkpoint whose safetensors dict went through `edit(weights)`."""
+    path = copy_of(src, tmp_path)
+    weights = load_file(path / "model.safetensors")
+    edit(weights)
+    save_file(weights, path / "model.safetensors")
+    return path
+
+
 @pytest.mark.parametrize("kwargs, match", [
     (dict(prompt_or_ids=[1] * 300), r"300 tokens do not fit the model's context of 256"),
     (dict(prompt_or_ids=""), r"prompt: expected a non-empty prompt"),
@@ -62,39 +80,28 @@ def test_logits_rejects_bad_ids(tiny):
 
 
 def test_unknown_architecture_lists_the_supported_ones(tiny_dir, tmp_path):
-    path = copy_of(tiny_dir, tmp_path)
-    cfg = json.loads((path / "config.json").read_text())
-    cfg["model_type"] = "gpt_neox"
-    (path / "config.json").write_text(json.dumps(cfg))
+    path = edited_config(tiny_dir, tmp_path, model_type="gpt_neox")
     with pytest.raises(ConfigError, match=r"model_type 'gpt_neox'.*supported are llama, qwen2, mistral"):
         portinfer.load(path, backend="torch")
 
 
 def test_unsupported_rope_scaling_is_refused(tiny_dir, tmp_path):
-    path = copy_of(tiny_dir, tmp_path)
-    cfg = json.loads((path / "config.json").read_text())
-    cfg["rope_parameters"] = {"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0}
-    (path / "config.json").write_text(json.dumps(cfg))
+    path = edited_config(tiny_dir, tmp_path, rope_parameters={"rope_type": "yarn", "rope_theta": 1e4, "factor": 4.0})
     with pytest.raises(ConfigError, match=r"rope scaling: type 'yarn' is not supported; supported are default, "
                                           r"linear, llama3"):
         portinfer.load(path, backend="torch")
 
 
 def test_missing_tensor_is_named(tiny_dir, tmp_path):
-    path = copy_of(tiny_dir, tmp_path)
-    weights = load_file(path / "model.safetensors")
-    del weights["model.layers.1.mlp.up_proj.weight"]
-    save_file(weights, path / "model.safetensors")
+    path = edited_weights(tiny_dir, tmp_path, lambda w: w.pop("model.layers.1.mlp.up_proj.weight"))
     with pytest.raises(CheckpointError, match=r"missing tensor 'model.layers.1.mlp.up_proj.weight' "
                                               r"\(expected shape \[96, 64\]\)"):
         portinfer.load(path, backend="torch")
 
 
 def test_misshaped_tensor_names_expected_and_found(tiny_dir, tmp_path):
-    path = copy_of(tiny_dir, tmp_path)
-    weights = load_file(path / "model.safetensors")
-    weights["model.layers.0.self_attn.k_proj.weight"] = torch.zeros(16, 64)
-    save_file(weights, path / "model.safetensors")
+    path = edited_weights(tiny_dir, tmp_path,
+                          lambda w: w.update({"model.layers.0.self_attn.k_proj.weight": torch.zeros(16, 64)}))
     with pytest.raises(CheckpointError, match=r"'model.layers.0.self_attn.k_proj.weight' has shape \[16, 64\], "
                                               r"expected \[32, 64\]"):
         portinfer.load(path, backend="torch")
@@ -132,10 +139,8 @@ def test_truncated_or_corrupt_gguf(tmp_path, cut):
 
 
 def test_non_finite_logits_name_the_first_layer(tiny_dir, tmp_path):
-    path = copy_of(tiny_dir, tmp_path)
-    weights = load_file(path / "model.safetensors")
-    weights["model.layers.1.mlp.down_proj.weight"][3, 5] = float("inf")
-    save_file(weights, path / "model.safetensors")
+    path = edited_weights(tiny_dir, tmp_path,
+                          lambda w: w["model.layers.1.mlp.down_proj.weight"].__setitem__((3, 5), float("inf")))
     model = portinfer.load(path, backend="torch")
     with pytest.raises(NonFiniteError, match=r"first layer that produced NaN/Inf is layer 1 \(of 2\)"):
         model.generate([1, 2, 3], max_new_tokens=2)

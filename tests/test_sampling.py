@@ -85,22 +85,15 @@ def test_eos_ids_stop_generation(tiny):
     assert stopped.token_ids == free.token_ids[:first + 1]
 
 
-@pytest.fixture(scope="module")
-def smollm():
-    try:
-        return portinfer.load(backend="torch")
-    except FileNotFoundError as exc:
-        pytest.skip(f"needs the SmolLM2 GGUF: {exc}")
-
-
-def test_stop_string_and_streaming(smollm):
-    prompt = smollm.apply_chat_template([{"role": "user", "content": "Count from 1 to 10, separated by commas."}])
-    free = smollm.generate(prompt, max_new_tokens=40)
+def test_stop_string_and_streaming(smollm2_torch):
+    model = smollm2_torch
+    prompt = model.apply_chat_template([{"role": "user", "content": "Count from 1 to 10, separated by commas."}])
+    free = model.generate(prompt, max_new_tokens=40)
     assert "5" in free.text, free.text
-    cut = smollm.generate(prompt, max_new_tokens=40, stop=["5"])
+    cut = model.generate(prompt, max_new_tokens=40, stop=["5"])
     assert cut.finish_reason == "stop"
     assert cut.text == free.text[:free.text.index("5")]
-    stream = smollm.generate(prompt, max_new_tokens=40, stream=True)
+    stream = model.generate(prompt, max_new_tokens=40, stream=True)
     pieces = list(stream)
     assert len(pieces) > 3 and "".join(pieces) == free.text == stream.result.text
     assert stream.result.token_ids == free.token_ids
