@@ -1,0 +1,47 @@
+"""LayerNorm: out[m, :] = (x - mean) / sqrt(var + eps) * w + b, mean and var over the row.
+
+fp32 math, two-pass variance (mean first, then mean((x - mean)^2)): one pass of
+E[x^2] - E[x]^2 would lose digits for rows with a large offset. One program per row, walked
+in chunks of BLOCK (one chunk when H <= 8192). x rows may be padded (stride_xm >= H).
+"""
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+from . import next_power_of_2, to_output
+from .rms_norm import MAX_BLOCK, num_warps
+
+
+@triton.jit
+def _layer_norm_kernel(out_ptr, x_ptr, w_ptr, b_ptr, H, eps, stride_xm, stride_om, BLOCK: tl.constexpr):
+    row = tl.program_id(0)
+    x_row = x_ptr + row * stride_xm
+    cols = tl.arange(0, BLOCK)
+    total = tl.zeros((BLOCK,), dtype=tl.float32)
+    for start in range(0, H, BLOCK):
+        total += tl.load(x_row + start + cols, mask=start + cols < H, other=0.0).to(tl.float32)
+    mean = tl.sum(total, axis=0) / H
+    sum_sq = tl.zeros((BLOCK,), dtype=tl.float32)
+    for start in range(0, H, BLOCK):
+        mask = start + cols < H
+        x = tl.load(x_row + start + cols, mask=mask, other=0.0).to(tl.float32)
+        centered = tl.where(mask, x - mean, 0.0)
+        sum_sq += centered * centered
+    inv_std = 1.0 / tl.sqrt_rn(tl.sum(sum_sq, axis=0) / H + eps)
+    for start in range(0, H, BLOCK):
+        mask = start + cols < H
+        x = tl.load(x_row + start + cols, mask=mask, other=0.0).to(tl.float32)
+        w = tl.load(w_ptr + start + cols, mask=mask, other=0.0).to(tl.float32)
+        b = tl.load(b_ptr + start + cols, mask=mask, other=0.0).to(tl.float32)
+        y = (x - mean) * inv_std * w + b
+        tl.store(out_ptr + row * stride_om + start + cols, to_output(y, out_ptr), mask=mask)
+
+
+def layer_norm(x, weight, bias, eps: float, out):
+    """x [M, H] (unit last stride), weight/bias [H] -> out [M, H]."""
+    M, H = x.shape
+    block = min(next_power_of_2(H), MAX_BLOCK)
+    _layer_norm_kernel[(M,)](out, x, weight, bias, H, eps, x.stride(0), out.stride(0), BLOCK=block,
+                             num_warps=num_warps(block))
+    return out
