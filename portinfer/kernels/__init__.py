@@ -16,13 +16,20 @@ Interpreter specifics, decided here once:
   interpreting (the `UPCAST_TO_FP32` constexpr); compiled GPU code keeps native bf16 dots.
   fp16 and fp32 dots are right under the interpreter (tests/test_triton.py checks both).
 - autotuning is pointless there: each launcher uses one small fixed config instead.
+
+On a GPU the launchers autotune over the config list of their file; PORTINFER_TRITON_AUTOTUNE=0
+turns that off (one fixed config per kernel: what the conformance run at full shapes wants,
+where every new shape would otherwise compile and time every config).
 """
 from __future__ import annotations
+
+import os
 
 import triton
 import triton.language as tl
 
 INTERPRETING: bool = bool(triton.knobs.runtime.interpret)
+AUTOTUNE: bool = not INTERPRETING and os.environ.get("PORTINFER_TRITON_AUTOTUNE", "1") != "0"
 
 
 def next_power_of_2(n: int, minimum: int = 1) -> int:

@@ -19,11 +19,10 @@ from __future__ import annotations
 
 import math
 
-import torch
 import triton
 import triton.language as tl
 
-from . import INTERPRETING, next_power_of_2, to_output, upcast_dot
+from . import AUTOTUNE, INTERPRETING, next_power_of_2, to_output, upcast_dot
 
 LOG2_E = math.log2(math.e)
 
@@ -32,7 +31,8 @@ CONFIGS = [
     for bm, bn, s, w in ((128, 64, 3, 8), (128, 128, 3, 8), (128, 64, 4, 4), (64, 64, 4, 4), (128, 32, 4, 4),
                          (64, 32, 3, 4), (32, 32, 3, 4), (16, 32, 3, 4))
 ]
-INTERPRETER_CONFIG = dict(BLOCK_M=16, BLOCK_N=16)
+FIXED_CONFIG = dict(BLOCK_M=16, BLOCK_N=16) if INTERPRETING else dict(BLOCK_M=64, BLOCK_N=64, num_warps=4,
+                                                                               num_stages=3)
 
 
 @triton.jit
@@ -50,7 +50,7 @@ def _attention_block(acc, l_i, m_i, q, k_base, v_base, start, end, kv_len, row_p
         if MASKED:
             k_mask = (rn < end)[None, :] & (rd < D)[:, None]
             kt = tl.load(k_ptrs, mask=k_mask, other=0.0)
-            v = tl.load(v_ptrs, mask=tl.trans(k_mask), other=0.0)
+            v = tl.load(v_ptrs, mask=(rn < end)[:, None] & (rd < D)[None, :], other=0.0)
         elif EVEN_D:
             kt = tl.load(k_ptrs)
             v = tl.load(v_ptrs)
@@ -131,7 +131,7 @@ def _attention_kernel(out_ptr, q_ptr, k_ptr, v_ptr, q_pos_ptr, kv_len_ptr,
     tl.store(out_ptrs, to_output(out, out_ptr), mask=q_mask)
 
 
-_attention_tuned = None if INTERPRETING else triton.autotune(CONFIGS, key=["SQ_BUCKET", "BLOCK_D", "GROUP"])(
+_attention_tuned = None if not AUTOTUNE else triton.autotune(CONFIGS, key=["SQ_BUCKET", "BLOCK_D", "GROUP"])(
     _attention_kernel)
 
 
@@ -147,7 +147,7 @@ def attention(q, k, v, q_pos, kv_len, causal: bool, scale: float, out, input_pre
             scale * LOG2_E, *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *out.stride()[:3])
     flags = dict(CAUSAL=causal, UPCAST_TO_FP32=upcast, INPUT_PRECISION=input_precision, BLOCK_D=block_d)
     if _attention_tuned is None:
-        cfg = INTERPRETER_CONFIG
+        cfg = FIXED_CONFIG
         _attention_kernel[(triton.cdiv(Sq, cfg["BLOCK_M"]), B * Hq)](*args, **flags, **cfg)
     else:
         _attention_tuned[lambda meta: (triton.cdiv(Sq, meta["BLOCK_M"]), B * Hq)](*args, **flags)

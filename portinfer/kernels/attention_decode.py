@@ -14,11 +14,13 @@ out = sum_s w_s acc_s / sum_s w_s l_s  (zeros when no split saw a key).
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
 
-from . import INTERPRETING, next_power_of_2, to_output, upcast_dot
+from . import AUTOTUNE, INTERPRETING, next_power_of_2, to_output, upcast_dot
 from .attention import LOG2_E
 
 CONFIGS = [triton.Config({}, num_stages=s, num_warps=w) for s, w in ((2, 4), (3, 4), (4, 4), (3, 8))]
@@ -108,8 +110,13 @@ def _decode_reduce_kernel(out_ptr, acc_ptr, m_ptr, l_ptr, Hq, D, NUM_SPLITS, str
     tl.store(out_ptr + b * stride_ob + h * stride_oh + rd, to_output(out, out_ptr), mask=rd < D)
 
 
-_split_tuned = None if INTERPRETING else triton.autotune(CONFIGS, key=["BLOCK_D", "BLOCK_G", "SPLIT_LEN"])(
+_split_tuned = None if not AUTOTUNE else triton.autotune(CONFIGS, key=["BLOCK_D", "BLOCK_G", "SPLIT_LEN"])(
     _decode_split_kernel)
+
+
+@functools.lru_cache(maxsize=None)
+def _multiprocessors(device) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count
 
 
 def num_splits(Sk: int, programs_per_split: int, block_n: int, target_programs: int) -> tuple[int, int]:
@@ -136,8 +143,7 @@ def decode_attention(q, k, v, q_pos, kv_len, causal: bool, scale: float, out, in
         split_len, splits = block_n, triton.cdiv(Sk, block_n)
     else:
         block_n = BLOCK_N
-        sms = torch.cuda.get_device_properties(q.device).multi_processor_count
-        split_len, splits = num_splits(Sk, B * Hkv, block_n, 2 * sms)
+        split_len, splits = num_splits(Sk, B * Hkv, block_n, 2 * _multiprocessors(q.device))
     part_acc = torch.empty((B, Hq, splits, D), dtype=torch.float32, device=q.device)
     part_m = torch.empty((B, Hq, splits), dtype=torch.float32, device=q.device)
     part_l = torch.empty((B, Hq, splits), dtype=torch.float32, device=q.device)

@@ -15,7 +15,7 @@ import torch
 import triton
 import triton.language as tl
 
-from . import INTERPRETING, to_output, upcast_dot
+from . import AUTOTUNE, INTERPRETING, to_output, upcast_dot
 
 # (BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, num_stages, num_warps): the tutorial's CUDA list, a few
 # Hopper-sized tiles, and thin-M tiles for decode (M = 1..16).
@@ -28,8 +28,9 @@ CONFIGS = [
         (16, 64, 128, 1, 4, 4), (16, 128, 128, 1, 4, 4), (16, 64, 256, 1, 3, 4), (16, 32, 256, 1, 3, 2),
     )
 ]
-# the interpreter's one config: small enough that small cases cross every tile edge
-INTERPRETER_CONFIG = dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=32, GROUP_M=2)
+# without autotuning: under the interpreter, small enough that small cases cross every tile edge
+FIXED_CONFIG = (dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=32, GROUP_M=2) if INTERPRETING
+                else dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=32, GROUP_M=8, num_warps=4, num_stages=3))
 
 
 @triton.jit
@@ -79,7 +80,7 @@ def _linear_kernel(out_ptr, x_ptr, w_ptr, bias_ptr, M, N, K, M_BUCKET,
     tl.store(out_ptrs, to_output(acc, out_ptr), mask=(rm[:, None] < M) & (rn[None, :] < N))
 
 
-_linear_kernel_tuned = None if INTERPRETING else triton.autotune(configs=CONFIGS, key=["M_BUCKET", "N", "K"])(
+_linear_kernel_tuned = None if not AUTOTUNE else triton.autotune(configs=CONFIGS, key=["M_BUCKET", "N", "K"])(
     triton.heuristics({"EVEN_K": lambda args: args["K"] % args["BLOCK_K"] == 0})(_linear_kernel))
 
 
@@ -103,7 +104,7 @@ def linear(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None, out: tor
     args = (out, x, w, bias_arg, M, N, K, m_bucket(M), x.stride(0), w.stride(0), out.stride(0))
     flags = dict(HAS_BIAS=bias is not None, UPCAST_TO_FP32=upcast, INPUT_PRECISION=input_precision)
     if _linear_kernel_tuned is None:
-        cfg = INTERPRETER_CONFIG
+        cfg = FIXED_CONFIG
         grid = (triton.cdiv(M, cfg["BLOCK_M"]) * triton.cdiv(N, cfg["BLOCK_N"]),)
         _linear_kernel[grid](*args, **flags, EVEN_K=K % cfg["BLOCK_K"] == 0, **cfg)
     else:

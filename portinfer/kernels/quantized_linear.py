@@ -19,7 +19,7 @@ import torch
 import triton
 import triton.language as tl
 
-from . import INTERPRETING, to_output
+from . import AUTOTUNE, INTERPRETING, to_output
 from .linear import m_bucket
 
 FORMATS = {"q8_0": 0, "q4_0": 1}
@@ -35,9 +35,10 @@ DOT_CONFIGS = [
     for bm, bn, bk, s, w in ((16, 64, 64, 3, 4), (32, 64, 64, 3, 4), (64, 64, 64, 3, 4), (64, 128, 32, 3, 4),
                              (128, 64, 64, 3, 8), (128, 128, 32, 3, 8))
 ]
-# interpreter: BLOCK_K spans two quant blocks so the block index math is exercised
-INTERPRETER_GEMV = dict(BLOCK_N=16, BLOCK_K=64)
-INTERPRETER_DOT = dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=64)
+# without autotuning (under the interpreter BLOCK_K spans two quant blocks, to exercise the block index math)
+FIXED_GEMV = dict(BLOCK_N=16, BLOCK_K=64) if INTERPRETING else dict(BLOCK_N=32, BLOCK_K=256, num_warps=4)
+FIXED_DOT = (dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=64) if INTERPRETING
+             else dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=64, num_warps=4, num_stages=3))
 
 
 @triton.jit
@@ -104,9 +105,9 @@ def _quantized_matmul_kernel(out_ptr, x_ptr, blocks_ptr, bias_ptr, M, N, K, M_BU
     tl.store(out_ptrs, to_output(acc, out_ptr), mask=(rm[:, None] < M) & (rn[None, :] < N))
 
 
-_gemv_tuned = None if INTERPRETING else triton.autotune(GEMV_CONFIGS, key=["M_BUCKET", "N", "K"])(
+_gemv_tuned = None if not AUTOTUNE else triton.autotune(GEMV_CONFIGS, key=["M_BUCKET", "N", "K"])(
     _quantized_gemv_kernel)
-_matmul_tuned = None if INTERPRETING else triton.autotune(DOT_CONFIGS, key=["M_BUCKET", "N", "K"])(
+_matmul_tuned = None if not AUTOTUNE else triton.autotune(DOT_CONFIGS, key=["M_BUCKET", "N", "K"])(
     _quantized_matmul_kernel)
 
 
@@ -120,14 +121,13 @@ def quantized_linear(x: torch.Tensor, blocks: torch.Tensor, fmt: str, bias: torc
     flags = dict(FORMAT=FORMATS[fmt], HAS_BIAS=bias is not None)
     if M <= GEMV_MAX_M:
         if _gemv_tuned is None:
-            _quantized_gemv_kernel[(triton.cdiv(N, INTERPRETER_GEMV["BLOCK_N"]), M)](*args, **flags,
-                                                                                    **INTERPRETER_GEMV)
+            _quantized_gemv_kernel[(triton.cdiv(N, FIXED_GEMV["BLOCK_N"]), M)](*args, **flags, **FIXED_GEMV)
         else:
             _gemv_tuned[lambda meta: (triton.cdiv(N, meta["BLOCK_N"]), M)](*args, **flags)
     else:
         flags["INPUT_PRECISION"] = input_precision
         if _matmul_tuned is None:
-            cfg = INTERPRETER_DOT
+            cfg = FIXED_DOT
             _quantized_matmul_kernel[(triton.cdiv(N, cfg["BLOCK_N"]), triton.cdiv(M, cfg["BLOCK_M"]))](
                 *args, **flags, **cfg)
         else:
