@@ -36,6 +36,34 @@ FIXED_CONFIG = dict(BLOCK_M=16, BLOCK_N=16) if INTERPRETING else dict(BLOCK_M=64
 
 
 @triton.jit
+def online_softmax_step(acc, l_i, m_i, q, kt, v, visible, scale_log2e,
+                        UPCAST_TO_FP32: tl.constexpr, INPUT_PRECISION: tl.constexpr):
+    """Fold one key block into the running (acc [R, BLOCK_D], l_i, m_i [R]) of R query rows:
+    q [R, BLOCK_D], kt = k^T [BLOCK_D, BLOCK_N], v [BLOCK_N, BLOCK_D]; visible: bool [R or 1, BLOCK_N],
+    or None when every key of the block is visible to every row. Logits in log2 units."""
+    if UPCAST_TO_FP32:
+        kt = kt.to(tl.float32)
+        v = v.to(tl.float32)
+    if q.dtype == tl.float32:
+        s = tl.dot(q, kt, input_precision=INPUT_PRECISION)
+    else:
+        s = tl.dot(q, kt)
+    s = s * scale_log2e
+    if visible is not None:
+        s = tl.where(visible, s, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, axis=1))
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # a row with nothing visible yet
+    p = tl.math.exp2(s - m_safe[:, None])
+    alpha = tl.math.exp2(m_i - m_safe)
+    l_i = l_i * alpha + tl.sum(p, axis=1)
+    if v.dtype == tl.float32:
+        acc = tl.dot(p, v, acc * alpha[:, None], input_precision=INPUT_PRECISION)
+    else:
+        acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None])
+    return acc, l_i, m_new
+
+
+@triton.jit
 def _attention_block(acc, l_i, m_i, q, k_base, v_base, start, end, kv_len, row_pos, stride_ks, stride_vs,
                      D, scale_log2e,
                      MASKED: tl.constexpr, CAUSAL: tl.constexpr, EVEN_D: tl.constexpr,
@@ -48,38 +76,22 @@ def _attention_block(acc, l_i, m_i, q, k_base, v_base, start, end, kv_len, row_p
         k_ptrs = k_base + rn[None, :] * stride_ks + rd[:, None]  # [BLOCK_D, BLOCK_N] = k^T
         v_ptrs = v_base + rn[:, None] * stride_vs + rd[None, :]  # [BLOCK_N, BLOCK_D]
         if MASKED:
-            k_mask = (rn < end)[None, :] & (rd < D)[:, None]
-            kt = tl.load(k_ptrs, mask=k_mask, other=0.0)
+            kt = tl.load(k_ptrs, mask=(rn < end)[None, :] & (rd < D)[:, None], other=0.0)
             v = tl.load(v_ptrs, mask=(rn < end)[:, None] & (rd < D)[None, :], other=0.0)
-        elif EVEN_D:
-            kt = tl.load(k_ptrs)
-            v = tl.load(v_ptrs)
-        else:
-            kt = tl.load(k_ptrs, mask=(rd < D)[:, None], other=0.0)
-            v = tl.load(v_ptrs, mask=(rd < D)[None, :], other=0.0)
-        if UPCAST_TO_FP32:
-            kt = kt.to(tl.float32)
-            v = v.to(tl.float32)
-        if q.dtype == tl.float32:
-            s = tl.dot(q, kt, input_precision=INPUT_PRECISION)
-        else:
-            s = tl.dot(q, kt)
-        s = s * scale_log2e  # [BLOCK_M, BLOCK_N], log2 units
-        if MASKED:
             visible = (rn < kv_len)[None, :]
             if CAUSAL:
                 visible = visible & (rn[None, :] <= row_pos[:, None])
-            s = tl.where(visible, s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, axis=1))
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # a row with nothing visible yet
-        p = tl.math.exp2(s - m_safe[:, None])
-        alpha = tl.math.exp2(m_i - m_safe)
-        l_i = l_i * alpha + tl.sum(p, axis=1)
-        if v.dtype == tl.float32:
-            acc = tl.dot(p, v, acc * alpha[:, None], input_precision=INPUT_PRECISION)
+            acc, l_i, m_i = online_softmax_step(acc, l_i, m_i, q, kt, v, visible, scale_log2e, UPCAST_TO_FP32,
+                                                INPUT_PRECISION)
         else:
-            acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None])
-        m_i = m_new
+            if EVEN_D:
+                kt = tl.load(k_ptrs)
+                v = tl.load(v_ptrs)
+            else:
+                kt = tl.load(k_ptrs, mask=(rd < D)[:, None], other=0.0)
+                v = tl.load(v_ptrs, mask=(rd < D)[None, :], other=0.0)
+            acc, l_i, m_i = online_softmax_step(acc, l_i, m_i, q, kt, v, None, scale_log2e, UPCAST_TO_FP32,
+                                                INPUT_PRECISION)
     return acc, l_i, m_i
 
 

@@ -21,7 +21,7 @@ import triton
 import triton.language as tl
 
 from . import AUTOTUNE, INTERPRETING, next_power_of_2, to_output, upcast_dot
-from .attention import LOG2_E
+from .attention import LOG2_E, online_softmax_step
 
 CONFIGS = [triton.Config({}, num_stages=s, num_warps=w) for s, w in ((2, 4), (3, 4), (4, 4), (3, 8))]
 BLOCK_N = 64  # keys per inner step on a GPU
@@ -64,23 +64,8 @@ def _decode_split_kernel(acc_ptr, m_ptr, l_ptr, q_ptr, k_ptr, v_ptr, q_pos_ptr, 
         n_mask = rn < hi
         kt = tl.load(k_base + rn[None, :] * stride_ks + rd[:, None], mask=n_mask[None, :] & d_mask[:, None], other=0.0)
         v = tl.load(v_base + rn[:, None] * stride_vs + rd[None, :], mask=n_mask[:, None] & d_mask[None, :], other=0.0)
-        if UPCAST_TO_FP32:
-            kt = kt.to(tl.float32)
-            v = v.to(tl.float32)
-        if q.dtype == tl.float32:
-            s = tl.dot(q, kt, input_precision=INPUT_PRECISION)
-        else:
-            s = tl.dot(q, kt)
-        s = tl.where(n_mask[None, :], s * scale_log2e, float("-inf"))  # [BLOCK_G, BLOCK_N]
-        m_new = tl.maximum(m_i, tl.max(s, axis=1))  # finite: every step has a visible key
-        p = tl.math.exp2(s - m_new[:, None])
-        alpha = tl.math.exp2(m_i - m_new)
-        l_i = l_i * alpha + tl.sum(p, axis=1)
-        if v.dtype == tl.float32:
-            acc = tl.dot(p, v, acc * alpha[:, None], input_precision=INPUT_PRECISION)
-        else:
-            acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None])
-        m_i = m_new
+        acc, l_i, m_i = online_softmax_step(acc, l_i, m_i, q, kt, v, n_mask[None, :], scale_log2e, UPCAST_TO_FP32,
+                                            INPUT_PRECISION)
     # partials [B, Hq, NUM_SPLITS(, D)]: row (b, h) starts at (b * Hkv * GROUP + h) * NUM_SPLITS
     row = (b * Hkv * GROUP + h) * NUM_SPLITS + split  # [BLOCK_G]
     tl.store(m_ptr + row, m_i, mask=g_mask)
