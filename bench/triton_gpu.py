@@ -5,8 +5,9 @@ provenance.
     python bench/triton_gpu.py --out bench/results/triton-<gpu>.json
 
 Needs a CUDA GPU (exits with a message otherwise). What it does, in order:
-  1. `portinfer check --backend triton --profile full --json` (autotuning off there:
-     PORTINFER_TRITON_AUTOTUNE=0, so each new shape compiles one config, not the whole list);
+  1. `portinfer check --backend triton --profile full --json --max-examples 10` (autotuning
+     off there: PORTINFER_TRITON_AUTOTUNE=0, so each new shape class compiles one config, not
+     the whole list);
   2. bf16 linear 4096^3 vs torch.matmul;
   3. attention prefill B=1, H=32, S=4096, D=128, causal, bf16 vs F.scaled_dot_product_attention;
   4. decode attention (Sq=1) over Sk=8192, H=32, Hkv=8, D=128, bf16 (B=1 and B=8) vs SDPA;
@@ -105,11 +106,11 @@ def rel_diff(a, b):
     return float(torch.linalg.vector_norm(a - b) / torch.linalg.vector_norm(b))
 
 
-def conformance(seed, timeout_s):
+def conformance(seed, max_examples, timeout_s):
     env = dict(os.environ, PORTINFER_TRITON_AUTOTUNE="0", PYTHONPATH=str(ROOT))
     env.pop("TRITON_INTERPRET", None)
     cmd = [sys.executable, "-m", "portinfer.cli", "check", "--backend", "triton", "--profile", "full", "--json",
-           "--seed", str(seed)]
+           "--seed", str(seed), "--max-examples", str(max_examples)]
     start = time.time()
     try:
         done = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout_s)
@@ -262,7 +263,10 @@ def main(argv=None):
     parser.add_argument("--repeats", type=int, default=50)
     parser.add_argument("--seed", type=int, default=0, help="conformance seed")
     parser.add_argument("--skip-conformance", action="store_true")
-    parser.add_argument("--conformance-timeout", type=int, default=420, help="seconds")
+    parser.add_argument("--conformance-max-examples", type=int, default=10,
+                        help="examples per op and dtype (each new shape class compiles its kernels: 25, the suite's "
+                             "full default, compiles about 220 kernel variants, several minutes)")
+    parser.add_argument("--conformance-timeout", type=int, default=480, help="seconds")
     parser.add_argument("--smoke", action="store_true",
                         help="tiny shapes on CPU under the Triton interpreter: checks the script, measures nothing")
     args = parser.parse_args(argv)
@@ -289,7 +293,7 @@ def main(argv=None):
     report = {"smoke": args.smoke, "provenance": provenance(), "timing": timing}
     if not args.skip_conformance:
         print("conformance (full profile)...", flush=True)
-        report["conformance"] = conformance(args.seed, args.conformance_timeout)
+        report["conformance"] = conformance(args.seed, args.conformance_max_examples, args.conformance_timeout)
         print(f"  passed={report['conformance'].get('passed')} "
               f"({report['conformance'].get('seconds', '?')} s)", flush=True)
     backend = registry.get("triton")

@@ -95,7 +95,7 @@ def _attention_block(acc, l_i, m_i, q, k_base, v_base, start, end, kv_len, row_p
     return acc, l_i, m_i
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["Hq", "Sq", "GROUP", "SQ_BUCKET"])
 def _attention_kernel(out_ptr, q_ptr, k_ptr, v_ptr, q_pos_ptr, kv_len_ptr,
                       Hq, Sq, D, GROUP, SQ_BUCKET, scale_log2e,
                       stride_qb, stride_qh, stride_qs, stride_kb, stride_kh, stride_ks,

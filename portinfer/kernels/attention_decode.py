@@ -29,12 +29,12 @@ INTERPRETER_BLOCK_N = 16
 MAX_SPLITS = 128
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["Hkv", "GROUP", "SPLIT_LEN", "NUM_SPLITS"])
 def _decode_split_kernel(acc_ptr, m_ptr, l_ptr, q_ptr, k_ptr, v_ptr, q_pos_ptr, kv_len_ptr,
                          Hkv, GROUP, D, SPLIT_LEN, NUM_SPLITS, scale_log2e,
                          stride_qb, stride_qh, stride_kb, stride_kh, stride_ks, stride_vb, stride_vh, stride_vs,
                          CAUSAL: tl.constexpr, UPCAST_TO_FP32: tl.constexpr, INPUT_PRECISION: tl.constexpr,
-                         BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+                         EVEN_D: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
     split = tl.program_id(0)
     bk = tl.program_id(1)
     b = bk // Hkv
@@ -62,8 +62,14 @@ def _decode_split_kernel(acc_ptr, m_ptr, l_ptr, q_ptr, k_ptr, v_ptr, q_pos_ptr, 
     for start in range(lo, hi, BLOCK_N):
         rn = start + tl.arange(0, BLOCK_N)
         n_mask = rn < hi
-        kt = tl.load(k_base + rn[None, :] * stride_ks + rd[:, None], mask=n_mask[None, :] & d_mask[:, None], other=0.0)
-        v = tl.load(v_base + rn[:, None] * stride_vs + rd[None, :], mask=n_mask[:, None] & d_mask[None, :], other=0.0)
+        k_ptrs = k_base + rn[None, :] * stride_ks + rd[:, None]  # [BLOCK_D, BLOCK_N] = k^T
+        v_ptrs = v_base + rn[:, None] * stride_vs + rd[None, :]  # [BLOCK_N, BLOCK_D]
+        if EVEN_D:  # no mask along D: the loads stay vectorized
+            kt = tl.load(k_ptrs, mask=n_mask[None, :], other=0.0)
+            v = tl.load(v_ptrs, mask=n_mask[:, None], other=0.0)
+        else:
+            kt = tl.load(k_ptrs, mask=n_mask[None, :] & d_mask[:, None], other=0.0)
+            v = tl.load(v_ptrs, mask=n_mask[:, None] & d_mask[None, :], other=0.0)
         acc, l_i, m_i = online_softmax_step(acc, l_i, m_i, q, kt, v, n_mask[None, :], scale_log2e, UPCAST_TO_FP32,
                                             INPUT_PRECISION)
     # partials [B, Hq, NUM_SPLITS(, D)]: row (b, h) starts at (b * Hkv * GROUP + h) * NUM_SPLITS
@@ -73,7 +79,7 @@ def _decode_split_kernel(acc_ptr, m_ptr, l_ptr, q_ptr, k_ptr, v_ptr, q_pos_ptr, 
     tl.store(acc_ptr + row[:, None] * D + rd[None, :], acc, mask=g_mask[:, None] & d_mask[None, :])
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["Hq", "NUM_SPLITS"])
 def _decode_reduce_kernel(out_ptr, acc_ptr, m_ptr, l_ptr, Hq, D, NUM_SPLITS, stride_ob, stride_oh,
                           BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr):
     bh = tl.program_id(0)
@@ -135,7 +141,7 @@ def decode_attention(q, k, v, q_pos, kv_len, causal: bool, scale: float, out, in
     args = (part_acc, part_m, part_l, q, k, v, q_pos, kv_len, Hkv, group, D, split_len, splits, scale * LOG2_E,
             q.stride(0), q.stride(1), *k.stride()[:3], *v.stride()[:3])
     flags = dict(CAUSAL=causal, UPCAST_TO_FP32=upcast, INPUT_PRECISION=input_precision,
-                 BLOCK_G=block_g, BLOCK_N=block_n, BLOCK_D=block_d)
+                 EVEN_D=block_d == D, BLOCK_G=block_g, BLOCK_N=block_n, BLOCK_D=block_d)
     kernel = _decode_split_kernel if _split_tuned is None else _split_tuned
     kernel[(splits, B * Hkv)](*args, **flags)
     _decode_reduce_kernel[(B * Hq,)](out, part_acc, part_m, part_l, Hq, D, splits, out.stride(0), out.stride(1),

@@ -16,7 +16,7 @@ from . import next_power_of_2, to_output
 from .rms_norm import MAX_BLOCK, num_warps
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["H"])
 def _layer_norm_kernel(out_ptr, x_ptr, w_ptr, b_ptr, H, eps, stride_xm, stride_om, BLOCK: tl.constexpr):
     row = tl.program_id(0)
     x_row = x_ptr + row * stride_xm

@@ -33,7 +33,7 @@ FIXED_CONFIG = (dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=32, GROUP_M=2) if INTERPRET
                 else dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=32, GROUP_M=8, num_warps=4, num_stages=3))
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["M", "N", "K", "M_BUCKET"])
 def _linear_kernel(out_ptr, x_ptr, w_ptr, bias_ptr, M, N, K, M_BUCKET,
                    stride_xm, stride_wn, stride_om,
                    HAS_BIAS: tl.constexpr, UPCAST_TO_FP32: tl.constexpr, INPUT_PRECISION: tl.constexpr,

@@ -59,7 +59,7 @@ def _dequantize_tile(blocks_ptr, rn, k, stride_bn, FORMAT: tl.constexpr):
     return d * q
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["M", "N", "K", "M_BUCKET"])
 def _quantized_gemv_kernel(out_ptr, x_ptr, blocks_ptr, bias_ptr, M, N, K, M_BUCKET,
                            stride_xm, stride_bn, stride_om,
                            FORMAT: tl.constexpr, HAS_BIAS: tl.constexpr,
@@ -81,7 +81,7 @@ def _quantized_gemv_kernel(out_ptr, x_ptr, blocks_ptr, bias_ptr, M, N, K, M_BUCK
     tl.store(out_ptr + m * stride_om + rn, to_output(acc, out_ptr), mask=rn < N)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["M", "N", "K", "M_BUCKET"])
 def _quantized_matmul_kernel(out_ptr, x_ptr, blocks_ptr, bias_ptr, M, N, K, M_BUCKET,
                              stride_xm, stride_bn, stride_om,
                              FORMAT: tl.constexpr, HAS_BIAS: tl.constexpr, INPUT_PRECISION: tl.constexpr,

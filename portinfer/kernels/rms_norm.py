@@ -19,7 +19,7 @@ def num_warps(block: int) -> int:
     return 16 if block >= 8192 else 8 if block >= 2048 else 4
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["H"])
 def _rms_norm_kernel(out_ptr, x_ptr, w_ptr, H, eps, stride_xm, stride_om, BLOCK: tl.constexpr):
     row = tl.program_id(0)
     x_row = x_ptr + row * stride_xm

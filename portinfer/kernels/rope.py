@@ -24,7 +24,7 @@ from . import INTERPRETING, next_power_of_2, to_output
 MAX_BLOCK_H = 16 if INTERPRETING else 32
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["H", "S"])
 def _rope_kernel(out_ptr, x_ptr, cos_ptr, sin_ptr, H, S, D, HALF,
                  stride_xb, stride_xh, stride_xs, stride_ob, stride_oh, stride_os,
                  INTERLEAVED: tl.constexpr, HAS_REST: tl.constexpr,
