@@ -5,8 +5,8 @@ set before the kernels are imported, they run on CPU tensors under Triton's inte
 slow, for tests only (not picked by backend="auto"), so the conformance suite uses its small
 shapes there (`conformance_profile`).
 
-`import portinfer` never imports triton: this module imports it in `probe()` and the kernel
-modules on first use, so a machine without triton lists the backend as unavailable, with the
+`import portinfer` never imports triton: `probe()` imports it (through portinfer.kernels, which
+fixes the interpreter-or-compiled mode), the kernel modules are imported on first use, so a machine without triton lists the backend as unavailable, with the
 reason, instead of failing to import.
 
 Precision: reductions accumulate in fp32. fp32 matmuls (linear, attention) are IEEE fp32 by
@@ -53,11 +53,11 @@ class TritonBackend(Backend):
     @classmethod
     def probe(cls):
         try:
-            import triton
+            interpreting = _interpreting()  # imports triton
         except Exception as exc:  # missing, or a broken install
             return False, (f"the triton package cannot be imported ({type(exc).__name__}: {exc}); "
                            f"install it with pip install 'portinfer[triton]'")
-        if triton.knobs.runtime.interpret:
+        if interpreting:
             return True, ""
         if not torch.cuda.is_available():
             return False, ("no CUDA device (torch.cuda.is_available() is False); TRITON_INTERPRET=1 runs the "

@@ -28,7 +28,10 @@ import os
 import triton
 import triton.language as tl
 
-INTERPRETING: bool = bool(triton.knobs.runtime.interpret)
+# triton >= 3.4 reads its environment through `knobs`; older releases read TRITON_INTERPRET=1
+_knobs = getattr(triton, "knobs", None)
+INTERPRETING: bool = (bool(_knobs.runtime.interpret) if _knobs is not None
+                      else os.environ.get("TRITON_INTERPRET", "0") == "1")
 AUTOTUNE: bool = not INTERPRETING and os.environ.get("PORTINFER_TRITON_AUTOTUNE", "1") != "0"
 
 
