@@ -10,8 +10,9 @@ blocks in order (spec.QUANT_FORMATS):
 d * q is exact in fp32, so the kernel dequantizes to fp32 and accumulates x (upcast to
 fp32) against it in fp32: the result is that of the quantized matrix, as the reference's.
 
-Two paths, chosen by BLOCK_M: BLOCK_M == 1 is a GEMV (one x row per program, a
-multiply-and-row-sum per tile: decode, M <= 4); otherwise a tiled tl.dot in fp32 (prefill).
+Two kernels: for M <= GEMV_MAX_M (decode) a GEMV, one x row per program and a multiply and
+row sum per [BLOCK_N, BLOCK_K] tile; above it (prefill) a tiled fp32 tl.dot. Columns past K in
+the last tile read wrapped (valid) blocks and meet x = 0 there.
 """
 from __future__ import annotations
 
