@@ -27,6 +27,7 @@ import os
 
 import triton
 import triton.language as tl
+from triton.language.extra import libdevice
 
 # triton >= 3.4 reads its environment through `knobs`; older releases read TRITON_INTERPRET=1
 _knobs = getattr(triton, "knobs", None)
@@ -61,3 +62,18 @@ def to_output(x, out_ptr):
         bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000  # round the low 16 bits away, ties to even
         x = bits.to(tl.float32, bitcast=True)
     return x.to(out_ptr.dtype.element_ty)
+
+
+_INTERPRETING = tl.constexpr(INTERPRETING)
+
+
+@triton.jit
+def exp_fp32(x):
+    """e^x for fp32 x, to a few ulp on GPUs too. Compiled tl.exp is ex2.approx(x * log2(e)):
+    rounding that product costs |x| * log2(e) * u relative (2e-6 at x = -20, past the fp32
+    budget of silu_mul); libdevice's expf reduces the argument exactly. The interpreter has no
+    libdevice, and its tl.exp is numpy's, accurate already."""
+    if _INTERPRETING:
+        return tl.exp(x)
+    else:
+        return libdevice.exp(x)

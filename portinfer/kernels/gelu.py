@@ -13,7 +13,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from . import INTERPRETING, next_power_of_2, to_output
+from . import INTERPRETING, exp_fp32, next_power_of_2, to_output
 
 BLOCK = 256 if INTERPRETING else 1024
 
@@ -26,7 +26,7 @@ def _gelu_kernel(out_ptr, x_ptr, C, stride_xm, stride_om, TANH: tl.constexpr, BL
     x = tl.load(x_ptr + row * stride_xm + cols, mask=mask, other=0.0).to(tl.float32)
     if TANH:
         z = 0.7978845608028654 * (x + 0.044715 * x * x * x)  # sqrt(2 / pi) (x + 0.044715 x^3)
-        y = x / (1.0 + tl.exp(tl.minimum(-2.0 * z, 80.0)))  # past 80, y < |x| e^-80: no overflow
+        y = tl.div_rn(x, 1.0 + exp_fp32(tl.minimum(-2.0 * z, 80.0)))  # past 80, |y| < |x| e^-80
     else:
         y = 0.5 * x * (1.0 + tl.math.erf(x * 0.7071067811865476))  # x / sqrt(2)
     tl.store(out_ptr + row * stride_om + cols, to_output(y, out_ptr), mask=mask)

@@ -8,7 +8,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from . import INTERPRETING, next_power_of_2, to_output
+from . import INTERPRETING, exp_fp32, next_power_of_2, to_output
 
 BLOCK = 256 if INTERPRETING else 1024
 
@@ -20,7 +20,7 @@ def _silu_mul_kernel(out_ptr, x_ptr, I, stride_xm, stride_om, BLOCK: tl.constexp
     mask = cols < I
     gate = tl.load(x_ptr + row * stride_xm + cols, mask=mask, other=0.0).to(tl.float32)
     up = tl.load(x_ptr + row * stride_xm + I + cols, mask=mask, other=0.0).to(tl.float32)
-    y = gate / (1.0 + tl.exp(-gate)) * up
+    y = tl.div_rn(gate, 1.0 + exp_fp32(-gate)) * up  # IEEE division: fp32 keeps its budget
     tl.store(out_ptr + row * stride_om + cols, to_output(y, out_ptr), mask=mask)
 
 
