@@ -207,7 +207,7 @@ def check(backend, ops=None, dtypes=None, weight_formats=None, max_examples=None
 
     ops: subset of spec.OPS; dtypes: names ('fp32', 'fp16', 'bf16') or torch dtypes;
     weight_formats: linear variants ('dense', 'q8_0', 'q4_0', 'q4_1'); max_examples per op and
-    dtype (default by profile); seed: the hypothesis seed (printed, reproducible; default random);
+    dtype (default: the backend's `conformance_max_examples`, else by profile); seed: the hypothesis seed (printed, reproducible; default random);
     profile: 'full' or 'small' (default: the backend's `conformance_profile`, else 'full').
     """
     if isinstance(backend, str):
@@ -223,7 +223,8 @@ def check(backend, ops=None, dtypes=None, weight_formats=None, max_examples=None
     profile = profile or getattr(backend, "conformance_profile", "full")
     if profile not in cases_mod.PROFILES:
         raise ValueError(f"profile: expected one of {', '.join(cases_mod.PROFILES)}, got {profile!r}")
-    max_examples = max_examples or DEFAULT_MAX_EXAMPLES[profile]
+    # a backend may size its own default (a slow executor trades examples for time)
+    max_examples = max_examples or getattr(backend, "conformance_max_examples", None) or DEFAULT_MAX_EXAMPLES[profile]
     seed = random.randrange(2 ** 31) if seed is None else int(seed)
     reference = ReferenceBackend(exact=True)
     out = CheckResults(backend.name, str(backend.device), seed, profile)
