@@ -88,6 +88,24 @@ def test_refuses_what_it_lacks_and_a_device_it_does_not_emulate():
         NpuSimBackend("meta")
 
 
+BF16 = torch.bfloat16
+
+
+@pytest.mark.parametrize("call, message", [
+    (lambda b, w: b.linear(torch.randn(2, 5, dtype=BF16), w), r"x: expected K = 4"),
+    (lambda b, w: b.linear(torch.randn(2, 4, dtype=torch.float16), w), r"x: expected dtype bf16"),
+    (lambda b, w: b.linear(torch.randn(2, 4, dtype=BF16), w, torch.randn(4, dtype=BF16)), r"bias: expected shape \[3\]"),
+    (lambda b, w: b.linear(torch.randn(4, 2, dtype=BF16).T, w), r"x: expected unit stride in the last dimension"),
+], ids=["wrong K", "dtype mismatch", "bias shape", "strided x"])
+def test_bad_linear_input_is_a_value_error_before_the_cube_runs(call, message):
+    # the bf16 counterparts of test_bad_input.py's linear cases, which are built in fp32
+    backend = NpuSimBackend()
+    w = backend.prepare_linear(torch.randn(3, 4, dtype=BF16))
+    backend._linear = lambda *a: pytest.fail("the kernel ran on bad input")
+    with pytest.raises(ValueError, match=message):
+        call(backend, w)
+
+
 # ----------------------------------------------------------------------------- placement around it
 
 def test_fallback_crosses_its_memory_through_the_hooks_and_counts_the_bytes():
