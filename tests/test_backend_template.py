@@ -19,6 +19,8 @@ TEMPLATE = Path(__file__).resolve().parent.parent / "examples" / "backend_templa
 
 @pytest.fixture
 def installed_template(tmp_path, monkeypatch):
+    pytest.importorskip("setuptools", reason="building the template with --no-build-isolation needs setuptools "
+                                             "in this environment (torch's wheels depend on it)")
     source, target = tmp_path / "source", tmp_path / "site"
     shutil.copytree(TEMPLATE, source)  # pip builds in place: keep the repo's copy clean
     subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--no-build-isolation",
