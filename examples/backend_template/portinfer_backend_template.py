@@ -16,6 +16,7 @@ cannot), and if tensors cross into your device memory through your own copies, d
 `memory_space` and implement `copy_to_memory` / `copy_from_memory`.
 """
 import torch
+import torch.nn.functional as F
 
 from portinfer.backends import Backend, PreparedLinear
 from portinfer.backends.spec import dtype_name, weight_format
@@ -67,7 +68,6 @@ class TemplateBackend(Backend):
     def _silu_mul(self, x):
         # x [M, 2I] = [gate | up] -> silu(gate) * up [M, I]
         half = x.shape[1] // 2
-        gate, up = x[:, :half].to(F32), x[:, half:].to(F32)
         out = self.new_output((x.shape[0], half), x.dtype)
-        out.copy_(gate * torch.sigmoid(gate) * up)
+        out.copy_(F.silu(x[:, :half].to(F32)) * x[:, half:].to(F32))
         return out
