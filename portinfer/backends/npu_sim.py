@@ -13,9 +13,11 @@ behaves like an Ascend-style NPU, not like torch on a CPU:
 - Vector unit: norms and activations upcast fp16/bf16 to fp32, compute, round once.
   Attention rounds its softmax probabilities to the input dtype before the PV product,
   as NPU flash-attention kernels do, and divides by the fp32 row sum afterwards.
+- GGUF block formats (q8_0, q4_0, q4_1) are computed from their blocks, as an NPU's
+  weight-only-quantized matmul does: the integer codes (exact in fp16/bf16) go through the
+  cube, each 32-wide block's fp32 partial sum is scaled by the block's scale.
 - A deliberately partial op set: no fp32 activations at all, no rope, no layer_norm, no
-  gelu, no GGUF block formats. Those fall back (placement.py), or are refused up front
-  under fallback="error".
+  gelu. Those fall back (placement.py), or are refused up front under fallback="error".
 - Its own device memory (`memory_space = "npu-sim"`): a tensor crosses into or out of
   it only through `copy_to_memory` / `copy_from_memory`, which make real copies and count
   the bytes; Placement uses those hooks for every fallback, so a model's placement report
@@ -29,7 +31,7 @@ from __future__ import annotations
 
 import torch
 
-from . import spec
+from . import quant, spec
 from .base import Backend, attention_mask
 
 TILE = 16
@@ -52,11 +54,16 @@ def to_fractal(w: torch.Tensor) -> torch.Tensor:
     return padded.reshape(*batch, padded.shape[-2], k_tiles, TILE).transpose(-3, -2).contiguous()
 
 
-def cube_matmul(a: torch.Tensor, b_fractal: torch.Tensor, n: int) -> torch.Tensor:
+def cube_matmul(a: torch.Tensor, b_fractal: torch.Tensor, n: int, block_scales=None, block_mins=None) -> torch.Tensor:
     """a [..., M, K] (fp16/bf16) times a fractal operand [..., K/16, Np, 16] -> fp32 [..., M, n].
 
     One K tile at a time: the 16-long products of fp16/bf16 values are exact in fp32 and are
-    summed in fp32, then added to the fp32 accumulator, as a cube unit's L0C does."""
+    summed in fp32, then added to the fp32 accumulator, as a cube unit's L0C does.
+
+    GGUF weights (block_scales fp32 [K/32, Np], block_mins for q4_1): the fractal holds the
+    blocks' integer codes, exact in fp16/bf16; each 32-wide block's fp32 partial sum is
+    scaled by its block's scale (q4_1: plus its min times the block's sum of `a`) before it
+    joins the accumulator, so the result is that of the quantized matrix, never re-rounded."""
     *batch, m, k = a.shape
     k_tiles = b_fractal.shape[-3]
     if k > k_tiles * TILE:
@@ -64,11 +71,37 @@ def cube_matmul(a: torch.Tensor, b_fractal: torch.Tensor, n: int) -> torch.Tenso
     a_padded = a.new_zeros(*batch, _round_up(m), k_tiles * TILE)
     a_padded[..., :m, :k] = a
     acc = torch.zeros(*batch, a_padded.shape[-2], b_fractal.shape[-2], dtype=F32, device=a.device)
+    partial = acc if block_scales is None else torch.zeros_like(acc)
+    tiles_per_block = 2  # GGUF blocks are 32 wide
     for t in range(k_tiles):
         a_tile = a_padded[..., t * TILE:(t + 1) * TILE].to(F32)  # [..., Mp, 16]
         b_tile = b_fractal[..., t, :, :].to(F32)  # [..., Np, 16]
-        acc += a_tile @ b_tile.transpose(-1, -2)
+        partial += a_tile @ b_tile.transpose(-1, -2)
+        if block_scales is not None and t % tiles_per_block == tiles_per_block - 1:
+            block = t // tiles_per_block
+            acc += partial * block_scales[block]
+            if block_mins is not None:
+                a_block = a_padded[..., block * 2 * TILE:(block + 1) * 2 * TILE].to(F32)
+                acc += a_block.sum(dim=-1, keepdim=True) * block_mins[block]
+            partial.zero_()
     return acc[..., :m, :n]
+
+
+def _gguf_codes(weight: spec.QuantizedWeight):
+    """GGUF blocks -> (integer codes [N, K] fp32, scales [N, K/32] fp32, mins [N, K/32] fp32 or None).
+
+    The scales (and q4_1 mins) are each block's leading fp16 fields; the codes follow exactly
+    from quant.dequantize, the one decoder of the block bytes: d * q is exact in fp32."""
+    n, k = weight.shape
+    per_block, block_bytes = spec.QUANT_FORMATS[weight.format]
+    blocks = weight.blocks.reshape(n, k // per_block, block_bytes)
+    scales = blocks[..., 0:2].contiguous().view(torch.float16).to(F32)[..., 0]  # [N, K/32]
+    mins = blocks[..., 2:4].contiguous().view(torch.float16).to(F32)[..., 0] if weight.format == "q4_1" else None
+    values = quant.dequantize(weight, F32).reshape(n, k // per_block, per_block)
+    shifted = values if mins is None else values - mins[..., None]
+    safe = torch.where(scales == 0, torch.ones_like(scales), scales)[..., None]
+    codes = torch.where(scales[..., None] == 0, torch.zeros_like(values), torch.round(shifted / safe))
+    return codes.reshape(n, k), scales, mins
 
 
 class NpuSimBackend(Backend):
@@ -76,7 +109,8 @@ class NpuSimBackend(Backend):
     default_device = "cpu"  # the torch device its emulated memory sits on
     memory_space = "npu-sim"
     activation_dtypes = (torch.float16, torch.bfloat16)
-    native_weight_formats = ("fp16", "bf16")  # fp32 weights are rounded to the activation dtype at prepare
+    # fp32 weights are rounded to the activation dtype at prepare; GGUF blocks are kept (codes + scales)
+    native_weight_formats = ("fp16", "bf16") + tuple(spec.QUANT_FORMATS)
     ops = ("embedding", "linear", "rms_norm", "silu_mul", "attention")
 
     def __init__(self, device=None):
@@ -96,12 +130,6 @@ class NpuSimBackend(Backend):
                 "weight_layout": "fractal [K/16, N/16, 16, 16]", "weight_bytes": self.weight_bytes,
                 "bytes_to_device": self.bytes_to_device, "bytes_from_device": self.bytes_from_device}
 
-    def supports(self, op, **meta):
-        if not super().supports(op, **meta):
-            return False
-        fmt = meta.get("weight_format")
-        return op != "linear" or fmt is None or fmt in spec.DENSE_FORMATS
-
     # ---------------------------------------------------------------- its memory
 
     def copy_to_memory(self, t):
@@ -118,13 +146,23 @@ class NpuSimBackend(Backend):
 
     def _prepare_linear(self, weight, dtype):
         n, k = weight.shape
+        source = spec.weight_format(weight)
+        extra = {}
+        if isinstance(weight, spec.QuantizedWeight):
+            # codes in the fractal layout (exact in fp16/bf16), per-block scales and mins beside it,
+            # padded along N like the fractal: [K/32, Np]
+            weight, scales, mins = _gguf_codes(weight)
+            n_padded = _round_up(n)
+            for name, t in (("block_scales", scales), ("block_mins", mins)):
+                if t is not None:
+                    extra[name] = torch.zeros(t.shape[1], n_padded, dtype=F32)
+                    extra[name][:, :n] = t.T
         fractal = to_fractal(weight.to(dtype))  # [K/16, Np, 16]
-        self.weight_bytes += fractal.numel() * fractal.element_size()
-        return spec.PreparedLinear(self.name, n, k, dtype, "fractal-" + spec.dtype_name(dtype),
-                                   spec.weight_format(weight), fractal)
+        self.weight_bytes += sum(t.numel() * t.element_size() for t in (fractal, *extra.values()))
+        return spec.PreparedLinear(self.name, n, k, dtype, "fractal-" + spec.dtype_name(dtype), source, fractal, extra)
 
     def _linear(self, x, w, bias):
-        acc = cube_matmul(x, w.payload, w.out_features)  # fp32 [M, N]
+        acc = cube_matmul(x, w.payload, w.out_features, w.extra.get("block_scales"), w.extra.get("block_mins"))
         if bias is not None:
             acc += bias.to(F32)
         out = self.new_output(acc.shape, x.dtype)
@@ -152,8 +190,12 @@ class NpuSimBackend(Backend):
 
     def _attention(self, q, k, v, q_pos, kv_len, causal, scale):
         B, Hq, Sq, D = q.shape
-        Hkv, Sk = k.shape[1], k.shape[2]
+        Hkv = k.shape[1]
         group = Hq // Hkv
+        # keys at or beyond every sequence's kv_len are never visible: a KV cache allocated for the
+        # whole context is read only up to the longest sequence, as a paged NPU kernel does
+        Sk = max(int(kv_len.max()), 1)
+        k, v = k[:, :, :Sk], v[:, :, :Sk]
         # GQA without copying K/V per query head: the `group` query heads that share a KV head
         # are stacked along the rows of one cube product
         q_rows = q.reshape(B, Hkv, group * Sq, D)  # [B, Hkv, group*Sq, D]
