@@ -78,9 +78,9 @@ def test_cube_accumulates_in_fp32():
 
 
 def test_gguf_weights_are_computed_from_their_blocks_not_rerounded():
-    # each output must be the quantized matrix's exact product rounded once to fp16 (within one
-    # ulp, for the fp32 accumulation): dequantized weights rounded to fp16 miss that on the
-    # outputs that cancel
+    # each output must be the quantized matrix's exact product rounded once to fp16: within one
+    # fp16 ulp plus an fp32 accumulation bound (2 sqrt(K) u32 sum|x w|, which only matters where
+    # the output cancels). Dequantized weights rounded to fp16 are off by ~u16 sum|x w| there.
     backend = NpuSimBackend()
     g = torch.Generator().manual_seed(0)
     for fmt in ("q8_0", "q4_0", "q4_1"):
@@ -89,9 +89,12 @@ def test_gguf_weights_are_computed_from_their_blocks_not_rerounded():
         prepared = backend.prepare_linear(w, torch.float16)
         assert prepared.source_format == fmt and prepared.format == "fractal-fp16"
         y = backend.linear(x, prepared).double()
-        exact = x.double() @ quant.dequantize(w, torch.float64).T
-        ulp = torch.finfo(torch.float16).eps * exact.abs().clamp_min(2.0 ** -14)
-        assert ((y - exact).abs() <= ulp).all(), f"{fmt}: {int(((y - exact).abs() > ulp).sum())} outputs off by > 1 ulp"
+        dense = quant.dequantize(w, torch.float64)
+        exact = x.double() @ dense.T
+        tolerance = (torch.finfo(torch.float16).eps * exact.abs().clamp_min(2.0 ** -14)
+                     + 2 * 256 ** 0.5 * 2.0 ** -24 * (x.double().abs() @ dense.abs().T))
+        off = int(((y - exact).abs() > tolerance).sum())
+        assert off == 0, f"{fmt}: {off} outputs off by more than 1 ulp + the fp32 accumulation bound"
 
 
 def test_refuses_what_it_lacks_and_a_device_it_does_not_emulate():

@@ -29,6 +29,8 @@ out-of-tree plugin would be, not in the registry's built-in list.
 """
 from __future__ import annotations
 
+import math
+
 import torch
 
 from . import quant, spec
@@ -54,36 +56,42 @@ def to_fractal(w: torch.Tensor) -> torch.Tensor:
     return padded.reshape(*batch, padded.shape[-2], k_tiles, TILE).transpose(-3, -2).contiguous()
 
 
-def cube_matmul(a: torch.Tensor, b_fractal: torch.Tensor, n: int, block_scales=None, block_mins=None) -> torch.Tensor:
+def cube_matmul(a: torch.Tensor, b_fractal: torch.Tensor, n: int, block_scales=None, block_mins=None,
+                chunk_bytes: int = 32 << 20) -> torch.Tensor:
     """a [..., M, K] (fp16/bf16) times a fractal operand [..., K/16, Np, 16] -> fp32 [..., M, n].
 
-    One K tile at a time: the 16-long products of fp16/bf16 values are exact in fp32 and are
-    summed in fp32, then added to the fp32 accumulator, as a cube unit's L0C does.
+    Every 16x16x16 tile product is formed in fp32 from fp16/bf16 operands (their products
+    are exact in fp32), and tile products are accumulated in fp32, as a cube unit's L0C
+    accumulator does. Tiles are processed a chunk of K tiles at a time (intermediate
+    [..., T, Mp, Np] fp32 of at most `chunk_bytes`), not one Python step per tile.
 
     GGUF weights (block_scales fp32 [K/32, Np], block_mins for q4_1): the fractal holds the
     blocks' integer codes, exact in fp16/bf16; each 32-wide block's fp32 partial sum is
     scaled by its block's scale (q4_1: plus its min times the block's sum of `a`) before it
     joins the accumulator, so the result is that of the quantized matrix, never re-rounded."""
     *batch, m, k = a.shape
-    k_tiles = b_fractal.shape[-3]
+    k_tiles, n_padded = b_fractal.shape[-3], b_fractal.shape[-2]
     if k > k_tiles * TILE:
         raise ValueError(f"a: expected K <= {k_tiles * TILE} (the fractal operand's padded K), got shape {list(a.shape)}")
     a_padded = a.new_zeros(*batch, _round_up(m), k_tiles * TILE)
     a_padded[..., :m, :k] = a
-    acc = torch.zeros(*batch, a_padded.shape[-2], b_fractal.shape[-2], dtype=F32, device=a.device)
-    partial = acc if block_scales is None else torch.zeros_like(acc)
-    tiles_per_block = 2  # GGUF blocks are 32 wide
-    for t in range(k_tiles):
-        a_tile = a_padded[..., t * TILE:(t + 1) * TILE].to(F32)  # [..., Mp, 16]
-        b_tile = b_fractal[..., t, :, :].to(F32)  # [..., Np, 16]
-        partial += a_tile @ b_tile.transpose(-1, -2)
-        if block_scales is not None and t % tiles_per_block == tiles_per_block - 1:
-            block = t // tiles_per_block
-            acc += partial * block_scales[block]
-            if block_mins is not None:
-                a_block = a_padded[..., block * 2 * TILE:(block + 1) * 2 * TILE].to(F32)
-                acc += a_block.sum(dim=-1, keepdim=True) * block_mins[block]
-            partial.zero_()
+    m_padded = a_padded.shape[-2]
+    a_tiles = a_padded.unflatten(-1, (k_tiles, TILE)).transpose(-3, -2)  # [..., Kt, Mp, 16]
+    acc = torch.zeros(*batch, m_padded, n_padded, dtype=F32, device=a.device)
+    per_tile_bytes = 4 * m_padded * n_padded * math.prod(batch)
+    step = max(2, chunk_bytes // per_tile_bytes // 2 * 2)  # even: a GGUF block is two tiles
+    for t0 in range(0, k_tiles, step):
+        t1 = min(k_tiles, t0 + step)
+        # [..., T, Mp, Np]: one fp32 product per tile of this chunk
+        partial = a_tiles[..., t0:t1, :, :].to(F32) @ b_fractal[..., t0:t1, :, :].to(F32).transpose(-1, -2)
+        if block_scales is None:
+            acc += partial.sum(dim=-3)
+            continue
+        block_sums = partial.unflatten(-3, (-1, 2)).sum(dim=-3)  # [..., T/2, Mp, Np]
+        acc += (block_sums * block_scales[t0 // 2:t1 // 2, None, :]).sum(dim=-3)
+        if block_mins is not None:
+            a_sums = a_padded[..., t0 * TILE:t1 * TILE].to(F32).unflatten(-1, (-1, 2 * TILE)).sum(dim=-1)
+            acc += a_sums @ block_mins[t0 // 2:t1 // 2]  # [..., Mp, T/2] @ [T/2, Np]
     return acc[..., :m, :n]
 
 
