@@ -5,8 +5,9 @@ placement, fallback, strict mode, the bytes that cross) is exercised on this one
 behaves like an Ascend-style NPU, not like torch on a CPU:
 
 - Cube unit: every matrix product (linear, attention's QKᵀ and PV) takes fp16/bf16
-  operands and accumulates in fp32, one 16x16x16 tile at a time; shapes are zero-padded
-  to multiples of 16 inside the op, as the hardware pads to its fractal tiles.
+  operands in 16x16 fractal tiles (shapes zero-padded to multiples of 16 inside the op)
+  and accumulates in fp32. The emulator reproduces the cube's arithmetic, not its
+  schedule: the tiles go through one fp32 product rather than a Python step per tile.
 - Weights are converted once, in `prepare_linear`, to its own layout: the fractal layout
   [K/16, N/16, 16(n), 16(k)] in the activation dtype, padded with zeros; `linear` computes
   from that layout and never sees the [N, K] matrix again.
@@ -14,8 +15,9 @@ behaves like an Ascend-style NPU, not like torch on a CPU:
   Attention rounds its softmax probabilities to the input dtype before the PV product,
   as NPU flash-attention kernels do, and divides by the fp32 row sum afterwards.
 - GGUF block formats (q8_0, q4_0, q4_1) are computed from their blocks, as an NPU's
-  weight-only-quantized matmul does: the integer codes (exact in fp16/bf16) go through the
-  cube, each 32-wide block's fp32 partial sum is scaled by the block's scale.
+  weight-only-quantized matmul does: the fractal holds the integer codes (exact in
+  fp16/bf16), the per-block scales (and q4_1 mins) sit beside it, and the result is that
+  of the quantized matrix in fp32, never of weights re-rounded to fp16/bf16.
 - A deliberately partial op set: no fp32 activations at all, no rope, no layer_norm, no
   gelu. Those fall back (placement.py), or are refused up front under fallback="error".
 - Its own device memory (`memory_space = "npu-sim"`): a tensor crosses into or out of
@@ -28,8 +30,6 @@ It is registered through the `portinfer.backends` entry point in pyproject.toml,
 out-of-tree plugin would be, not in the registry's built-in list.
 """
 from __future__ import annotations
-
-import math
 
 import torch
 
@@ -56,43 +56,39 @@ def to_fractal(w: torch.Tensor) -> torch.Tensor:
     return padded.reshape(*batch, padded.shape[-2], k_tiles, TILE).transpose(-3, -2).contiguous()
 
 
-def cube_matmul(a: torch.Tensor, b_fractal: torch.Tensor, n: int, block_scales=None, block_mins=None,
-                chunk_bytes: int = 32 << 20) -> torch.Tensor:
+def cube_matmul(a: torch.Tensor, b_fractal: torch.Tensor, n: int, block_scales=None, block_mins=None) -> torch.Tensor:
     """a [..., M, K] (fp16/bf16) times a fractal operand [..., K/16, Np, 16] -> fp32 [..., M, n].
 
-    Every 16x16x16 tile product is formed in fp32 from fp16/bf16 operands (their products
-    are exact in fp32), and tile products are accumulated in fp32, as a cube unit's L0C
-    accumulator does. Tiles are processed a chunk of K tiles at a time (intermediate
-    [..., T, Mp, Np] fp32 of at most `chunk_bytes`), not one Python step per tile.
+    Emulates the cube's arithmetic, not its schedule: both operands are fp16/bf16 values
+    zero-padded to 16x16 tiles, their products are exact in fp32, and the sums over K are
+    accumulated in fp32 (one fp32 product over the padded tiles, so the emulator is not a
+    Python loop over 16-wide steps).
 
-    GGUF weights (block_scales fp32 [K/32, Np], block_mins for q4_1): the fractal holds the
-    blocks' integer codes, exact in fp16/bf16; each 32-wide block's fp32 partial sum is
-    scaled by its block's scale (q4_1: plus its min times the block's sum of `a`) before it
-    joins the accumulator, so the result is that of the quantized matrix, never re-rounded."""
+    GGUF weights (block_scales fp32 [Np, K/16, 1]: each 32-wide block's scale, once per K tile;
+    block_mins likewise for q4_1): the fractal holds the
+    blocks' integer codes, exact in fp16/bf16. Each code is scaled by its block's scale on
+    the way into the product: code x fp16 scale is exact in fp32, so this equals scaling
+    each 32-wide block's fp32 partial sum, up to the order of fp32 additions; q4_1 adds its
+    block's min. The result is that of the quantized matrix, never re-rounded to fp16/bf16."""
     *batch, m, k = a.shape
     k_tiles, n_padded = b_fractal.shape[-3], b_fractal.shape[-2]
     if k > k_tiles * TILE:
         raise ValueError(f"a: expected K <= {k_tiles * TILE} (the fractal operand's padded K), got shape {list(a.shape)}")
-    a_padded = a.new_zeros(*batch, _round_up(m), k_tiles * TILE)
-    a_padded[..., :m, :k] = a
-    m_padded = a_padded.shape[-2]
-    a_tiles = a_padded.unflatten(-1, (k_tiles, TILE)).transpose(-3, -2)  # [..., Kt, Mp, 16]
-    acc = torch.zeros(*batch, m_padded, n_padded, dtype=F32, device=a.device)
-    per_tile_bytes = 4 * m_padded * n_padded * math.prod(batch)
-    step = max(2, chunk_bytes // per_tile_bytes // 2 * 2)  # even: a GGUF block is two tiles
-    for t0 in range(0, k_tiles, step):
-        t1 = min(k_tiles, t0 + step)
-        # [..., T, Mp, Np]: one fp32 product per tile of this chunk
-        partial = a_tiles[..., t0:t1, :, :].to(F32) @ b_fractal[..., t0:t1, :, :].to(F32).transpose(-1, -2)
-        if block_scales is None:
-            acc += partial.sum(dim=-3)
-            continue
-        block_sums = partial.unflatten(-3, (-1, 2)).sum(dim=-3)  # [..., T/2, Mp, Np]
-        acc += (block_sums * block_scales[t0 // 2:t1 // 2, None, :]).sum(dim=-3)
-        if block_mins is not None:
-            a_sums = a_padded[..., t0 * TILE:t1 * TILE].to(F32).unflatten(-1, (-1, 2 * TILE)).sum(dim=-1)
-            acc += a_sums @ block_mins[t0 // 2:t1 // 2]  # [..., Mp, T/2] @ [T/2, Np]
-    return acc[..., :m, :n]
+    # K is zero-padded to the fractal's tiles; M would be padded to 16 too on the cube, but padded
+    # rows are zeros in and discarded out, so the emulator does not spend 16x the work on a decode
+    a_padded = a.new_zeros(*batch, m, k_tiles * TILE)
+    a_padded[..., :k] = a
+    # the fractal's tiles read back as [..., Np, Kt, 16] in fp32, converted and reordered in one pass
+    b = torch.empty(*b_fractal.shape[:-3], n_padded, k_tiles, TILE, dtype=F32, device=b_fractal.device)
+    tiles = b_fractal.transpose(-3, -2)  # [..., Np, Kt, 16]
+    if block_scales is None:
+        b.copy_(tiles)
+    elif block_mins is None:
+        torch.mul(tiles, block_scales, out=b)
+    else:
+        torch.addcmul(block_mins, tiles, block_scales, out=b)
+    acc = a_padded.to(F32) @ b.view(*b.shape[:-2], k_tiles * TILE).transpose(-1, -2)  # [..., M, Np]
+    return acc[..., :n]
 
 
 def _gguf_codes(weight: spec.QuantizedWeight):
@@ -117,6 +113,7 @@ class NpuSimBackend(Backend):
     default_device = "cpu"  # the torch device its emulated memory sits on
     memory_space = "npu-sim"
     activation_dtypes = (torch.float16, torch.bfloat16)
+    preferred_dtype = torch.bfloat16  # what a model loads in when no dtype is asked for (it has no fp32)
     # fp32 weights are rounded to the activation dtype at prepare; GGUF blocks are kept (codes + scales)
     native_weight_formats = ("fp16", "bf16") + tuple(spec.QUANT_FORMATS)
     ops = ("embedding", "linear", "rms_norm", "silu_mul", "attention")
@@ -134,7 +131,7 @@ class NpuSimBackend(Backend):
         return False  # an emulator: slower than torch on the same CPU, never picked by backend="auto"
 
     def info(self):
-        return {"memory": self.memory, "cube": "16x16x16 tiles, fp16/bf16 in, fp32 accumulate",
+        return {"memory": self.memory, "cube": "16x16 tiles, fp16/bf16 in, fp32 accumulate",
                 "weight_layout": "fractal [K/16, N/16, 16, 16]", "weight_bytes": self.weight_bytes,
                 "bytes_to_device": self.bytes_to_device, "bytes_from_device": self.bytes_from_device}
 
@@ -157,14 +154,13 @@ class NpuSimBackend(Backend):
         source = spec.weight_format(weight)
         extra = {}
         if isinstance(weight, spec.QuantizedWeight):
-            # codes in the fractal layout (exact in fp16/bf16), per-block scales and mins beside it,
-            # padded along N like the fractal: [K/32, Np]
+            # codes in the fractal layout (exact in fp16/bf16); per-block scales and mins beside it,
+            # padded along N like the fractal and repeated for the two K tiles of a block: [Np, K/16, 1]
             weight, scales, mins = _gguf_codes(weight)
-            n_padded = _round_up(n)
             for name, t in (("block_scales", scales), ("block_mins", mins)):
                 if t is not None:
-                    extra[name] = torch.zeros(t.shape[1], n_padded, dtype=F32)
-                    extra[name][:, :n] = t.T
+                    extra[name] = torch.zeros(_round_up(n), 2 * t.shape[1], 1, dtype=F32)
+                    extra[name][:n, :, 0] = t.repeat_interleave(2, dim=1)
         fractal = to_fractal(weight.to(dtype))  # [K/16, Np, 16]
         self.weight_bytes += sum(t.numel() * t.element_size() for t in (fractal, *extra.values()))
         return spec.PreparedLinear(self.name, n, k, dtype, "fractal-" + spec.dtype_name(dtype), source, fractal, extra)
