@@ -54,17 +54,17 @@ def test_check_passes_supported_ops_and_lists_the_rest_as_unsupported(capsys):
 
 def test_prepare_linear_converts_to_the_padded_fractal_layout():
     backend = NpuSimBackend()
-    w = torch.randn(20, 37)  # N=20, K=37: both padded to 32 / 48
+    w = torch.randn(20, 37)  # N=20, K=37: padded to 32 and 48, i.e. 2 x 3 tiles of 16x16
     prepared = backend.prepare_linear(w, torch.bfloat16)
     fractal = prepared.payload
-    assert tuple(fractal.shape) == (3, 32, 16) and fractal.dtype == torch.bfloat16
+    assert tuple(fractal.shape) == (2, 3, 16, 16) and fractal.dtype == torch.bfloat16
     assert prepared.format == "fractal-bf16" and prepared.source_format == "fp32"
     w16 = w.to(torch.bfloat16)
-    for kt in range(3):
-        for n in (0, 7, 19):
+    for n in (0, 7, 19):
+        for kt in range(3):
             cols = w16[n, kt * 16:(kt + 1) * 16]
-            assert torch.equal(fractal[kt, n, :cols.numel()], cols)
-    assert not fractal[2, :, 5:].any() and not fractal[:, 20:].any()  # zero padding beyond K=37 and N=20
+            assert torch.equal(fractal[n // 16, kt, n % 16, :cols.numel()], cols)
+    assert not fractal[:, 2, :, 5:].any() and not fractal[1, :, 4:].any()  # zeros beyond K=37 and N=20
     assert backend.weight_bytes == nbytes(fractal)
 
 

@@ -9,7 +9,7 @@ behaves like an Ascend-style NPU, not like torch on a CPU:
   and accumulates in fp32. The emulator reproduces the cube's arithmetic, not its
   schedule: the tiles go through one fp32 product rather than a Python step per tile.
 - Weights are converted once, in `prepare_linear`, to its own layout: the fractal layout
-  [K/16, N/16, 16(n), 16(k)] in the activation dtype, padded with zeros; `linear` computes
+  [N/16, K/16, 16(n), 16(k)] in the activation dtype, padded with zeros; `linear` computes
   from that layout and never sees the [N, K] matrix again.
 - Vector unit: norms and activations upcast fp16/bf16 to fp32, compute, round once.
   Attention rounds its softmax probabilities to the input dtype before the PV product,
@@ -31,6 +31,8 @@ out-of-tree plugin would be, not in the registry's built-in list.
 """
 from __future__ import annotations
 
+import math
+
 import torch
 
 from . import quant, spec
@@ -45,49 +47,52 @@ def _round_up(n: int) -> int:
 
 
 def to_fractal(w: torch.Tensor) -> torch.Tensor:
-    """[..., N, K] -> the fractal layout [..., K/16, N/16 * 16, 16] (zero-padded, same dtype).
+    """[..., N, K] -> the fractal layout [..., N/16, K/16, 16(n), 16(k)] (zero-padded, same dtype).
 
-    Tile (kt, nt) holds w[nt*16:(nt+1)*16, kt*16:(kt+1)*16] row-major, so all tiles of one
-    K step are contiguous: the cube streams one [Np, 16] panel per step."""
+    Tile (nt, kt) holds w[nt*16:(nt+1)*16, kt*16:(kt+1)*16] row-major, and the 16x16 tiles
+    of one N panel are contiguous: what the cube loads as one operand tile at a time."""
     *batch, n, k = w.shape
     padded = w.new_zeros(*batch, _round_up(n), _round_up(k))
     padded[..., :n, :k] = w
-    k_tiles = padded.shape[-1] // TILE
-    return padded.reshape(*batch, padded.shape[-2], k_tiles, TILE).transpose(-3, -2).contiguous()
+    n_tiles, k_tiles = padded.shape[-2] // TILE, padded.shape[-1] // TILE
+    return padded.reshape(*batch, n_tiles, TILE, k_tiles, TILE).transpose(-3, -2).contiguous()
 
 
-def cube_matmul(a: torch.Tensor, b_fractal: torch.Tensor, n: int, block_scales=None, block_mins=None) -> torch.Tensor:
-    """a [..., M, K] (fp16/bf16) times a fractal operand [..., K/16, Np, 16] -> fp32 [..., M, n].
+def cube_matmul(a: torch.Tensor, b_fractal: torch.Tensor, n: int, block_scales=None, block_mins=None,
+                workspace=None) -> torch.Tensor:
+    """a [..., M, K] (fp16/bf16) times a fractal operand [..., N/16, K/16, 16, 16] -> fp32 [..., M, n].
 
     Emulates the cube's arithmetic, not its schedule: both operands are fp16/bf16 values
     zero-padded to 16x16 tiles, their products are exact in fp32, and the sums over K are
     accumulated in fp32 (one fp32 product over the padded tiles, so the emulator is not a
     Python loop over 16-wide steps).
 
-    GGUF weights (block_scales fp32 [Np, K/16, 1]: each 32-wide block's scale, once per K tile;
+    GGUF weights (block_scales fp32 [N/16, 16, K/16, 1]: each 32-wide block's scale, once per K tile;
     block_mins likewise for q4_1): the fractal holds the
     blocks' integer codes, exact in fp16/bf16. Each code is scaled by its block's scale on
     the way into the product: code x fp16 scale is exact in fp32, so this equals scaling
     each 32-wide block's fp32 partial sum, up to the order of fp32 additions; q4_1 adds its
     block's min. The result is that of the quantized matrix, never re-rounded to fp16/bf16."""
     *batch, m, k = a.shape
-    k_tiles, n_padded = b_fractal.shape[-3], b_fractal.shape[-2]
+    n_tiles, k_tiles = b_fractal.shape[-4], b_fractal.shape[-3]
     if k > k_tiles * TILE:
         raise ValueError(f"a: expected K <= {k_tiles * TILE} (the fractal operand's padded K), got shape {list(a.shape)}")
     # K is zero-padded to the fractal's tiles; M would be padded to 16 too on the cube, but padded
     # rows are zeros in and discarded out, so the emulator does not spend 16x the work on a decode
     a_padded = a.new_zeros(*batch, m, k_tiles * TILE)
     a_padded[..., :k] = a
-    # the fractal's tiles read back as [..., Np, Kt, 16] in fp32, converted and reordered in one pass
-    b = torch.empty(*b_fractal.shape[:-3], n_padded, k_tiles, TILE, dtype=F32, device=b_fractal.device)
-    tiles = b_fractal.transpose(-3, -2)  # [..., Np, Kt, 16]
-    if block_scales is None:
-        b.copy_(tiles)
-    elif block_mins is None:
-        torch.mul(tiles, block_scales, out=b)
-    else:
-        torch.addcmul(block_mins, tiles, block_scales, out=b)
-    acc = a_padded.to(F32) @ b.view(*b.shape[:-2], k_tiles * TILE).transpose(-1, -2)  # [..., M, Np]
+    # the fractal's tiles read back as rows [..., Nt, 16, Kt, 16] in fp32, converted and reordered in one pass
+    shape = (*b_fractal.shape[:-4], n_tiles, TILE, k_tiles, TILE)
+    # `workspace(numel)`: a reused fp32 scratch buffer (a weight-sized allocation per call would
+    # page-fault its way through memory on every linear)
+    b = (workspace(math.prod(shape)) if workspace else torch.empty(math.prod(shape), dtype=F32)).view(shape)
+    b.copy_(b_fractal.transpose(-3, -2))
+    if block_scales is not None:
+        b *= block_scales  # code x fp16 scale: exact in fp32
+        if block_mins is not None:
+            b += block_mins
+    b = b.view(*b.shape[:-4], n_tiles * TILE, k_tiles * TILE)  # [..., Np, Kp]
+    acc = a_padded.to(F32) @ b.transpose(-1, -2)  # [..., M, Np]
     return acc[..., :n]
 
 
@@ -125,6 +130,13 @@ class NpuSimBackend(Backend):
         self.bytes_to_device = 0
         self.bytes_from_device = 0
         self.weight_bytes = 0
+        self._scratch = torch.empty(0, dtype=F32)
+
+    def _workspace(self, numel: int) -> torch.Tensor:
+        """A flat fp32 scratch buffer of `numel` elements, reused across calls (an NPU's workspace)."""
+        if self._scratch.numel() < numel:
+            self._scratch = torch.empty(numel, dtype=F32, device=self.device)
+        return self._scratch[:numel]
 
     @classmethod
     def auto_eligible(cls) -> bool:
@@ -132,7 +144,7 @@ class NpuSimBackend(Backend):
 
     def info(self):
         return {"memory": self.memory, "cube": "16x16 tiles, fp16/bf16 in, fp32 accumulate",
-                "weight_layout": "fractal [K/16, N/16, 16, 16]", "weight_bytes": self.weight_bytes,
+                "weight_layout": "fractal [N/16, K/16, 16, 16]", "weight_bytes": self.weight_bytes,
                 "bytes_to_device": self.bytes_to_device, "bytes_from_device": self.bytes_from_device}
 
     # ---------------------------------------------------------------- its memory
@@ -155,18 +167,21 @@ class NpuSimBackend(Backend):
         extra = {}
         if isinstance(weight, spec.QuantizedWeight):
             # codes in the fractal layout (exact in fp16/bf16); per-block scales and mins beside it,
-            # padded along N like the fractal and repeated for the two K tiles of a block: [Np, K/16, 1]
+            # padded along N like the fractal and repeated for the two K tiles of a block:
+            # [N/16, 16, K/16, 1], which broadcasts over the fractal's tiles read back as rows
             weight, scales, mins = _gguf_codes(weight)
             for name, t in (("block_scales", scales), ("block_mins", mins)):
                 if t is not None:
-                    extra[name] = torch.zeros(_round_up(n), 2 * t.shape[1], 1, dtype=F32)
-                    extra[name][:n, :, 0] = t.repeat_interleave(2, dim=1)
-        fractal = to_fractal(weight.to(dtype))  # [K/16, Np, 16]
+                    per_tile = torch.zeros(_round_up(n), 2 * t.shape[1], 1, dtype=F32)
+                    per_tile[:n, :, 0] = t.repeat_interleave(2, dim=1)
+                    extra[name] = per_tile.view(-1, TILE, 2 * t.shape[1], 1)
+        fractal = to_fractal(weight.to(dtype))  # [N/16, K/16, 16, 16]
         self.weight_bytes += sum(t.numel() * t.element_size() for t in (fractal, *extra.values()))
         return spec.PreparedLinear(self.name, n, k, dtype, "fractal-" + spec.dtype_name(dtype), source, fractal, extra)
 
     def _linear(self, x, w, bias):
-        acc = cube_matmul(x, w.payload, w.out_features, w.extra.get("block_scales"), w.extra.get("block_mins"))
+        acc = cube_matmul(x, w.payload, w.out_features, w.extra.get("block_scales"), w.extra.get("block_mins"),
+                          self._workspace)
         if bias is not None:
             acc += bias.to(F32)
         out = self.new_output(acc.shape, x.dtype)
