@@ -67,12 +67,12 @@ def cube_matmul(a: torch.Tensor, b_fractal: torch.Tensor, n: int, block_scales=N
     accumulated in fp32 (one fp32 product over the padded tiles, so the emulator is not a
     Python loop over 16-wide steps).
 
-    GGUF weights (block_scales fp32 [N/16, 16, K/16, 1]: each 32-wide block's scale, once per K tile;
-    block_mins likewise for q4_1): the fractal holds the
-    blocks' integer codes, exact in fp16/bf16. Each code is scaled by its block's scale on
-    the way into the product: code x fp16 scale is exact in fp32, so this equals scaling
-    each 32-wide block's fp32 partial sum, up to the order of fp32 additions; q4_1 adds its
-    block's min. The result is that of the quantized matrix, never re-rounded to fp16/bf16."""
+    GGUF weights (block_scales fp32 [N/16, 16, K/16, 1]: each 32-wide block's scale, once per
+    K tile; block_mins likewise for q4_1): the fractal holds the blocks' integer codes, exact
+    in fp16/bf16. Each code is scaled by its block's scale on the way into the product:
+    code x fp16 scale is exact in fp32, so this equals scaling each block's fp32 partial sum,
+    up to the order of fp32 additions; q4_1 adds its block's min. The result is that of the
+    quantized matrix, never of weights re-rounded to fp16/bf16."""
     *batch, m, k = a.shape
     n_tiles, k_tiles = b_fractal.shape[-4], b_fractal.shape[-3]
     if k > k_tiles * TILE:
