@@ -59,10 +59,6 @@ class VendorTorchBackend(TorchBackend):
         return True, ""
 
     @classmethod
-    def auto_eligible(cls) -> bool:
-        return True
-
-    @classmethod
     def kernel_table(cls) -> dict:
         """op -> what runs it: 'module.function (when)' for fused kernels, else 'generic torch ...'."""
         table = {}
