@@ -10,6 +10,12 @@ conformance suite poisons (NaN) to catch elements a kernel never writes.
 
 Optional: `probe()` (is it usable here, and if not why), `info()` (extra facts for
 `portinfer backends`, e.g. the SIMD path chosen), and fused ops later.
+
+Memory: a backend's tensors live in its `memory` (by default its torch device). A backend
+whose memory torch cannot address directly (a vendor device behind a torch device, the
+npu-sim emulator) declares `memory_space` and implements the two copy hooks,
+`copy_to_memory` and `copy_from_memory`; Placement moves a tensor between backends of
+different memories only through those hooks, and counts the bytes.
 """
 from __future__ import annotations
 
@@ -34,6 +40,8 @@ class Backend:
     ops: tuple = OPS
     # a backend that quantizes activations (integer dot products) is held to the int8 budget
     quantizes_activations: bool = False
+    # where its tensors live; None: its torch device (see `memory` and the copy hooks)
+    memory_space: str | None = None
 
     def __init__(self, device=None):
         self.device = torch.device(device if device is not None else self.default_device)
@@ -64,6 +72,21 @@ class Backend:
 
     def __repr__(self):
         return f"<{type(self).__name__} {self.name!r} on {self.device}>"
+
+    # ---------------------------------------------------------------- memory (optional hooks)
+
+    @property
+    def memory(self) -> str:
+        """The memory this backend's tensors live in: `memory_space`, else its torch device."""
+        return self.memory_space or str(self.device)
+
+    def copy_to_memory(self, t: torch.Tensor) -> torch.Tensor:
+        """Copy a tensor from another memory into this backend's memory (host -> device)."""
+        return t.to(self.device)
+
+    def copy_from_memory(self, t: torch.Tensor, device) -> torch.Tensor:
+        """Copy a tensor out of this backend's memory onto torch `device` (device -> host)."""
+        return t.to(device)
 
     # ---------------------------------------------------------------- helpers for implementations
 

@@ -3,8 +3,10 @@
 The model calls ops on a Placement (`placement.rms_norm(x, w, eps)`), never on a backend.
 Each call goes to the chosen backend; if its `supports` says no (an op it lacks, a dtype,
 a head_dim...), the call falls back along the chain: the `torch` backend on the same
-device, then `torch` on the CPU (inputs copied there and the output copied back; the
-bytes are counted). Policy: "allow" (silent), "warn" (default: one warning per op and
+device, then `torch` on the CPU. When the backend that runs an op lives in another memory
+than the chosen one (`Backend.memory`: a torch device, or a backend's own memory space such
+as npu-sim's), its inputs cross through the backends' copy hooks and the output crosses
+back; the bytes are counted. Policy: "allow" (silent), "warn" (default: one warning per op and
 backend), "error" (strict: `require` refuses before anything runs, listing missing ops).
 
 `report()` says, per op and backend, the calls, the reason for any fallback and the bytes
@@ -139,32 +141,31 @@ class Placement:
 
     # ------------------------------------------------------------ dispatch
 
-    def _move(self, value, device):
-        """Copy tensors to `device`; returns (moved value, bytes copied)."""
-        if isinstance(value, torch.Tensor) and value.device != device:
-            return value.to(device), _nbytes(value)
-        return value, 0
+    @staticmethod
+    def _transfer(value, src: Backend, dst: Backend):
+        """Move a tensor from src's memory into dst's through their copy hooks; (value, bytes copied).
+
+        Bytes count only when a copy was made (a CPU-resident q_pos passed to a CPU fallback
+        is not copied, whatever memory the chosen backend has)."""
+        if not isinstance(value, torch.Tensor) or src.memory == dst.memory:
+            return value, 0
+        moved = dst.copy_to_memory(src.copy_from_memory(value, dst.device))
+        return moved, (_nbytes(value) if moved is not value else 0)
 
     def _call(self, op, args, kwargs):
         reason = ""
         for backend in self.chain:
-            copied = 0
-            if backend.device != self.primary.device:
-                moved = [self._move(a, backend.device) for a in args]
-                args_b = [m[0] for m in moved]
-                copied = sum(m[1] for m in moved)
-            else:
-                args_b = args
+            moved = [self._transfer(a, self.primary, backend) for a in args]
+            args_b = [m[0] for m in moved]
+            copied = sum(m[1] for m in moved)
             try:
                 out = getattr(backend, op)(*args_b, **kwargs)
             except UnsupportedOpError as exc:
                 reason = reason or str(exc)
                 self._refuse(op, reason)
                 continue
-            if out.device != self.primary.device:
-                copied += _nbytes(out)
-                out = out.to(self.primary.device)
-            self._record(op, backend, reason, copied)
+            out, back = self._transfer(out, backend, self.primary)
+            self._record(op, backend, reason, copied + back)
             return out
         raise UnsupportedOpError(f"{op}: no backend in the chain {[b.name for b in self.chain]} supports it: {reason}")
 
@@ -184,15 +185,11 @@ class Placement:
         backend = next((b for b in self.chain if b.name == w.backend), None)
         if backend is None:
             raise ValueError(f"w: prepared by backend {w.backend!r}, which is not in this placement's chain")
-        copied = 0
-        if backend.device != self.primary.device:
-            x, copied = self._move(x, backend.device)
-            bias, c = self._move(bias, backend.device)
-            copied += c
+        x, copied = self._transfer(x, self.primary, backend)
+        bias, copied_bias = self._transfer(bias, self.primary, backend)
         out = backend.linear(x, w, bias)
-        if out.device != self.primary.device:
-            copied += _nbytes(out)
-            out = out.to(self.primary.device)
+        out, copied_out = self._transfer(out, backend, self.primary)
+        copied += copied_bias + copied_out
         reason = "" if backend is self.primary else f"backend {self.primary.name!r} does not support this linear"
         self._record("linear", backend, reason, copied)
         return out
