@@ -127,7 +127,9 @@ def _evaluate(backend: Backend, reference: Backend, op: str, dtype, params, quan
     if case.magnitude is not None:
         ref_norm = float(torch.linalg.vector_norm(y_ref))
         kappa = float(torch.linalg.vector_norm(case.magnitude)) / ref_norm if ref_norm > 0 else float("inf")
-    bud = budget(op, dtype, case.reduction, case.cond, kappa, quantized)
+    finite_ref = y_ref[torch.isfinite(y_ref)]
+    bud = budget(op, dtype, case.reduction, case.cond, kappa, quantized, outputs=finite_ref.numel(),
+                 ref_norm=float(torch.linalg.vector_norm(finite_ref)))
     backend.poison_outputs = True
     try:
         y = case.run(backend)

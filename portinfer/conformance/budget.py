@@ -18,6 +18,13 @@ loses relative accuracy where erf -> -1 however it is computed in fp32). Every o
 A backend that quantizes activations to int8 for integer dot products (declares
 `quantizes_activations`) gets the extra int8 term on linear.
 
+Outputs near zero: u bounds the *relative* rounding error of normal numbers only. An output
+that rounds into the subnormal range (fp16 below 2^-14, as silu of a large negative gate
+times a small up can be) carries an *absolute* error of up to half the smallest subnormal,
+which no relative bound covers. So the budget adds c_out * s/2 * sqrt(n) / ||y_ref||, with s
+the dtype's smallest subnormal and n the output size: negligible unless the outputs
+themselves are near the bottom of the dtype's range.
+
 The constants are small and live only in this table: a kernel that needs larger ones has a
 real accuracy problem, not a tolerance problem.
 """
@@ -28,6 +35,7 @@ import math
 import torch
 
 UNIT_ROUNDOFF = {torch.float32: 2.0 ** -24, torch.float16: 2.0 ** -11, torch.bfloat16: 2.0 ** -8}
+SMALLEST_SUBNORMAL = {torch.float32: 2.0 ** -149, torch.float16: 2.0 ** -24, torch.bfloat16: 2.0 ** -133}
 U_FP32 = UNIT_ROUNDOFF[torch.float32]
 U_INT8 = 2.0 ** -8
 
@@ -46,10 +54,14 @@ C_INT8 = 4.0
 
 
 def budget(op: str, dtype: torch.dtype, reduction: int = 1, cond: float = 0.0, kappa: float = 1.0,
-           quantized_activations: bool = False) -> float:
+           quantized_activations: bool = False, outputs: int = 0, ref_norm: float = math.inf) -> float:
+    """The error budget of one case; `outputs` and `ref_norm` (the reference's element count and
+    L2 norm) give the floor for outputs that round into the subnormal range."""
     c_out, c_acc, c_cond = CONSTANTS[op]
     e = (c_out * UNIT_ROUNDOFF[dtype] + c_acc * U_FP32 * math.sqrt(max(reduction, 1)) * max(kappa, 1.0)
          + c_cond * U_FP32 * cond)
+    if outputs and ref_norm > 0:
+        e += c_out * SMALLEST_SUBNORMAL[dtype] / 2 * math.sqrt(outputs) / ref_norm
     if quantized_activations and op == "linear":
         e += C_INT8 * U_INT8
     return e

@@ -1,0 +1,150 @@
+"""`portinfer bench model [MODEL] [-p 128] [-n 64] [-r 5] [--backends ...]`: llama-bench-style
+prompt processing (pp) and token generation (tg) tokens/s, mean ± sd over repetitions.
+
+What each test times (as llama-bench does): pp P = one prefill of P tokens into an empty KV
+cache; tg N = N decode steps of one token each, starting from an empty cache. Token ids are
+drawn at random from the vocabulary (seeded), so no tokenizer is involved. Every backend is
+loaded from the same file and measured in the same run, so their ratios compare.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import statistics
+import sys
+import time
+
+import torch
+
+from .machine import provenance
+from .timing import device_sync
+
+
+def _model_threads(model):
+    info = model._placement.primary.info() or {}
+    return info.get("threads") or (torch.get_num_threads() if model.device.type == "cpu" else None)
+
+
+def _timed(model, fn):
+    sync = device_sync(model.device)
+    if sync:
+        sync()
+    t0 = time.perf_counter()
+    fn()
+    if sync:
+        sync()
+    return time.perf_counter() - t0
+
+
+def bench_backend(model, prompt_tokens, gen_tokens, repetitions, seed=0):
+    """[(test name, [tok/s per repetition])] for one loaded model."""
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, model.config.vocab_size, (1, max(prompt_tokens, 1)), generator=g)
+
+    def pp():
+        model.prefill(ids, model.new_cache(1, prompt_tokens))
+
+    def tg():
+        cache = model.new_cache(1, gen_tokens)
+        token = ids[0, :1]
+        for _ in range(gen_tokens):
+            token = model.decode(token, cache).argmax(-1)
+
+    tests = []
+    if prompt_tokens:
+        tests.append((f"pp{prompt_tokens}", pp, prompt_tokens))
+    if gen_tokens:
+        tests.append((f"tg{gen_tokens}", tg, gen_tokens))
+    results = []
+    for name, fn, tokens in tests:
+        fn()  # warm-up: first-call allocations, kernel compilation, autotuning
+        results.append((name, [tokens / _timed(model, fn) for _ in range(repetitions)]))
+    return results
+
+
+def run(model_path, backends, prompt_tokens=128, gen_tokens=64, repetitions=5, dtype=None, command="",
+        log=None) -> dict:
+    import portinfer
+    from portinfer.backends import registry, spec
+
+    if backends is None:
+        backends = [n for n in registry.names() if n != "reference" and registry.available(n)
+                    and registry.entry(n).cls.auto_eligible()]
+    rows = []
+    for name in backends:
+        if log:
+            log(f"bench model: loading on {name}")
+        model = portinfer.load(model_path, backend=name, dtype=dtype, fallback="allow")
+        for test, tok_s in bench_backend(model, prompt_tokens, gen_tokens, repetitions):
+            rows.append({
+                "model": model.name, "size_bytes": model.file_bytes, "params": model.num_parameters,
+                "backend": name, "device": str(model.device), "dtype": spec.dtype_name(model.dtype),
+                "threads": _model_threads(model), "test": test, "tok_s_mean": statistics.fmean(tok_s),
+                "tok_s_sd": statistics.stdev(tok_s) if len(tok_s) > 1 else 0.0, "tok_s": tok_s,
+                "fell_back": sorted({r.op for r in model.placement().fell_back}),
+            })
+        del model
+    return {"provenance": provenance(command), "rows": rows}
+
+
+def format_table(doc) -> str:
+    head = f"| {'model':<32} | {'size':>9} | {'params':>8} | {'backend':<10} | {'threads':>7} | {'test':>6} | {'t/s':>16} |"
+    lines = [head, "|" + "|".join("-" * (len(c)) for c in head.split("|")[1:-1]) + "|"]
+    for r in doc["rows"]:
+        size = f"{r['size_bytes'] / 2 ** 20:.2f} MiB"
+        params = f"{r['params'] / 1e6:.2f} M"
+        ts = f"{r['tok_s_mean']:.2f} ± {r['tok_s_sd']:.2f}"
+        lines.append(f"| {r['model'][:32]:<32} | {size:>9} | {params:>8} | {r['backend']:<10} | "
+                     f"{str(r['threads'] or '-'):>7} | {r['test']:>6} | {ts:>16} |")
+    by_test = {}
+    for r in doc["rows"]:
+        by_test.setdefault(r["test"], {})[r["backend"]] = r["tok_s_mean"]
+    for test, speeds in by_test.items():
+        if "torch" in speeds and len(speeds) > 1:
+            ratios = ", ".join(f"{b} {v / speeds['torch']:.2f}x" for b, v in speeds.items() if b != "torch")
+            lines.append(f"{test} vs torch (same run): {ratios}")
+    return "\n".join(lines)
+
+
+def _nonnegative_int(text):
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}")
+    return value
+
+
+def run_command(args) -> int:
+    if args.repetitions < 1:
+        raise ValueError(f"-r/--repetitions: expected an integer >= 1, got {args.repetitions}")
+    if not args.n_prompt and not args.n_gen:
+        raise ValueError("-p/--n-prompt and -n/--n-gen: expected at least one of them > 0")
+    parts = ["portinfer", "bench", "model"] + ([args.model] if args.model else [])
+    parts += ["-p", str(args.n_prompt), "-n", str(args.n_gen), "-r", str(args.repetitions)]
+    if args.backends:
+        parts += ["--backends", *args.backends]
+    if args.dtype:
+        parts += ["--dtype", args.dtype]
+    doc = run(args.model, args.backends, args.n_prompt, args.n_gen, args.repetitions, args.dtype,
+              command=shlex.join(parts), log=lambda m: print(m, file=sys.stderr))
+    print(format_table(doc))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(doc, f, indent=2)
+        print(f"wrote {args.json}", file=sys.stderr)
+    return 0
+
+
+def add_model(bench_sub):
+    p = bench_sub.add_parser("model", help="prompt-processing and token-generation tokens/s (llama-bench style)")
+    p.add_argument("model", nargs="?", help="Hugging Face directory or .gguf file (default: the embedded SmolLM2)")
+    p.add_argument("-p", "--n-prompt", type=_nonnegative_int, default=128, help="prompt tokens (pp test; 0 = skip)")
+    p.add_argument("-n", "--n-gen", type=_nonnegative_int, default=64, help="generated tokens (tg test; 0 = skip)")
+    p.add_argument("-r", "--repetitions", type=int, default=5, help="repetitions of each test")
+    p.add_argument("--backends", nargs="+", help="backends (default: every available one auto may pick)")
+    p.add_argument("--dtype", choices=("fp32", "fp16", "bf16"), help="activation dtype (default: the backend's)")
+    p.add_argument("--json", metavar="FILE", help="also write the results with their provenance as JSON")
+    p.set_defaults(func=run_command)
