@@ -1,0 +1,86 @@
+// The AVX2 + FMA + F16C kernel set (x86-64 CPUs since Haswell / Zen 1), chosen at run time.
+// Only this file is compiled for those extensions (GCC target pragma); all of its code sits in
+// its own namespace so no inline function compiled here is shared with the portable path.
+#if defined(__x86_64__)
+#include <immintrin.h>
+
+#include "common.h"
+
+#pragma GCC push_options
+#pragma GCC target("avx2,fma,f16c")
+
+namespace pi_avx2 {
+
+struct Vec {
+    typedef __m256 V;
+    static const int W = 8;
+    static const int GEMM_MR = 3;
+    static inline V zero() { return _mm256_setzero_ps(); }
+    static inline V set1(float a) { return _mm256_set1_ps(a); }
+    static inline V load(const float* p) { return _mm256_loadu_ps(p); }
+    static inline void store(float* p, V a) { _mm256_storeu_ps(p, a); }
+    static inline V add(V a, V b) { return _mm256_add_ps(a, b); }
+    static inline V sub(V a, V b) { return _mm256_sub_ps(a, b); }
+    static inline V mul(V a, V b) { return _mm256_mul_ps(a, b); }
+    static inline V div(V a, V b) { return _mm256_div_ps(a, b); }
+    static inline V max(V a, V b) { return _mm256_max_ps(a, b); }
+    static inline V fma(V a, V b, V c) { return _mm256_fmadd_ps(a, b, c); }
+    static inline float reduce_add(V a) {
+        __m128 s = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
+        s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+        s = _mm_add_ss(s, _mm_movehdup_ps(s));
+        return _mm_cvtss_f32(s);
+    }
+    static inline float reduce_max(V a) {
+        __m128 s = _mm_max_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
+        s = _mm_max_ps(s, _mm_movehl_ps(s, s));
+        s = _mm_max_ss(s, _mm_movehdup_ps(s));
+        return _mm_cvtss_f32(s);
+    }
+    static inline V load_f16(const uint16_t* p) { return _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)p)); }
+    static inline V load_bf16(const uint16_t* p) {
+        __m256i w = _mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i*)p));
+        return _mm256_castsi256_ps(_mm256_slli_epi32(w, 16));
+    }
+    static inline void store_f16(uint16_t* p, V a) {
+        _mm_storeu_si128((__m128i*)p, _mm256_cvtps_ph(a, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+    }
+    static inline V load_i8(const int8_t* p) {
+        return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i*)p)));
+    }
+    static inline V load_nib_lo(const uint8_t* p) {
+        __m256i b = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i*)p));
+        return _mm256_cvtepi32_ps(_mm256_and_si256(b, _mm256_set1_epi32(15)));
+    }
+    static inline V load_nib_hi(const uint8_t* p) {
+        __m256i b = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i*)p));
+        return _mm256_cvtepi32_ps(_mm256_srli_epi32(b, 4));
+    }
+    // Cephes-style expf: 2^n * p(r), |error| ~ 1 ulp; 0 below -87.3
+    static inline V exp(V x) {
+        V tiny = _mm256_cmp_ps(x, _mm256_set1_ps(-87.3f), _CMP_LT_OQ);
+        x = _mm256_min_ps(_mm256_max_ps(x, _mm256_set1_ps(-87.3f)), _mm256_set1_ps(88.3f));
+        V n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
+                              _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+        V r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
+        r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
+        V p = _mm256_set1_ps(1.9875691500E-4f);
+        p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.3981999507E-3f));
+        p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(8.3334519073E-3f));
+        p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(4.1665795894E-2f));
+        p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.6666665459E-1f));
+        p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(5.0000001201E-1f));
+        p = _mm256_fmadd_ps(p, _mm256_mul_ps(r, r), _mm256_add_ps(r, _mm256_set1_ps(1.0f)));
+        __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+        return _mm256_andnot_ps(tiny, _mm256_mul_ps(p, _mm256_castsi256_ps(e)));
+    }
+};
+
+#include "kernels_impl.h"
+
+}  // namespace pi_avx2
+
+#pragma GCC pop_options
+
+const KernelTable* table_avx2() { return &pi_avx2::table; }
+#endif

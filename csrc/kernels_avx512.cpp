@@ -1,0 +1,78 @@
+// The AVX-512 (F, BW, DQ, VL) kernel set (Skylake-SP, Ice Lake, Zen 4/5), chosen at run time.
+// Compiled for those extensions with a GCC target pragma, in its own namespace (see kernels_avx2.cpp).
+#if defined(__x86_64__)
+// GCC 12 warns about its own avx512fintrin.h (_mm512_undefined_* in the reduce intrinsics)
+#pragma GCC diagnostic ignored "-Wuninitialized"
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#include <immintrin.h>
+
+#include "common.h"
+
+#pragma GCC push_options
+#pragma GCC target("avx512f,avx512bw,avx512dq,avx512vl,avx2,fma,f16c")
+
+namespace pi_avx512 {
+
+struct Vec {
+    typedef __m512 V;
+    static const int W = 16;
+    static const int GEMM_MR = 12;
+    static inline V zero() { return _mm512_setzero_ps(); }
+    static inline V set1(float a) { return _mm512_set1_ps(a); }
+    static inline V load(const float* p) { return _mm512_loadu_ps(p); }
+    static inline void store(float* p, V a) { _mm512_storeu_ps(p, a); }
+    static inline V add(V a, V b) { return _mm512_add_ps(a, b); }
+    static inline V sub(V a, V b) { return _mm512_sub_ps(a, b); }
+    static inline V mul(V a, V b) { return _mm512_mul_ps(a, b); }
+    static inline V div(V a, V b) { return _mm512_div_ps(a, b); }
+    static inline V max(V a, V b) { return _mm512_max_ps(a, b); }
+    static inline V fma(V a, V b, V c) { return _mm512_fmadd_ps(a, b, c); }
+    static inline float reduce_add(V a) { return _mm512_reduce_add_ps(a); }
+    static inline float reduce_max(V a) { return _mm512_reduce_max_ps(a); }
+    static inline V load_f16(const uint16_t* p) { return _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)p)); }
+    static inline V load_bf16(const uint16_t* p) {
+        __m512i w = _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i*)p));
+        return _mm512_castsi512_ps(_mm512_slli_epi32(w, 16));
+    }
+    static inline void store_f16(uint16_t* p, V a) {
+        _mm256_storeu_si256((__m256i*)p, _mm512_cvtps_ph(a, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+    }
+    static inline V load_i8(const int8_t* p) {
+        return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i*)p)));
+    }
+    static inline V load_nib_lo(const uint8_t* p) {
+        __m512i b = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i*)p));
+        return _mm512_cvtepi32_ps(_mm512_and_si512(b, _mm512_set1_epi32(15)));
+    }
+    static inline V load_nib_hi(const uint8_t* p) {
+        __m512i b = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i*)p));
+        return _mm512_cvtepi32_ps(_mm512_srli_epi32(b, 4));
+    }
+    // Cephes-style expf (as in kernels_avx2.cpp)
+    static inline V exp(V x) {
+        __mmask16 tiny = _mm512_cmp_ps_mask(x, _mm512_set1_ps(-87.3f), _CMP_LT_OQ);
+        x = _mm512_min_ps(_mm512_max_ps(x, _mm512_set1_ps(-87.3f)), _mm512_set1_ps(88.3f));
+        V n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                                   _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+        V r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
+        r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
+        V p = _mm512_set1_ps(1.9875691500E-4f);
+        p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507E-3f));
+        p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073E-3f));
+        p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894E-2f));
+        p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459E-1f));
+        p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201E-1f));
+        p = _mm512_fmadd_ps(p, _mm512_mul_ps(r, r), _mm512_add_ps(r, _mm512_set1_ps(1.0f)));
+        __m512i e = _mm512_slli_epi32(_mm512_add_epi32(_mm512_cvtps_epi32(n), _mm512_set1_epi32(127)), 23);
+        return _mm512_maskz_mul_ps((__mmask16)~tiny, p, _mm512_castsi512_ps(e));
+    }
+};
+
+#include "kernels_impl.h"
+
+}  // namespace pi_avx512
+
+#pragma GCC pop_options
+
+const KernelTable* table_avx512() { return &pi_avx512::table; }
+#endif

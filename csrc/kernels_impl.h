@@ -1,0 +1,669 @@
+// The kernels, written once over a vector type `Vec` (W fp32 lanes) and compiled once per
+// instruction set: kernels_<isa>.cpp defines `Vec` in its own namespace and includes this file
+// there. Plain C++: raw pointers, sizes and strides in elements, fp32 accumulation.
+//
+// Not a standalone header: no include guard, no includes (they come before the namespace).
+
+typedef Vec::V V;
+static const int W = Vec::W;
+
+static inline int64_t imin(int64_t a, int64_t b) { return a < b ? a : b; }
+static inline int64_t imax(int64_t a, int64_t b) { return a > b ? a : b; }
+static inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+// ============================================================================
+// loads and stores of W elements of any activation dtype, as fp32
+
+static inline V load_dt(const void* p, int dt, int64_t i) {
+    if (dt == DT_F32) return Vec::load((const float*)p + i);
+    if (dt == DT_F16) return Vec::load_f16((const uint16_t*)p + i);
+    return Vec::load_bf16((const uint16_t*)p + i);
+}
+
+// the first n < W elements, the rest zero
+static inline V load_dt_part(const void* p, int dt, int64_t i, int64_t n) {
+    alignas(64) float t[W];
+    for (int j = 0; j < W; ++j) t[j] = j < n ? load_scalar(p, dt, i + j) : 0.f;
+    return Vec::load(t);
+}
+
+static inline void store_dt(void* p, int dt, int64_t i, V v) {
+    if (dt == DT_F32) { Vec::store((float*)p + i, v); return; }
+    if (dt == DT_F16) { Vec::store_f16((uint16_t*)p + i, v); return; }
+    alignas(64) float t[W];
+    Vec::store(t, v);
+    for (int j = 0; j < W; ++j) ((uint16_t*)p)[i + j] = f32_to_bf16(t[j]);
+}
+
+static inline void store_dt_part(void* p, int dt, int64_t i, V v, int64_t n) {
+    alignas(64) float t[W];
+    Vec::store(t, v);
+    for (int64_t j = 0; j < n; ++j) store_scalar(p, dt, i + j, t[j]);
+}
+
+// dst [n] fp32 = src [n] of dtype dt
+static void row_to_f32(float* dst, const void* src, int dt, int64_t n) {
+    if (dt == DT_F32) { std::memcpy(dst, src, (size_t)n * 4); return; }
+    int64_t i = 0;
+    for (; i + W <= n; i += W) Vec::store(dst + i, load_dt(src, dt, i));
+    for (; i < n; ++i) dst[i] = load_scalar(src, dt, i);
+}
+
+static inline const char* at(const void* p, int64_t elements, int dt) {
+    return (const char*)p + elements * dtype_bytes(dt);
+}
+static inline char* at(void* p, int64_t elements, int dt) { return (char*)p + elements * dtype_bytes(dt); }
+
+// ============================================================================
+// parallel loops on the pool (threadpool.cpp)
+
+template <class F>
+static void par(int64_t n, F& f) {
+    parallel_for(n, [](void* ctx, int64_t task, int thread) { (*(F*)ctx)(task, thread); }, &f);
+}
+
+// f(begin, end, thread) over [0, n) in chunks of at least `grain`
+template <class F>
+static void par_range(int64_t n, int64_t grain, F f) {
+    int64_t chunks = imax(1, imin(ceil_div(n, imax(grain, 1)), 4 * (int64_t)pool_threads()));
+    int64_t step = ceil_div(n, chunks);
+    auto body = [&](int64_t t, int thread) { f(t * step, imin(n, (t + 1) * step), thread); };
+    par(ceil_div(n, step), body);
+}
+
+// rows per task so that a task touches ~16K elements
+static inline int64_t row_grain(int64_t cols) { return imax(1, 16384 / imax(cols, 1)); }
+
+// ============================================================================
+// norms
+
+static void rms_norm(void* out, const void* x, const void* w, int64_t M, int64_t H, int64_t xs, float eps, int dt) {
+    par_range(M, row_grain(H), [&](int64_t m0, int64_t m1, int) {
+        for (int64_t m = m0; m < m1; ++m) {
+            const char* xr = at(x, m * xs, dt);
+            char* yr = at(out, m * H, dt);
+            V acc = Vec::zero();
+            int64_t i = 0;
+            for (; i + W <= H; i += W) { V v = load_dt(xr, dt, i); acc = Vec::fma(v, v, acc); }
+            if (i < H) { V v = load_dt_part(xr, dt, i, H - i); acc = Vec::fma(v, v, acc); }
+            V r = Vec::set1(1.0f / std::sqrt(Vec::reduce_add(acc) / (float)H + eps));
+            for (i = 0; i + W <= H; i += W) store_dt(yr, dt, i, Vec::mul(Vec::mul(load_dt(xr, dt, i), r), load_dt(w, dt, i)));
+            if (i < H)
+                store_dt_part(yr, dt, i, Vec::mul(Vec::mul(load_dt_part(xr, dt, i, H - i), r), load_dt_part(w, dt, i, H - i)),
+                              H - i);
+        }
+    });
+}
+
+static void layer_norm(void* out, const void* x, const void* w, const void* b, int64_t M, int64_t H, int64_t xs,
+                       float eps, int dt) {
+    par_range(M, row_grain(H), [&](int64_t m0, int64_t m1, int) {
+        for (int64_t m = m0; m < m1; ++m) {
+            const char* xr = at(x, m * xs, dt);
+            char* yr = at(out, m * H, dt);
+            V acc = Vec::zero();
+            int64_t i = 0;
+            for (; i + W <= H; i += W) acc = Vec::add(acc, load_dt(xr, dt, i));
+            if (i < H) acc = Vec::add(acc, load_dt_part(xr, dt, i, H - i));
+            float mean = Vec::reduce_add(acc) / (float)H;
+            V mv = Vec::set1(mean);
+            // two passes: the variance of (x - mean) does not cancel when |mean| >> std
+            acc = Vec::zero();
+            for (i = 0; i + W <= H; i += W) { V d = Vec::sub(load_dt(xr, dt, i), mv); acc = Vec::fma(d, d, acc); }
+            float tail = 0.f;
+            for (; i < H; ++i) { float d = load_scalar(xr, dt, i) - mean; tail += d * d; }
+            V r = Vec::set1(1.0f / std::sqrt((Vec::reduce_add(acc) + tail) / (float)H + eps));
+            for (i = 0; i + W <= H; i += W) {
+                V y = Vec::mul(Vec::mul(Vec::sub(load_dt(xr, dt, i), mv), r), load_dt(w, dt, i));
+                store_dt(yr, dt, i, Vec::add(y, load_dt(b, dt, i)));
+            }
+            if (i < H) {
+                int64_t n = H - i;
+                V y = Vec::mul(Vec::mul(Vec::sub(load_dt_part(xr, dt, i, n), mv), r), load_dt_part(w, dt, i, n));
+                store_dt_part(yr, dt, i, Vec::add(y, load_dt_part(b, dt, i, n)), n);
+            }
+        }
+    });
+}
+
+// ============================================================================
+// elementwise: silu_mul, gelu, rope
+
+static inline V silu_times(V g, V u) {
+    V one = Vec::set1(1.0f);
+    V e = Vec::exp(Vec::sub(Vec::zero(), g));
+    return Vec::mul(Vec::div(g, Vec::add(one, e)), u);
+}
+
+static void silu_mul(void* out, const void* x, int64_t M, int64_t I, int64_t xs, int dt) {
+    par_range(M, row_grain(I), [&](int64_t m0, int64_t m1, int) {
+        for (int64_t m = m0; m < m1; ++m) {
+            const char* gate = at(x, m * xs, dt);
+            const char* up = at(x, m * xs + I, dt);
+            char* yr = at(out, m * I, dt);
+            int64_t i = 0;
+            for (; i + W <= I; i += W) store_dt(yr, dt, i, silu_times(load_dt(gate, dt, i), load_dt(up, dt, i)));
+            if (i < I) store_dt_part(yr, dt, i, silu_times(load_dt_part(gate, dt, i, I - i), load_dt_part(up, dt, i, I - i)), I - i);
+        }
+    });
+}
+
+static void gelu(void* out, const void* x, int64_t M, int64_t C, int64_t xs, int tanh_variant, int dt) {
+    par_range(M, row_grain(C), [&](int64_t m0, int64_t m1, int) {
+        for (int64_t m = m0; m < m1; ++m) {
+            const char* xr = at(x, m * xs, dt);
+            char* yr = at(out, m * C, dt);
+            for (int64_t i = 0; i < C; ++i) {
+                float v = load_scalar(xr, dt, i), y;
+                if (tanh_variant)
+                    y = 0.5f * v * (1.0f + std::tanh(0.7978845608028654f * (v + 0.044715f * v * v * v)));
+                else
+                    y = 0.5f * v * (1.0f + std::erf(v * 0.7071067811865476f));
+                store_scalar(yr, dt, i, y);
+            }
+        }
+    });
+}
+
+static void rope(void* out, const void* x, const int64_t* pos, const double* inv_freq, int64_t B, int64_t H,
+                 int64_t S, int64_t D, int64_t rd, int64_t sb, int64_t sh, int64_t ss, int interleaved, int dt) {
+    const int64_t half = rd / 2;
+    par_range(B * S, imax(1, 4096 / imax(H * D, 1)), [&](int64_t t0, int64_t t1, int thread) {
+        float* cs = scratch(thread, 2, (size_t)rd);  // cos [half], sin [half]
+        for (int64_t t = t0; t < t1; ++t) {
+            int64_t b = t / S, s = t % S;
+            // the angle in float64: pos * inv_freq grows with position, an fp32 angle would be off by ~pos * 2^-24
+            for (int64_t i = 0; i < half; ++i) {
+                double a = (double)pos[t] * inv_freq[i];
+                cs[i] = (float)std::cos(a);
+                cs[half + i] = (float)std::sin(a);
+            }
+            for (int64_t h = 0; h < H; ++h) {
+                const char* xr = at(x, b * sb + h * sh + s * ss, dt);
+                char* yr = at(out, ((b * H + h) * S + s) * D, dt);
+                for (int64_t i = 0; i < half; ++i) {
+                    int64_t i1 = interleaved ? 2 * i : i, i2 = interleaved ? 2 * i + 1 : i + half;
+                    float x1 = load_scalar(xr, dt, i1), x2 = load_scalar(xr, dt, i2);
+                    float c = cs[i], sn = cs[half + i];
+                    store_scalar(yr, dt, i1, x1 * c - x2 * sn);
+                    store_scalar(yr, dt, i2, x2 * c + x1 * sn);
+                }
+                std::memcpy(yr + rd * dtype_bytes(dt), xr + rd * dtype_bytes(dt), (size_t)((D - rd) * dtype_bytes(dt)));
+            }
+        }
+    });
+}
+
+// ============================================================================
+// linear: y [M, N] = x [M, K] W^T + b
+//
+// Dense W is packed at prepare time in panels of PANEL = 32 output features, k-major:
+// P [ceil(N/32)][K][32] (pack_dense in bindings.cpp). Quantized W stays GGUF blocks [N][K/32].
+// M <= GEMV_MAX_M: one pass over the weights, every row of x against each loaded weight.
+// Larger M: a GEMM over KC x 32 weight blocks (converted / dequantized to fp32 when needed)
+// with an MR x 32 register-tile micro-kernel.
+
+static const int NV = PANEL / W;  // vectors per panel row
+static const int GEMV_MAX_M = 4;
+static const int64_t KC = 256;  // k per GEMM block: a 256 x 32 fp32 block is 32 KiB (L1)
+static const int MR = Vec::GEMM_MR;
+static const int64_t MC = 8 * Vec::GEMM_MR;
+
+// x as fp32 rows: x itself or a converted copy (thread 0's slot 1, filled before any task runs)
+static const float* x_as_f32(const void* x, int64_t M, int64_t K, int64_t xs, int adt, int64_t* lda) {
+    if (adt == DT_F32) { *lda = xs; return (const float*)x; }
+    float* buf = scratch(0, 1, (size_t)(M * K));
+    for (int64_t m = 0; m < M; ++m) row_to_f32(buf + m * K, at(x, m * xs, adt), adt, K);
+    *lda = K;
+    return buf;
+}
+
+// y[m, n0 : n0 + n] = acc[m, :n] + bias
+static inline void write_out(void* out, int adt, const float* acc, int64_t acc_stride, int64_t rows, int64_t N,
+                             int64_t n0, int64_t n, const void* bias) {
+    for (int64_t m = 0; m < rows; ++m)
+        for (int64_t j = 0; j < n; ++j) {
+            float v = acc[m * acc_stride + j];
+            if (bias) v += load_scalar(bias, adt, n0 + j);
+            store_scalar(out, adt, m * N + n0 + j, v);
+        }
+}
+
+// acc [R][32] (+)= A [R rows, lda][kc] x B [kc][32]
+template <int R>
+static inline void micro_kernel(float* acc, const float* A, int64_t lda, const float* B, int64_t kc, bool init) {
+    V c[R][NV];
+#pragma GCC unroll 16
+    for (int r = 0; r < R; ++r)
+#pragma GCC unroll 8
+        for (int v = 0; v < NV; ++v) c[r][v] = init ? Vec::zero() : Vec::load(acc + r * PANEL + v * W);
+    for (int64_t k = 0; k < kc; ++k) {
+        V b[NV];
+#pragma GCC unroll 8
+        for (int v = 0; v < NV; ++v) b[v] = Vec::load(B + k * PANEL + v * W);
+#pragma GCC unroll 16
+        for (int r = 0; r < R; ++r) {
+            V a = Vec::set1(A[r * lda + k]);
+#pragma GCC unroll 8
+            for (int v = 0; v < NV; ++v) c[r][v] = Vec::fma(a, b[v], c[r][v]);
+        }
+    }
+#pragma GCC unroll 16
+    for (int r = 0; r < R; ++r)
+#pragma GCC unroll 8
+        for (int v = 0; v < NV; ++v) Vec::store(acc + r * PANEL + v * W, c[r][v]);
+}
+
+template <int R>
+static inline void micro_dispatch(int r, float* acc, const float* A, int64_t lda, const float* B, int64_t kc, bool init) {
+    if (r == R) micro_kernel<R>(acc, A, lda, B, kc, init);
+    else if constexpr (R > 1) micro_dispatch<R - 1>(r, acc, A, lda, B, kc, init);
+}
+
+// GEMM over panels; block(panel, k0, kc, thread) returns the fp32 [kc][32] weight block
+template <class Block>
+static void gemm(void* out, const float* A, int64_t lda, const void* bias, int64_t M, int64_t N, int64_t K, int adt,
+                 Block& block) {
+    const int64_t panels = ceil_div(N, PANEL), mchunks = ceil_div(M, MC);
+    auto task = [&](int64_t t, int thread) {
+        int64_t p = t / mchunks, mc = t % mchunks;
+        int64_t m0 = mc * MC, m1 = imin(M, m0 + MC);
+        float* acc = scratch(thread, 3, (size_t)(MC * PANEL));
+        for (int64_t k0 = 0; k0 < K; k0 += KC) {
+            int64_t kc = imin(KC, K - k0);
+            const float* B = block(p, k0, kc, thread);
+            for (int64_t m = m0; m < m1; m += MR)
+                micro_dispatch<MR>((int)imin(MR, m1 - m), acc + (m - m0) * PANEL, A + m * lda + k0, lda, B, kc, k0 == 0);
+        }
+        int64_t n0 = p * PANEL;
+        write_out(at(out, m0 * N, adt), adt, acc, PANEL, m1 - m0, N, n0, imin(PANEL, N - n0), bias);
+    };
+    par(panels * mchunks, task);
+}
+
+// ---------------------------------------------------------------- dense weights
+
+template <int WDT, int R>
+static void gemv_dense_panel(float* acc_out, const float* A, int64_t lda, const void* P, int64_t K) {
+    // two accumulator sets (even / odd k) so the FMA chains overlap
+    V c0[R][NV], c1[R][NV];
+    for (int r = 0; r < R; ++r)
+        for (int v = 0; v < NV; ++v) c0[r][v] = c1[r][v] = Vec::zero();
+    int64_t k = 0;
+    for (; k + 2 <= K; k += 2) {
+        V w0[NV], w1[NV];
+#pragma GCC unroll 8
+        for (int v = 0; v < NV; ++v) {
+            w0[v] = load_dt(P, WDT, k * PANEL + v * W);
+            w1[v] = load_dt(P, WDT, (k + 1) * PANEL + v * W);
+        }
+#pragma GCC unroll 4
+        for (int r = 0; r < R; ++r) {
+            V a0 = Vec::set1(A[r * lda + k]), a1 = Vec::set1(A[r * lda + k + 1]);
+#pragma GCC unroll 8
+            for (int v = 0; v < NV; ++v) {
+                c0[r][v] = Vec::fma(a0, w0[v], c0[r][v]);
+                c1[r][v] = Vec::fma(a1, w1[v], c1[r][v]);
+            }
+        }
+    }
+    if (k < K)
+        for (int r = 0; r < R; ++r) {
+            V a = Vec::set1(A[r * lda + k]);
+            for (int v = 0; v < NV; ++v) c0[r][v] = Vec::fma(a, load_dt(P, WDT, k * PANEL + v * W), c0[r][v]);
+        }
+    for (int r = 0; r < R; ++r)
+        for (int v = 0; v < NV; ++v) Vec::store(acc_out + r * PANEL + v * W, Vec::add(c0[r][v], c1[r][v]));
+}
+
+template <int WDT>
+static void linear_dense_t(void* out, const float* A, int64_t lda, const void* packed, const void* bias, int64_t M,
+                           int64_t N, int64_t K, int adt) {
+    const int64_t panels = ceil_div(N, PANEL);
+    const int64_t panel_elems = K * PANEL;
+    if (M <= GEMV_MAX_M) {
+        auto task = [&](int64_t p, int) {
+            alignas(64) float acc[GEMV_MAX_M * PANEL];
+            const char* P = at(packed, p * panel_elems, WDT);
+            switch (M) {
+                case 1: gemv_dense_panel<WDT, 1>(acc, A, lda, P, K); break;
+                case 2: gemv_dense_panel<WDT, 2>(acc, A, lda, P, K); break;
+                case 3: gemv_dense_panel<WDT, 3>(acc, A, lda, P, K); break;
+                default: gemv_dense_panel<WDT, 4>(acc, A, lda, P, K); break;
+            }
+            int64_t n0 = p * PANEL;
+            write_out(out, adt, acc, PANEL, M, N, n0, imin(PANEL, N - n0), bias);
+        };
+        par(panels, task);
+        return;
+    }
+    auto block = [&](int64_t p, int64_t k0, int64_t kc, int thread) -> const float* {
+        const char* src = at(packed, p * panel_elems + k0 * PANEL, WDT);
+        if (WDT == DT_F32) return (const float*)src;
+        float* buf = scratch(thread, 2, (size_t)(KC * PANEL));
+        row_to_f32(buf, src, WDT, kc * PANEL);
+        return buf;
+    };
+    gemm(out, A, lda, bias, M, N, K, adt, block);
+}
+
+static void linear_dense(void* out, const void* x, const void* packed, const void* bias, int64_t M, int64_t N,
+                         int64_t K, int64_t xs, int adt, int wdt) {
+    int64_t lda;
+    const float* A = x_as_f32(x, M, K, xs, adt, &lda);
+    if (wdt == DT_F32) linear_dense_t<DT_F32>(out, A, lda, packed, bias, M, N, K, adt);
+    else if (wdt == DT_F16) linear_dense_t<DT_F16>(out, A, lda, packed, bias, M, N, K, adt);
+    else linear_dense_t<DT_BF16>(out, A, lda, packed, bias, M, N, K, adt);
+}
+
+// ---------------------------------------------------------------- GGUF block weights
+
+static inline float half_at(const uint8_t* p) { uint16_t h; std::memcpy(&h, p, 2); return f16_to_f32(h); }
+
+// the 32 weights of one block as NV vectors (exact in fp32: d * q needs at most 11 + 8 bits)
+template <int FMT>
+static inline void dequant_block(V* w, const uint8_t* blk) {
+    V d = Vec::set1(half_at(blk));
+    if (FMT == Q8_0) {
+        const int8_t* q = (const int8_t*)(blk + 2);
+#pragma GCC unroll 8
+        for (int v = 0; v < NV; ++v) w[v] = Vec::mul(Vec::load_i8(q + v * W), d);
+    } else if (FMT == Q4_0) {
+        // low nibbles are weights 0..15, high nibbles 16..31
+        const uint8_t* qs = blk + 2;
+        V eight = Vec::set1(8.0f);
+#pragma GCC unroll 8
+        for (int v = 0; v < NV / 2; ++v) {
+            w[v] = Vec::mul(Vec::sub(Vec::load_nib_lo(qs + v * W), eight), d);
+            w[NV / 2 + v] = Vec::mul(Vec::sub(Vec::load_nib_hi(qs + v * W), eight), d);
+        }
+    } else {
+        V m = Vec::set1(half_at(blk + 2));
+        const uint8_t* qs = blk + 4;
+#pragma GCC unroll 8
+        for (int v = 0; v < NV / 2; ++v) {
+            w[v] = Vec::fma(Vec::load_nib_lo(qs + v * W), d, m);
+            w[NV / 2 + v] = Vec::fma(Vec::load_nib_hi(qs + v * W), d, m);
+        }
+    }
+}
+
+// y[r][m] for ROWS consecutive weight rows and R rows of x, one pass over the rows' blocks
+template <int FMT, int R, int ROWS>
+static inline void gemv_quant_rows(float* y /*[ROWS][R]*/, const float* A, int64_t lda, const uint8_t* rows,
+                                   int64_t row_bytes, int64_t nblocks) {
+    const int64_t bb = quant_block_bytes(FMT);
+    V c[ROWS][R][NV];
+    for (int i = 0; i < ROWS; ++i)
+        for (int r = 0; r < R; ++r)
+            for (int v = 0; v < NV; ++v) c[i][r][v] = Vec::zero();
+    for (int64_t blk = 0; blk < nblocks; ++blk) {
+        V w[ROWS][NV];
+#pragma GCC unroll 4
+        for (int i = 0; i < ROWS; ++i) dequant_block<FMT>(w[i], rows + i * row_bytes + blk * bb);
+#pragma GCC unroll 4
+        for (int r = 0; r < R; ++r) {
+            const float* a = A + r * lda + blk * QK;
+#pragma GCC unroll 8
+            for (int v = 0; v < NV; ++v) {
+                V av = Vec::load(a + v * W);
+#pragma GCC unroll 4
+                for (int i = 0; i < ROWS; ++i) c[i][r][v] = Vec::fma(av, w[i][v], c[i][r][v]);
+            }
+        }
+    }
+    for (int i = 0; i < ROWS; ++i)
+        for (int r = 0; r < R; ++r) {
+            V s = c[i][r][0];
+            for (int v = 1; v < NV; ++v) s = Vec::add(s, c[i][r][v]);
+            y[i * GEMV_MAX_M + r] = Vec::reduce_add(s);
+        }
+}
+
+template <int FMT, int R>
+static void gemv_quant(void* out, const float* A, int64_t lda, const uint8_t* blocks, const void* bias, int64_t N,
+                       int64_t K, int adt) {
+    const int64_t nblocks = K / QK, row_bytes = nblocks * quant_block_bytes(FMT);
+    const int64_t rows_per_task = 16;
+    auto task = [&](int64_t t, int) {
+        int64_t n0 = t * rows_per_task, n1 = imin(N, n0 + rows_per_task);
+        float y[4 * GEMV_MAX_M];
+        for (int64_t n = n0; n < n1;) {
+            int rows = n + 4 <= n1 ? 4 : 1;
+            if (rows == 4) gemv_quant_rows<FMT, R, 4>(y, A, lda, blocks + n * row_bytes, row_bytes, nblocks);
+            else gemv_quant_rows<FMT, R, 1>(y, A, lda, blocks + n * row_bytes, row_bytes, nblocks);
+            for (int i = 0; i < rows; ++i)
+                for (int r = 0; r < R; ++r) {
+                    float v = y[i * GEMV_MAX_M + r];
+                    if (bias) v += load_scalar(bias, adt, n + i);
+                    store_scalar(out, adt, r * N + n + i, v);
+                }
+            n += rows;
+        }
+    };
+    par(ceil_div(N, rows_per_task), task);
+}
+
+template <int FMT>
+static void linear_quant_t(void* out, const float* A, int64_t lda, const uint8_t* blocks, const void* bias, int64_t M,
+                           int64_t N, int64_t K, int adt) {
+    if (M <= GEMV_MAX_M) {
+        switch (M) {
+            case 1: gemv_quant<FMT, 1>(out, A, lda, blocks, bias, N, K, adt); break;
+            case 2: gemv_quant<FMT, 2>(out, A, lda, blocks, bias, N, K, adt); break;
+            case 3: gemv_quant<FMT, 3>(out, A, lda, blocks, bias, N, K, adt); break;
+            default: gemv_quant<FMT, 4>(out, A, lda, blocks, bias, N, K, adt); break;
+        }
+        return;
+    }
+    const int64_t bb = quant_block_bytes(FMT), row_bytes = K / QK * bb;
+    // dequantize a [32 rows][kc] tile into the k-major [kc][32] block the micro-kernel reads
+    auto block = [&](int64_t p, int64_t k0, int64_t kc, int thread) -> const float* {
+        float* buf = scratch(thread, 2, (size_t)(KC * PANEL));
+        alignas(64) float tmp[QK];
+        for (int64_t j = 0; j < PANEL; ++j) {
+            int64_t n = p * PANEL + j;
+            if (n >= N) {
+                for (int64_t k = 0; k < kc; ++k) buf[k * PANEL + j] = 0.f;
+                continue;
+            }
+            const uint8_t* row = blocks + n * row_bytes;
+            for (int64_t kb = 0; kb < kc; kb += QK) {
+                V w[NV];
+                dequant_block<FMT>(w, row + (k0 + kb) / QK * bb);
+                for (int v = 0; v < NV; ++v) Vec::store(tmp + v * W, w[v]);
+                for (int i = 0; i < QK; ++i) buf[(kb + i) * PANEL + j] = tmp[i];
+            }
+        }
+        return buf;
+    };
+    gemm(out, A, lda, bias, M, N, K, adt, block);
+}
+
+static void linear_quant(void* out, const void* x, const uint8_t* blocks, const void* bias, int64_t M, int64_t N,
+                         int64_t K, int64_t xs, int adt, int fmt) {
+    int64_t lda;
+    const float* A = x_as_f32(x, M, K, xs, adt, &lda);
+    if (fmt == Q8_0) linear_quant_t<Q8_0>(out, A, lda, blocks, bias, M, N, K, adt);
+    else if (fmt == Q4_0) linear_quant_t<Q4_0>(out, A, lda, blocks, bias, M, N, K, adt);
+    else linear_quant_t<Q4_1>(out, A, lda, blocks, bias, M, N, K, adt);
+}
+
+// ============================================================================
+// attention: flash-style (online softmax over blocks of ATT_KB keys), GQA without repeating K/V
+//
+// Work items: (batch, kv head, tile of ATT_RT query rows, key split). The rows of a tile are
+// (query position, q head of the group) pairs, so one K/V block serves every q head that reads
+// it. Row i of sequence b sees keys j < limit = kv_len[b] (and j <= q_pos[b] + i when causal):
+// always a prefix, so only the last block a row reaches needs a mask. When there are fewer
+// items than threads (decode), keys are split and the partial softmax states merged.
+//
+// Before the items run, K is converted to fp32 and transposed per (batch, kv head) to
+// Kt [D][Skv] (scores for a block of keys are then W-wide FMAs, no horizontal sums) and V to
+// fp32 rows padded to Dp (a multiple of W).
+
+static const int64_t ATT_KB = 64;
+static const int64_t ATT_RT = 16;
+
+static void attention(const AttentionArgs* a) {
+    const int dt = a->dt;
+    const int64_t B = a->B, Hq = a->Hq, Hkv = a->Hkv, Sq = a->Sq, D = a->D, G = Hq / Hkv;
+    const int64_t Dp = ceil_div(D, W) * W;
+    // keys beyond every kv_len are never visible
+    int64_t Skv = 0;
+    for (int64_t b = 0; b < B; ++b) Skv = imax(Skv, (int64_t)a->kv_len[b]);
+    const int64_t Skp = ceil_div(imax(Skv, 1), ATT_KB) * ATT_KB;
+    const int64_t rows = Sq * G, tiles = ceil_div(rows, ATT_RT), base_items = B * Hkv * tiles;
+    const int64_t threads = pool_threads();
+    int64_t splits = 1;
+    if (base_items < 2 * threads && Skv >= 4 * ATT_KB)
+        splits = imin(ceil_div(2 * threads, base_items), Skv / (2 * ATT_KB));
+    const int64_t keys_per_split = ceil_div(ceil_div(imax(Skv, 1), splits), ATT_KB) * ATT_KB;
+
+    float* Kt = scratch(0, 6, (size_t)(B * Hkv * D * Skp));
+    float* Vf = scratch(0, 7, (size_t)(B * Hkv * Skp * Dp));
+    const int64_t head_blocks = Skp / ATT_KB;
+    auto convert = [&](int64_t t, int thread) {
+        int64_t bh = t / head_blocks, j0 = (t % head_blocks) * ATT_KB, b = bh / Hkv, hk = bh % Hkv;
+        float* kt = Kt + bh * D * Skp;
+        float* vf = Vf + bh * Skp * Dp;
+        float* row = scratch(thread, 2, (size_t)Dp);
+        for (int64_t j = j0; j < j0 + ATT_KB; ++j) {
+            if (j < Skv) {
+                row_to_f32(row, at(a->k, b * a->k_stride[0] + hk * a->k_stride[1] + j * a->k_stride[2], dt), dt, D);
+                for (int64_t d = 0; d < D; ++d) kt[d * Skp + j] = row[d];
+                row_to_f32(vf + j * Dp, at(a->v, b * a->v_stride[0] + hk * a->v_stride[1] + j * a->v_stride[2], dt), dt, D);
+            } else {
+                for (int64_t d = 0; d < D; ++d) kt[d * Skp + j] = 0.f;
+                for (int64_t d = 0; d < D; ++d) vf[j * Dp + d] = 0.f;
+            }
+            for (int64_t d = D; d < Dp; ++d) vf[j * Dp + d] = 0.f;
+        }
+    };
+    par(B * Hkv * head_blocks, convert);
+
+    const int64_t part_stride = Dp + 2;  // per row: m, l, acc [Dp]
+    float* partial = splits > 1 ? scratch(0, 5, (size_t)(base_items * splits * ATT_RT * part_stride)) : nullptr;
+
+    auto item = [&](int64_t t, int thread) {
+        const int64_t split = t % splits, base = t / splits, tile = base % tiles, bh = base / tiles;
+        const int64_t b = bh / Hkv, hk = bh % Hkv;
+        const int64_t r0 = tile * ATT_RT, nr = imin(ATT_RT, rows - r0);
+        const float* kt = Kt + bh * D * Skp;
+        const float* vf = Vf + bh * Skp * Dp;
+        float* Q = scratch(thread, 3, (size_t)(ATT_RT * Dp));
+        float* acc = scratch(thread, 4, (size_t)(ATT_RT * Dp));
+        float mrow[ATT_RT], lrow[ATT_RT];
+        int64_t limit[ATT_RT], kend = 0;
+        const int64_t kv = a->kv_len[b], qp = a->q_pos[b];
+        for (int64_t r = 0; r < nr; ++r) {
+            int64_t i = (r0 + r) / G, h = hk * G + (r0 + r) % G;
+            limit[r] = a->causal ? imin(kv, qp + i + 1) : kv;
+            kend = imax(kend, limit[r]);
+            row_to_f32(Q + r * Dp, at(a->q, b * a->q_stride[0] + h * a->q_stride[1] + i * a->q_stride[2], dt), dt, D);
+            for (int64_t d = 0; d < D; ++d) Q[r * Dp + d] *= a->scale;
+            for (int64_t d = 0; d < Dp; ++d) acc[r * Dp + d] = 0.f;
+            mrow[r] = -INFINITY;
+            lrow[r] = 0.f;
+        }
+        const int64_t k_lo = split * keys_per_split, k_hi = imin(kend, k_lo + keys_per_split);
+        const int NS = ATT_KB / W;
+        alignas(64) float p[ATT_KB];
+        for (int64_t j0 = k_lo; j0 < k_hi; j0 += ATT_KB) {
+            for (int64_t r = 0; r < nr; ++r) {
+                if (j0 >= limit[r]) continue;
+                const int64_t nvis = imin(ATT_KB, limit[r] - j0);
+                const float* q = Q + r * Dp;
+                // scores s [ATT_KB] = q . K[j0 + jj]
+                V s[NS];
+                for (int v = 0; v < NS; ++v) s[v] = Vec::zero();
+                for (int64_t d = 0; d < D; ++d) {
+                    V qd = Vec::set1(q[d]);
+                    const float* krow = kt + d * Skp + j0;
+#pragma GCC unroll 8
+                    for (int v = 0; v < NS; ++v) s[v] = Vec::fma(qd, Vec::load(krow + v * W), s[v]);
+                }
+                for (int v = 0; v < NS; ++v) Vec::store(p + v * W, s[v]);
+                for (int64_t jj = nvis; jj < ATT_KB; ++jj) p[jj] = -INFINITY;
+                V mx = Vec::load(p);
+                for (int v = 1; v < NS; ++v) mx = Vec::max(mx, Vec::load(p + v * W));
+                const float m_new = mrow[r] > Vec::reduce_max(mx) ? mrow[r] : Vec::reduce_max(mx);
+                const float corr = std::exp(mrow[r] - m_new);  // 0 for the first visible block
+                V mv = Vec::set1(m_new), sum = Vec::zero();
+                for (int v = 0; v < NS; ++v) {
+                    V e = Vec::exp(Vec::sub(Vec::load(p + v * W), mv));  // -inf - m -> 0
+                    Vec::store(p + v * W, e);
+                    sum = Vec::add(sum, e);
+                }
+                lrow[r] = lrow[r] * corr + Vec::reduce_add(sum);
+                mrow[r] = m_new;
+                // acc = acc * corr + p . V[j0 : j0 + nvis]
+                float* ar = acc + r * Dp;
+                V cv = Vec::set1(corr);
+                for (int64_t d = 0; d < Dp; d += W) {
+                    V c0 = Vec::mul(Vec::load(ar + d), cv), c1 = Vec::zero(), c2 = Vec::zero(), c3 = Vec::zero();
+                    const float* vcol = vf + j0 * Dp + d;
+                    int64_t jj = 0;
+                    for (; jj + 4 <= nvis; jj += 4) {
+                        c0 = Vec::fma(Vec::set1(p[jj]), Vec::load(vcol + jj * Dp), c0);
+                        c1 = Vec::fma(Vec::set1(p[jj + 1]), Vec::load(vcol + (jj + 1) * Dp), c1);
+                        c2 = Vec::fma(Vec::set1(p[jj + 2]), Vec::load(vcol + (jj + 2) * Dp), c2);
+                        c3 = Vec::fma(Vec::set1(p[jj + 3]), Vec::load(vcol + (jj + 3) * Dp), c3);
+                    }
+                    for (; jj < nvis; ++jj) c0 = Vec::fma(Vec::set1(p[jj]), Vec::load(vcol + jj * Dp), c0);
+                    Vec::store(ar + d, Vec::add(Vec::add(c0, c1), Vec::add(c2, c3)));
+                }
+            }
+        }
+        for (int64_t r = 0; r < nr; ++r) {
+            if (splits > 1) {
+                float* pr = partial + ((base * splits + split) * ATT_RT + r) * part_stride;
+                pr[0] = mrow[r];
+                pr[1] = lrow[r];
+                std::memcpy(pr + 2, acc + r * Dp, (size_t)Dp * 4);
+                continue;
+            }
+            int64_t i = (r0 + r) / G, h = hk * G + (r0 + r) % G;
+            char* y = at(a->out, ((b * Hq + h) * Sq + i) * D, dt);
+            V inv = Vec::set1(lrow[r] > 0.f ? 1.0f / lrow[r] : 0.f);  // no visible key: zeros
+            int64_t d = 0;
+            for (; d + W <= D; d += W) store_dt(y, dt, d, Vec::mul(Vec::load(acc + r * Dp + d), inv));
+            if (d < D) store_dt_part(y, dt, d, Vec::mul(Vec::load(acc + r * Dp + d), inv), D - d);
+        }
+    };
+    par(base_items * splits, item);
+    if (splits == 1) return;
+
+    auto merge = [&](int64_t base, int thread) {
+        const int64_t tile = base % tiles, bh = base / tiles, b = bh / Hkv, hk = bh % Hkv;
+        const int64_t r0 = tile * ATT_RT, nr = imin(ATT_RT, rows - r0);
+        float* sum = scratch(thread, 3, (size_t)Dp);
+        for (int64_t r = 0; r < nr; ++r) {
+            float m = -INFINITY, l = 0.f;
+            for (int64_t s = 0; s < splits; ++s) {
+                float ms = partial[((base * splits + s) * ATT_RT + r) * part_stride];
+                m = ms > m ? ms : m;
+            }
+            for (int64_t d = 0; d < Dp; ++d) sum[d] = 0.f;
+            for (int64_t s = 0; s < splits; ++s) {
+                const float* pr = partial + ((base * splits + s) * ATT_RT + r) * part_stride;
+                if (pr[1] == 0.f) continue;  // no visible key in this split
+                float f = std::exp(pr[0] - m);
+                l += pr[1] * f;
+                V fv = Vec::set1(f);
+                for (int64_t d = 0; d < Dp; d += W) Vec::store(sum + d, Vec::fma(fv, Vec::load(pr + 2 + d), Vec::load(sum + d)));
+            }
+            int64_t i = (r0 + r) / G, h = hk * G + (r0 + r) % G;
+            char* y = at(a->out, ((b * Hq + h) * Sq + i) * D, dt);
+            V inv = Vec::set1(l > 0.f ? 1.0f / l : 0.f);
+            int64_t d = 0;
+            for (; d + W <= D; d += W) store_dt(y, dt, d, Vec::mul(Vec::load(sum + d), inv));
+            if (d < D) store_dt_part(y, dt, d, Vec::mul(Vec::load(sum + d), inv), D - d);
+        }
+    };
+    par(base_items, merge);
+}
+
+static const KernelTable table = {
+    nullptr, rms_norm, layer_norm, silu_mul, gelu, rope, linear_dense, linear_quant, attention,
+};

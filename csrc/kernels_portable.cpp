@@ -1,0 +1,40 @@
+// The portable kernel set: no instruction-set extension beyond the compiler's baseline
+// (SSE2 on x86-64, NEON on aarch64, which -O3 uses by auto-vectorizing these 8-wide loops).
+// It is the fallback on any CPU and the path `PORTINFER_CPU_SIMD=portable` forces.
+#include "common.h"
+
+namespace pi_portable {
+
+struct Vec {
+    struct V { float x[8]; };
+    static const int W = 8;
+    static const int GEMM_MR = 2;
+    static inline V zero() { V r; for (int i = 0; i < W; ++i) r.x[i] = 0.f; return r; }
+    static inline V set1(float a) { V r; for (int i = 0; i < W; ++i) r.x[i] = a; return r; }
+    static inline V load(const float* p) { V r; std::memcpy(r.x, p, sizeof(r.x)); return r; }
+    static inline void store(float* p, V a) { std::memcpy(p, a.x, sizeof(a.x)); }
+    static inline V add(V a, V b) { for (int i = 0; i < W; ++i) a.x[i] += b.x[i]; return a; }
+    static inline V sub(V a, V b) { for (int i = 0; i < W; ++i) a.x[i] -= b.x[i]; return a; }
+    static inline V mul(V a, V b) { for (int i = 0; i < W; ++i) a.x[i] *= b.x[i]; return a; }
+    static inline V div(V a, V b) { for (int i = 0; i < W; ++i) a.x[i] /= b.x[i]; return a; }
+    static inline V max(V a, V b) { for (int i = 0; i < W; ++i) a.x[i] = a.x[i] > b.x[i] ? a.x[i] : b.x[i]; return a; }
+    static inline V fma(V a, V b, V c) { for (int i = 0; i < W; ++i) c.x[i] += a.x[i] * b.x[i]; return c; }
+    static inline float reduce_add(V a) {
+        return ((a.x[0] + a.x[4]) + (a.x[1] + a.x[5])) + ((a.x[2] + a.x[6]) + (a.x[3] + a.x[7]));
+    }
+    static inline float reduce_max(V a) { float m = a.x[0]; for (int i = 1; i < W; ++i) m = a.x[i] > m ? a.x[i] : m; return m; }
+    static inline V load_f16(const uint16_t* p) { V r; for (int i = 0; i < W; ++i) r.x[i] = f16_to_f32(p[i]); return r; }
+    static inline V load_bf16(const uint16_t* p) { V r; for (int i = 0; i < W; ++i) r.x[i] = bf16_to_f32(p[i]); return r; }
+    static inline void store_f16(uint16_t* p, V a) { for (int i = 0; i < W; ++i) p[i] = f32_to_f16(a.x[i]); }
+    static inline V load_i8(const int8_t* p) { V r; for (int i = 0; i < W; ++i) r.x[i] = (float)p[i]; return r; }
+    static inline V load_nib_lo(const uint8_t* p) { V r; for (int i = 0; i < W; ++i) r.x[i] = (float)(p[i] & 15); return r; }
+    static inline V load_nib_hi(const uint8_t* p) { V r; for (int i = 0; i < W; ++i) r.x[i] = (float)(p[i] >> 4); return r; }
+    // exp(x); 0 below -87.3 (the true value is < 1.2e-38), as the vector paths do
+    static inline V exp(V a) { for (int i = 0; i < W; ++i) a.x[i] = a.x[i] < -87.3f ? 0.f : std::exp(a.x[i]); return a; }
+};
+
+#include "kernels_impl.h"
+
+}  // namespace pi_portable
+
+const KernelTable* table_portable() { return &pi_portable::table; }
