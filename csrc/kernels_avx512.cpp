@@ -37,6 +37,8 @@ struct Vec {
     static inline void store_f16(uint16_t* p, V a) {
         _mm256_storeu_si256((__m256i*)p, _mm512_cvtps_ph(a, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
     }
+    // the fp16 scalar at p (a GGUF block's scale), unaligned
+    static inline float half(const uint8_t* p) { uint16_t h; std::memcpy(&h, p, 2); return _cvtsh_ss(h); }
     static inline V load_i8(const int8_t* p) {
         return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i*)p)));
     }

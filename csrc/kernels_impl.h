@@ -358,12 +358,10 @@ static void linear_dense(void* out, const void* x, const void* packed, const voi
 
 // ---------------------------------------------------------------- GGUF block weights
 
-static inline float half_at(const uint8_t* p) { uint16_t h; std::memcpy(&h, p, 2); return f16_to_f32(h); }
-
 // the 32 weights of one block as NV vectors (exact in fp32: d * q needs at most 11 + 8 bits)
 template <int FMT>
 static inline void dequant_block(V* w, const uint8_t* blk) {
-    V d = Vec::set1(half_at(blk));
+    V d = Vec::set1(Vec::half(blk));
     if (FMT == Q8_0) {
         const int8_t* q = (const int8_t*)(blk + 2);
 #pragma GCC unroll 8
@@ -378,7 +376,7 @@ static inline void dequant_block(V* w, const uint8_t* blk) {
             w[NV / 2 + v] = Vec::mul(Vec::sub(Vec::load_nib_hi(qs + v * W), eight), d);
         }
     } else {
-        V m = Vec::set1(half_at(blk + 2));
+        V m = Vec::set1(Vec::half(blk + 2));
         const uint8_t* qs = blk + 4;
 #pragma GCC unroll 8
         for (int v = 0; v < NV / 2; ++v) {
@@ -388,36 +386,66 @@ static inline void dequant_block(V* w, const uint8_t* blk) {
     }
 }
 
-// y[r][m] for ROWS consecutive weight rows and R rows of x, one pass over the rows' blocks
+// sum over the blocks of x [32] . quants [32] * d (+ m * sum(x) for Q4_1) for ROWS consecutive weight
+// rows and R rows of x: the quants become fp32 in registers, a block's dot product is scaled
+// once by its d. xsum [R][K/32]: per-block sums of x (Q4_1 only).
 template <int FMT, int R, int ROWS>
-static inline void gemv_quant_rows(float* y /*[ROWS][R]*/, const float* A, int64_t lda, const uint8_t* rows,
-                                   int64_t row_bytes, int64_t nblocks) {
+static inline void gemv_quant_rows(float* y /*[ROWS][GEMV_MAX_M]*/, const float* A, int64_t lda, const float* xsum,
+                                   const uint8_t* rows, int64_t row_bytes, int64_t nblocks) {
     const int64_t bb = quant_block_bytes(FMT);
-    V c[ROWS][R][NV];
+    V c[ROWS][R];
+    float cm[ROWS][R];
+#pragma GCC unroll 4
     for (int i = 0; i < ROWS; ++i)
-        for (int r = 0; r < R; ++r)
-            for (int v = 0; v < NV; ++v) c[i][r][v] = Vec::zero();
+#pragma GCC unroll 4
+        for (int r = 0; r < R; ++r) { c[i][r] = Vec::zero(); cm[i][r] = 0.f; }
     for (int64_t blk = 0; blk < nblocks; ++blk) {
-        V w[ROWS][NV];
+        V x[R][NV];
 #pragma GCC unroll 4
-        for (int i = 0; i < ROWS; ++i) dequant_block<FMT>(w[i], rows + i * row_bytes + blk * bb);
-#pragma GCC unroll 4
-        for (int r = 0; r < R; ++r) {
-            const float* a = A + r * lda + blk * QK;
+        for (int r = 0; r < R; ++r)
 #pragma GCC unroll 8
-            for (int v = 0; v < NV; ++v) {
-                V av = Vec::load(a + v * W);
+            for (int v = 0; v < NV; ++v) x[r][v] = Vec::load(A + r * lda + blk * QK + v * W);
 #pragma GCC unroll 4
-                for (int i = 0; i < ROWS; ++i) c[i][r][v] = Vec::fma(av, w[i][v], c[i][r][v]);
+        for (int i = 0; i < ROWS; ++i) {
+            const uint8_t* b = rows + i * row_bytes + blk * bb;
+            // software prefetch ~3 KiB ahead: with the hardware prefetcher alone a core streams
+            // GGUF blocks from DRAM at half the rate it can dequantize them
+            __builtin_prefetch(b + 3072);
+            V q[NV];
+            if (FMT == Q8_0) {
+#pragma GCC unroll 8
+                for (int v = 0; v < NV; ++v) q[v] = Vec::load_i8((const int8_t*)(b + 2) + v * W);
+            } else {
+                const uint8_t* qs = b + (FMT == Q4_0 ? 2 : 4);
+#pragma GCC unroll 8
+                for (int v = 0; v < NV / 2; ++v) {
+                    q[v] = Vec::load_nib_lo(qs + v * W);  // weights 0..15
+                    q[NV / 2 + v] = Vec::load_nib_hi(qs + v * W);  // weights 16..31
+                }
+                if (FMT == Q4_0) {
+#pragma GCC unroll 8
+                    for (int v = 0; v < NV; ++v) q[v] = Vec::sub(q[v], Vec::set1(8.0f));
+                }
+            }
+            V d = Vec::set1(Vec::half(b));
+#pragma GCC unroll 4
+            for (int r = 0; r < R; ++r) {
+                V t = Vec::mul(q[0], x[r][0]);
+#pragma GCC unroll 8
+                for (int v = 1; v < NV; ++v) t = Vec::fma(q[v], x[r][v], t);
+                c[i][r] = Vec::fma(t, d, c[i][r]);
+            }
+            if (FMT == Q4_1) {
+                float m = Vec::half(b + 2);
+#pragma GCC unroll 4
+                for (int r = 0; r < R; ++r) cm[i][r] += m * xsum[r * nblocks + blk];
             }
         }
     }
+#pragma GCC unroll 4
     for (int i = 0; i < ROWS; ++i)
-        for (int r = 0; r < R; ++r) {
-            V s = c[i][r][0];
-            for (int v = 1; v < NV; ++v) s = Vec::add(s, c[i][r][v]);
-            y[i * GEMV_MAX_M + r] = Vec::reduce_add(s);
-        }
+#pragma GCC unroll 4
+        for (int r = 0; r < R; ++r) y[i * GEMV_MAX_M + r] = Vec::reduce_add(c[i][r]) + cm[i][r];
 }
 
 template <int FMT, int R>
@@ -425,20 +453,27 @@ static void gemv_quant(void* out, const float* A, int64_t lda, const uint8_t* bl
                        int64_t K, int adt) {
     const int64_t nblocks = K / QK, row_bytes = nblocks * quant_block_bytes(FMT);
     const int64_t rows_per_task = 16;
+    float* xsum = nullptr;
+    if (FMT == Q4_1) {
+        xsum = scratch(0, 2, (size_t)(R * nblocks));
+        for (int r = 0; r < R; ++r)
+            for (int64_t blk = 0; blk < nblocks; ++blk) {
+                float sum = 0.f;
+                for (int i = 0; i < QK; ++i) sum += A[r * lda + blk * QK + i];
+                xsum[r * nblocks + blk] = sum;
+            }
+    }
     auto task = [&](int64_t t, int) {
         int64_t n0 = t * rows_per_task, n1 = imin(N, n0 + rows_per_task);
-        float y[4 * GEMV_MAX_M];
-        for (int64_t n = n0; n < n1;) {
-            int rows = n + 4 <= n1 ? 4 : 1;
-            if (rows == 4) gemv_quant_rows<FMT, R, 4>(y, A, lda, blocks + n * row_bytes, row_bytes, nblocks);
-            else gemv_quant_rows<FMT, R, 1>(y, A, lda, blocks + n * row_bytes, row_bytes, nblocks);
-            for (int i = 0; i < rows; ++i)
-                for (int r = 0; r < R; ++r) {
-                    float v = y[i * GEMV_MAX_M + r];
-                    if (bias) v += load_scalar(bias, adt, n + i);
-                    store_scalar(out, adt, r * N + n + i, v);
-                }
-            n += rows;
+        float y[GEMV_MAX_M];
+        for (int64_t n = n0; n < n1; ++n) {
+            // one row at a time: a single sequential stream per thread reads DRAM fastest here
+            gemv_quant_rows<FMT, R, 1>(y, A, lda, xsum, blocks + n * row_bytes, row_bytes, nblocks);
+            for (int r = 0; r < R; ++r) {
+                float v = y[r];
+                if (bias) v += load_scalar(bias, adt, n);
+                store_scalar(out, adt, r * N + n, v);
+            }
         }
     };
     par(ceil_div(N, rows_per_task), task);
@@ -498,9 +533,10 @@ static void linear_quant(void* out, const void* x, const uint8_t* blocks, const 
 // always a prefix, so only the last block a row reaches needs a mask. When there are fewer
 // items than threads (decode), keys are split and the partial softmax states merged.
 //
-// Before the items run, K is converted to fp32 and transposed per (batch, kv head) to
-// Kt [D][Skv] (scores for a block of keys are then W-wide FMAs, no horizontal sums) and V to
-// fp32 rows padded to Dp (a multiple of W).
+// Before the items run, K is converted to fp32 and transposed per (batch, kv head) and block of
+// keys to Kt [Skv / KB][D][KB] (scores for a block of keys are then W-wide FMAs, no horizontal
+// sums; one block is 16 KiB contiguous, so no L1 set conflicts) and V to fp32 rows padded to Dp
+// (a multiple of W).
 
 static const int64_t ATT_KB = 64;
 static const int64_t ATT_RT = 16;
@@ -525,16 +561,16 @@ static void attention(const AttentionArgs* a) {
     const int64_t head_blocks = Skp / ATT_KB;
     auto convert = [&](int64_t t, int thread) {
         int64_t bh = t / head_blocks, j0 = (t % head_blocks) * ATT_KB, b = bh / Hkv, hk = bh % Hkv;
-        float* kt = Kt + bh * D * Skp;
+        float* kt = Kt + bh * D * Skp + j0 * D;  // this block's [D][KB]
         float* vf = Vf + bh * Skp * Dp;
         float* row = scratch(thread, 2, (size_t)Dp);
         for (int64_t j = j0; j < j0 + ATT_KB; ++j) {
             if (j < Skv) {
                 row_to_f32(row, at(a->k, b * a->k_stride[0] + hk * a->k_stride[1] + j * a->k_stride[2], dt), dt, D);
-                for (int64_t d = 0; d < D; ++d) kt[d * Skp + j] = row[d];
+                for (int64_t d = 0; d < D; ++d) kt[d * ATT_KB + j - j0] = row[d];
                 row_to_f32(vf + j * Dp, at(a->v, b * a->v_stride[0] + hk * a->v_stride[1] + j * a->v_stride[2], dt), dt, D);
             } else {
-                for (int64_t d = 0; d < D; ++d) kt[d * Skp + j] = 0.f;
+                for (int64_t d = 0; d < D; ++d) kt[d * ATT_KB + j - j0] = 0.f;
                 for (int64_t d = 0; d < D; ++d) vf[j * Dp + d] = 0.f;
             }
             for (int64_t d = D; d < Dp; ++d) vf[j * Dp + d] = 0.f;
@@ -579,7 +615,7 @@ static void attention(const AttentionArgs* a) {
                 for (int v = 0; v < NS; ++v) s[v] = Vec::zero();
                 for (int64_t d = 0; d < D; ++d) {
                     V qd = Vec::set1(q[d]);
-                    const float* krow = kt + d * Skp + j0;
+                    const float* krow = kt + j0 * D + d * ATT_KB;
 #pragma GCC unroll 8
                     for (int v = 0; v < NS; ++v) s[v] = Vec::fma(qd, Vec::load(krow + v * W), s[v]);
                 }

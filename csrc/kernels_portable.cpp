@@ -26,6 +26,8 @@ struct Vec {
     static inline V load_f16(const uint16_t* p) { V r; for (int i = 0; i < W; ++i) r.x[i] = f16_to_f32(p[i]); return r; }
     static inline V load_bf16(const uint16_t* p) { V r; for (int i = 0; i < W; ++i) r.x[i] = bf16_to_f32(p[i]); return r; }
     static inline void store_f16(uint16_t* p, V a) { for (int i = 0; i < W; ++i) p[i] = f32_to_f16(a.x[i]); }
+    // the fp16 scalar at p (a GGUF block's scale), unaligned
+    static inline float half(const uint8_t* p) { uint16_t h; std::memcpy(&h, p, 2); return f16_to_f32(h); }
     static inline V load_i8(const int8_t* p) { V r; for (int i = 0; i < W; ++i) r.x[i] = (float)p[i]; return r; }
     static inline V load_nib_lo(const uint8_t* p) { V r; for (int i = 0; i < W; ++i) r.x[i] = (float)(p[i] & 15); return r; }
     static inline V load_nib_hi(const uint8_t* p) { V r; for (int i = 0; i < W; ++i) r.x[i] = (float)(p[i] >> 4); return r; }

@@ -2,7 +2,7 @@
 // OpenMP runtimes in one process oversubscribe the cores).
 //
 // parallel_for hands out task indices through one atomic counter; the calling thread works
-// too. Workers spin briefly after a job (decode issues many short kernels back to back),
+// too, and returns as soon as every task is done (a worker that never got the CPU is not waited for). Workers spin briefly after a job (decode issues many short kernels back to back),
 // then sleep on a condition variable so an idle pool costs nothing.
 #include <sched.h>
 #include <unistd.h>
@@ -18,54 +18,58 @@
 
 namespace {
 
-struct Job {
-    task_fn fn = nullptr;
-    void* ctx = nullptr;
-    int64_t n = 0;
-};
-
 struct Pool {
     std::vector<std::thread> workers;
     std::mutex mutex;
     std::condition_variable wake;
-    Job job;
-    std::atomic<int64_t> next{0};
-    std::atomic<int> pending{0};       // workers still inside the current job
+    // the current job; written by the caller only while no worker can be inside it (see run)
+    task_fn fn = nullptr;
+    void* ctx = nullptr;
+    int64_t n = 0;
+    std::atomic<int64_t> next{0};       // next task index to hand out
+    std::atomic<int64_t> done{0};       // tasks finished
+    std::atomic<int> active{0};         // workers inside the current job
+    // odd: a job is open; even: closed. A worker joins a job only while it is still open, so a
+    // worker the OS has not scheduled yet never holds up the caller (the machine may be loaded)
     std::atomic<uint64_t> generation{0};
     bool stop = false;
-    int threads = 0;                   // including the caller
+    int threads = 0;                    // including the caller
 
     void run_tasks(int thread) {
         for (;;) {
-            int64_t t = next.fetch_add(1, std::memory_order_relaxed);
-            if (t >= job.n) break;
-            job.fn(job.ctx, t, thread);
+            int64_t t = next.fetch_add(1);
+            if (t >= n) break;
+            fn(ctx, t, thread);
+            done.fetch_add(1);
         }
     }
 
     void worker(int thread) {
-        uint64_t seen = 0;
+        uint64_t seen = generation.load();
         for (;;) {
             // spin ~50 us for the next job before sleeping
-            for (int i = 0; i < 20000 && generation.load(std::memory_order_acquire) == seen; ++i) {
+            for (int i = 0; i < 20000 && generation.load(std::memory_order_relaxed) == seen; ++i) {
 #if defined(__x86_64__)
                 __builtin_ia32_pause();
 #endif
             }
-            if (generation.load(std::memory_order_acquire) == seen) {
+            if (generation.load() == seen) {
                 std::unique_lock<std::mutex> lock(mutex);
-                wake.wait(lock, [&] { return stop || generation.load(std::memory_order_acquire) != seen; });
+                wake.wait(lock, [&] { return stop || generation.load() != seen; });
                 if (stop) return;
             }
-            seen = generation.load(std::memory_order_acquire);
-            run_tasks(thread);
-            pending.fetch_sub(1, std::memory_order_acq_rel);
+            uint64_t g = generation.load();
+            seen = g;
+            if ((g & 1) == 0) continue;
+            active.fetch_add(1);
+            if (generation.load() == g) run_tasks(thread);
+            active.fetch_sub(1);
         }
     }
 
-    void start(int n) {
+    void start(int count) {
         shutdown();
-        threads = n < 1 ? 1 : n;
+        threads = count < 1 ? 1 : count;
         stop = false;
         for (int t = 1; t < threads; ++t) workers.emplace_back([this, t] { worker(t); });
     }
@@ -80,25 +84,31 @@ struct Pool {
         workers.clear();
     }
 
-    void run(int64_t n, task_fn fn, void* ctx) {
-        if (threads <= 1 || n <= 1) {
-            for (int64_t t = 0; t < n; ++t) fn(ctx, t, 0);
+    void run(int64_t count, task_fn f, void* c) {
+        if (threads <= 1 || count <= 1) {
+            for (int64_t t = 0; t < count; ++t) f(c, t, 0);
             return;
         }
-        job = Job{fn, ctx, n};
-        next.store(0, std::memory_order_relaxed);
-        pending.store(threads - 1, std::memory_order_relaxed);
+        fn = f;
+        ctx = c;
+        n = count;
+        next.store(0);
+        done.store(0);
         {
             std::lock_guard<std::mutex> lock(mutex);
-            generation.fetch_add(1, std::memory_order_acq_rel);
+            generation.fetch_add(1);  // open
         }
         wake.notify_all();
         run_tasks(0);
-        while (pending.load(std::memory_order_acquire) != 0) {
+        while (done.load() != count) pause();
+        generation.fetch_add(1);  // close: no worker joins from now on
+        while (active.load() != 0) pause();
+    }
+
+    static void pause() {
 #if defined(__x86_64__)
-            __builtin_ia32_pause();
+        __builtin_ia32_pause();
 #endif
-        }
     }
 
     ~Pool() { shutdown(); }
