@@ -387,8 +387,8 @@ static inline void dequant_block(V* w, const uint8_t* blk) {
 }
 
 // sum over the blocks of x [32] . quants [32] * d (+ m * sum(x) for Q4_1) for ROWS consecutive weight
-// rows and R rows of x: the quants become fp32 in registers, a block's dot product is scaled
-// once by its d. xsum [R][K/32]: per-block sums of x (Q4_1 only).
+// rows and R rows of x: the quants become fp32 in registers, a block's dot product is scaled once
+// by its d. xsum [R][K/32]: per-block sums of x (Q4_1 only).
 template <int FMT, int R, int ROWS>
 static inline void gemv_quant_rows(float* y /*[ROWS][GEMV_MAX_M]*/, const float* A, int64_t lda, const float* xsum,
                                    const uint8_t* rows, int64_t row_bytes, int64_t nblocks) {
