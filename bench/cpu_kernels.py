@@ -7,10 +7,11 @@ Every ratio is measured side by side in one run (issue 4's targets):
   - Q8_0 / Q4_0 / Q4_1 GEMV: quantized bytes/s vs the copy bandwidth;
   - attention decode (1 query, 2048 keys, 14 q heads over 2 kv heads, D=64) and
     prefill (S=512, causal) vs torch.nn.functional.scaled_dot_product_attention.
-Copy bandwidth = (bytes read + bytes written) / time of a 256 MiB torch tensor copy.
+Copy bandwidth = (bytes read + bytes written) / time of a 256 MiB torch tensor copy (the best of
+1 and N threads). Both sides run with the same thread count (--threads, default: usable cores).
 Times are medians after warm-up. Absolute numbers only hold on the machine that made them.
 
-  python bench/cpu_kernels.py [--quick] [--out bench/results/cpu-<date>.json]
+  python bench/cpu_kernels.py [--quick] [--threads N] [--out bench/results/cpu-<date>-<N>t.json]
 """
 from __future__ import annotations
 
@@ -60,11 +61,17 @@ def git_commit():
         return "unknown"
 
 
-def copy_bandwidth(reps):
+def copy_bandwidth(reps, threads):
+    """(read + write) bytes/s of a 256 MiB tensor copy: the best of torch with 1 and `threads`
+    threads (the higher one is the stricter yardstick)."""
     src = torch.rand(256 * MIB // 4)
     dst = torch.empty_like(src)
-    t = median_time_s(lambda: dst.copy_(src), reps)
-    return 2 * src.numel() * 4 / t
+    best = 0.0
+    for n in sorted({1, threads}):
+        torch.set_num_threads(n)
+        best = max(best, 2 * src.numel() * 4 / median_time_s(lambda: dst.copy_(src), reps))
+    torch.set_num_threads(threads)
+    return best
 
 
 def random_blocks(fmt, n, k, gen):
@@ -78,18 +85,23 @@ def random_blocks(fmt, n, k, gen):
     return spec.QuantizedWeight(fmt, blocks.reshape(n, -1), (n, k))
 
 
-def run(quick=False):
+def run(quick=False, threads=None):
     reps = 5 if quick else 15
     cpu = backends.get("cpu")
+    # the same thread count on both sides (default: the cpu backend's, i.e. the usable cores)
+    threads = threads or cpu.num_threads()
+    cpu.set_num_threads(threads)
+    torch.set_num_threads(threads)
     gen = torch.Generator().manual_seed(0)
     load_before = os.getloadavg()
     results = {"provenance": {
         "cpu_model": cpu_model(), "machine": platform.machine(), "cpu_backend": cpu.info(),
         "torch_threads": torch.get_num_threads(), "torch_version": torch.__version__, "git_commit": git_commit(),
         "date_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "load_average_before": load_before, "command": "python bench/cpu_kernels.py" + (" --quick" if quick else "")}}
+        "load_average_before": load_before,
+        "command": "python bench/cpu_kernels.py" + (" --quick" if quick else "") + f" --threads {threads}"}}
 
-    bandwidth = copy_bandwidth(reps)
+    bandwidth = copy_bandwidth(reps, threads)
     results["copy_bandwidth_GBps"] = bandwidth / 1e9
     rows = []
 
@@ -157,11 +169,13 @@ def run(quick=False):
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="fewer repetitions")
+    parser.add_argument("--threads", type=int, help="threads for the cpu backend and torch (default: usable cores)")
     parser.add_argument("--out", help="JSON file to write (default: bench/results/cpu-<date>.json)")
     args = parser.parse_args(argv)
-    results = run(args.quick)
+    results = run(args.quick, args.threads)
+    threads = results["provenance"]["cpu_backend"]["threads"]
     out = args.out or os.path.join(os.path.dirname(os.path.abspath(__file__)), "results",
-                                   f"cpu-{datetime.date.today().isoformat()}.json")
+                                   f"cpu-{datetime.date.today().isoformat()}-{threads}t.json")
     os.makedirs(os.path.dirname(out), exist_ok=True)
     with open(out, "w") as f:
         json.dump(results, f, indent=2)
