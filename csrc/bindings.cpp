@@ -133,21 +133,13 @@ PYBIND11_MODULE(_cpu, m) {
         k.rope(ptr<void>(out), ptr<const void>(x), ptr<const int64_t>(pos), ptr<const double>(inv_freq), B, H, S, D, rd,
                sb, sh, ss, interleaved ? 1 : 0, dt);
     });
-    m.def("linear_dense", [](uintptr_t out, uintptr_t x, uintptr_t packed, uintptr_t bias, int64_t M, int64_t N,
-                             int64_t K, int64_t xs, int adt, int wdt) {
+    m.def("linear", [](uintptr_t out, uintptr_t x, uintptr_t weights, uintptr_t bias, int64_t M, int64_t N, int64_t K,
+                       int64_t xs, int adt, int wfmt) {
         const KernelTable& k = kernels();
         py::gil_scoped_release release;
         std::lock_guard<std::mutex> lock(kernel_lock);
-        k.linear_dense(ptr<void>(out), ptr<const void>(x), ptr<const void>(packed), ptr<const void>(bias), M, N, K, xs,
-                       adt, wdt);
-    });
-    m.def("linear_quant", [](uintptr_t out, uintptr_t x, uintptr_t blocks, uintptr_t bias, int64_t M, int64_t N,
-                             int64_t K, int64_t xs, int adt, int fmt) {
-        const KernelTable& k = kernels();
-        py::gil_scoped_release release;
-        std::lock_guard<std::mutex> lock(kernel_lock);
-        k.linear_quant(ptr<void>(out), ptr<const void>(x), ptr<const uint8_t>(blocks), ptr<const void>(bias), M, N, K,
-                       xs, adt, fmt);
+        k.linear(ptr<void>(out), ptr<const void>(x), ptr<const void>(weights), ptr<const void>(bias), M, N, K, xs, adt,
+                 wfmt);
     });
     m.def("attention", [](uintptr_t out, uintptr_t q, uintptr_t k, uintptr_t v, uintptr_t q_pos, uintptr_t kv_len,
                           std::vector<int64_t> sizes, std::vector<int64_t> q_stride, std::vector<int64_t> k_stride,

@@ -12,6 +12,8 @@
 
 enum DType : int { DT_F32 = 0, DT_F16 = 1, DT_BF16 = 2 };
 enum QFormat : int { Q8_0 = 0, Q4_0 = 1, Q4_1 = 2 };
+// how linear's weights are stored: dense panels (pack_dense) of a dtype, or GGUF blocks
+enum WeightFormat : int { W_F32 = 0, W_F16 = 1, W_BF16 = 2, W_Q8_0 = 3, W_Q4_0 = 4, W_Q4_1 = 5 };
 
 // GGUF block sizes (spec.QUANT_FORMATS): 32 weights per block
 static const int QK = 32;
@@ -101,12 +103,10 @@ struct KernelTable {
     // out [B, H, S, D] contiguous = rope(x [B, H, S, D] strides sb, sh, ss), pos int64 [B, S], inv_freq [rd/2]
     void (*rope)(void* out, const void* x, const int64_t* pos, const double* inv_freq, int64_t B, int64_t H,
                  int64_t S, int64_t D, int64_t rd, int64_t sb, int64_t sh, int64_t ss, int interleaved, int dt);
-    // out [M, N] = x [M, K] (row stride xs) @ W^T + bias; W packed by pack_dense (dtype wdt)
-    void (*linear_dense)(void* out, const void* x, const void* packed, const void* bias, int64_t M, int64_t N,
-                         int64_t K, int64_t xs, int adt, int wdt);
-    // same with W as GGUF blocks uint8 [N, K/32 * block_bytes]
-    void (*linear_quant)(void* out, const void* x, const uint8_t* blocks, const void* bias, int64_t M, int64_t N,
-                         int64_t K, int64_t xs, int adt, int fmt);
+    // out [M, N] = x [M, K] (row stride xs) @ W^T + bias; W as wfmt says: packed by pack_dense
+    // [ceil(N/32)][K][32], or GGUF blocks uint8 [N, K/32 * block_bytes]
+    void (*linear)(void* out, const void* x, const void* weights, const void* bias, int64_t M, int64_t N, int64_t K,
+                   int64_t xs, int adt, int wfmt);
     void (*attention)(const AttentionArgs* a);
 };
 

@@ -58,23 +58,16 @@ struct Vec {
         __m256i b = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i*)p));
         return _mm256_cvtepi32_ps(_mm256_srli_epi32(b, 4));
     }
-    // Cephes-style expf: 2^n * p(r), |error| ~ 1 ulp; 0 below -87.3
-    static inline V exp(V x) {
-        V tiny = _mm256_cmp_ps(x, _mm256_set1_ps(-87.3f), _CMP_LT_OQ);
-        x = _mm256_min_ps(_mm256_max_ps(x, _mm256_set1_ps(-87.3f)), _mm256_set1_ps(88.3f));
-        V n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
-                              _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-        V r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
-        r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
-        V p = _mm256_set1_ps(1.9875691500E-4f);
-        p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.3981999507E-3f));
-        p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(8.3334519073E-3f));
-        p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(4.1665795894E-2f));
-        p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.6666665459E-1f));
-        p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(5.0000001201E-1f));
-        p = _mm256_fmadd_ps(p, _mm256_mul_ps(r, r), _mm256_add_ps(r, _mm256_set1_ps(1.0f)));
+    static inline V min(V a, V b) { return _mm256_min_ps(a, b); }
+    static inline V round(V a) { return _mm256_round_ps(a, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC); }
+    // p * 2^n for integral n in [-126, 127]
+    static inline V scale_pow2(V p, V n) {
         __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
-        return _mm256_andnot_ps(tiny, _mm256_mul_ps(p, _mm256_castsi256_ps(e)));
+        return _mm256_mul_ps(p, _mm256_castsi256_ps(e));
+    }
+    // y where x >= lo, else 0
+    static inline V zero_below(V x, float lo, V y) {
+        return _mm256_andnot_ps(_mm256_cmp_ps(x, _mm256_set1_ps(lo), _CMP_LT_OQ), y);
     }
 };
 

@@ -50,23 +50,11 @@ struct Vec {
         __m512i b = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i*)p));
         return _mm512_cvtepi32_ps(_mm512_srli_epi32(b, 4));
     }
-    // Cephes-style expf (as in kernels_avx2.cpp)
-    static inline V exp(V x) {
-        __mmask16 tiny = _mm512_cmp_ps_mask(x, _mm512_set1_ps(-87.3f), _CMP_LT_OQ);
-        x = _mm512_min_ps(_mm512_max_ps(x, _mm512_set1_ps(-87.3f)), _mm512_set1_ps(88.3f));
-        V n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
-                                   _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-        V r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
-        r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
-        V p = _mm512_set1_ps(1.9875691500E-4f);
-        p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507E-3f));
-        p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073E-3f));
-        p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894E-2f));
-        p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459E-1f));
-        p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201E-1f));
-        p = _mm512_fmadd_ps(p, _mm512_mul_ps(r, r), _mm512_add_ps(r, _mm512_set1_ps(1.0f)));
-        __m512i e = _mm512_slli_epi32(_mm512_add_epi32(_mm512_cvtps_epi32(n), _mm512_set1_epi32(127)), 23);
-        return _mm512_maskz_mul_ps((__mmask16)~tiny, p, _mm512_castsi512_ps(e));
+    static inline V min(V a, V b) { return _mm512_min_ps(a, b); }
+    static inline V round(V a) { return _mm512_roundscale_ps(a, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC); }
+    static inline V scale_pow2(V p, V n) { return _mm512_scalef_ps(p, n); }  // p * 2^n
+    static inline V zero_below(V x, float lo, V y) {  // y where x >= lo, else 0
+        return _mm512_maskz_mov_ps(_mm512_cmp_ps_mask(x, _mm512_set1_ps(lo), _CMP_GE_OQ), y);
     }
 };
 

@@ -7,6 +7,24 @@
 typedef Vec::V V;
 static const int W = Vec::W;
 
+// exp(x) for every lane: Cephes' expf (2^n * p(r), about 1 ulp), 0 below -87.3 (the true value
+// is < 1.2e-38), the same polynomial on every path
+static inline V vexp(V x) {
+    const float lo = -87.3f;
+    V c = Vec::min(Vec::max(x, Vec::set1(lo)), Vec::set1(88.3f));
+    V n = Vec::round(Vec::mul(c, Vec::set1(1.44269504088896341f)));
+    V r = Vec::fma(n, Vec::set1(-0.693359375f), c);
+    r = Vec::fma(n, Vec::set1(2.12194440e-4f), r);
+    V p = Vec::set1(1.9875691500E-4f);
+    p = Vec::fma(p, r, Vec::set1(1.3981999507E-3f));
+    p = Vec::fma(p, r, Vec::set1(8.3334519073E-3f));
+    p = Vec::fma(p, r, Vec::set1(4.1665795894E-2f));
+    p = Vec::fma(p, r, Vec::set1(1.6666665459E-1f));
+    p = Vec::fma(p, r, Vec::set1(5.0000001201E-1f));
+    p = Vec::fma(p, Vec::mul(r, r), Vec::add(r, Vec::set1(1.0f)));
+    return Vec::zero_below(x, lo, Vec::scale_pow2(p, n));
+}
+
 static inline int64_t imin(int64_t a, int64_t b) { return a < b ? a : b; }
 static inline int64_t imax(int64_t a, int64_t b) { return a > b ? a : b; }
 static inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
@@ -131,7 +149,7 @@ static void layer_norm(void* out, const void* x, const void* w, const void* b, i
 
 static inline V silu_times(V g, V u) {
     V one = Vec::set1(1.0f);
-    V e = Vec::exp(Vec::sub(Vec::zero(), g));
+    V e = vexp(Vec::sub(Vec::zero(), g));
     return Vec::mul(Vec::div(g, Vec::add(one, e)), u);
 }
 
@@ -347,15 +365,6 @@ static void linear_dense_t(void* out, const float* A, int64_t lda, const void* p
     gemm(out, A, lda, bias, M, N, K, adt, block);
 }
 
-static void linear_dense(void* out, const void* x, const void* packed, const void* bias, int64_t M, int64_t N,
-                         int64_t K, int64_t xs, int adt, int wdt) {
-    int64_t lda;
-    const float* A = x_as_f32(x, M, K, xs, adt, &lda);
-    if (wdt == DT_F32) linear_dense_t<DT_F32>(out, A, lda, packed, bias, M, N, K, adt);
-    else if (wdt == DT_F16) linear_dense_t<DT_F16>(out, A, lda, packed, bias, M, N, K, adt);
-    else linear_dense_t<DT_BF16>(out, A, lda, packed, bias, M, N, K, adt);
-}
-
 // ---------------------------------------------------------------- GGUF block weights
 
 // the 32 weights of one block as NV vectors (exact in fp32: d * q needs at most 11 + 8 bits)
@@ -515,13 +524,20 @@ static void linear_quant_t(void* out, const float* A, int64_t lda, const uint8_t
     gemm(out, A, lda, bias, M, N, K, adt, block);
 }
 
-static void linear_quant(void* out, const void* x, const uint8_t* blocks, const void* bias, int64_t M, int64_t N,
-                         int64_t K, int64_t xs, int adt, int fmt) {
+// the one entry point: wfmt says how `weights` are stored (enum WeightFormat)
+static void linear(void* out, const void* x, const void* weights, const void* bias, int64_t M, int64_t N, int64_t K,
+                   int64_t xs, int adt, int wfmt) {
     int64_t lda;
     const float* A = x_as_f32(x, M, K, xs, adt, &lda);
-    if (fmt == Q8_0) linear_quant_t<Q8_0>(out, A, lda, blocks, bias, M, N, K, adt);
-    else if (fmt == Q4_0) linear_quant_t<Q4_0>(out, A, lda, blocks, bias, M, N, K, adt);
-    else linear_quant_t<Q4_1>(out, A, lda, blocks, bias, M, N, K, adt);
+    const uint8_t* blocks = (const uint8_t*)weights;
+    switch (wfmt) {
+        case W_F32: linear_dense_t<DT_F32>(out, A, lda, weights, bias, M, N, K, adt); break;
+        case W_F16: linear_dense_t<DT_F16>(out, A, lda, weights, bias, M, N, K, adt); break;
+        case W_BF16: linear_dense_t<DT_BF16>(out, A, lda, weights, bias, M, N, K, adt); break;
+        case W_Q8_0: linear_quant_t<Q8_0>(out, A, lda, blocks, bias, M, N, K, adt); break;
+        case W_Q4_0: linear_quant_t<Q4_0>(out, A, lda, blocks, bias, M, N, K, adt); break;
+        default: linear_quant_t<Q4_1>(out, A, lda, blocks, bias, M, N, K, adt); break;
+    }
 }
 
 // ============================================================================
@@ -627,7 +643,7 @@ static void attention(const AttentionArgs* a) {
                 const float corr = std::exp(mrow[r] - m_new);  // 0 for the first visible block
                 V mv = Vec::set1(m_new), sum = Vec::zero();
                 for (int v = 0; v < NS; ++v) {
-                    V e = Vec::exp(Vec::sub(Vec::load(p + v * W), mv));  // -inf - m -> 0
+                    V e = vexp(Vec::sub(Vec::load(p + v * W), mv));  // -inf - m -> 0
                     Vec::store(p + v * W, e);
                     sum = Vec::add(sum, e);
                 }
@@ -701,5 +717,5 @@ static void attention(const AttentionArgs* a) {
 }
 
 static const KernelTable table = {
-    nullptr, rms_norm, layer_norm, silu_mul, gelu, rope, linear_dense, linear_quant, attention,
+    nullptr, rms_norm, layer_norm, silu_mul, gelu, rope, linear, attention,
 };

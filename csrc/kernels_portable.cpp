@@ -31,8 +31,10 @@ struct Vec {
     static inline V load_i8(const int8_t* p) { V r; for (int i = 0; i < W; ++i) r.x[i] = (float)p[i]; return r; }
     static inline V load_nib_lo(const uint8_t* p) { V r; for (int i = 0; i < W; ++i) r.x[i] = (float)(p[i] & 15); return r; }
     static inline V load_nib_hi(const uint8_t* p) { V r; for (int i = 0; i < W; ++i) r.x[i] = (float)(p[i] >> 4); return r; }
-    // exp(x); 0 below -87.3 (the true value is < 1.2e-38), as the vector paths do
-    static inline V exp(V a) { for (int i = 0; i < W; ++i) a.x[i] = a.x[i] < -87.3f ? 0.f : std::exp(a.x[i]); return a; }
+    static inline V min(V a, V b) { for (int i = 0; i < W; ++i) a.x[i] = a.x[i] < b.x[i] ? a.x[i] : b.x[i]; return a; }
+    static inline V round(V a) { for (int i = 0; i < W; ++i) a.x[i] = std::nearbyint(a.x[i]); return a; }
+    static inline V scale_pow2(V p, V n) { for (int i = 0; i < W; ++i) p.x[i] = std::ldexp(p.x[i], (int)n.x[i]); return p; }
+    static inline V zero_below(V x, float lo, V y) { for (int i = 0; i < W; ++i) y.x[i] = x.x[i] < lo ? 0.f : y.x[i]; return y; }
 };
 
 #include "kernels_impl.h"

@@ -31,7 +31,8 @@ except Exception as exc:  # not built, or built for another Python: the backend 
     _IMPORT_ERROR = f"{type(exc).__name__}: {exc}"
 
 _DTYPE_CODE = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
-_QUANT_CODE = {"q8_0": 0, "q4_0": 1, "q4_1": 2}
+# csrc/common.h WeightFormat: how linear's payload is stored
+_WEIGHT_CODE = {"fp32": 0, "fp16": 1, "bf16": 2, "q8_0": 3, "q4_0": 4, "q4_1": 5}
 PANEL = 32  # output features per packed panel (csrc/common.h PANEL)
 
 
@@ -131,13 +132,8 @@ class CpuBackend(Backend):
     def _linear(self, x, w, bias):
         m, k = x.shape
         out = self.new_output((m, w.out_features), x.dtype)
-        bias_ptr = 0 if bias is None else bias.data_ptr()
-        if w.format in _QUANT_CODE:
-            _cpu.linear_quant(out.data_ptr(), x.data_ptr(), w.payload.data_ptr(), bias_ptr, m, w.out_features, k,
-                              x.stride(0), _DTYPE_CODE[x.dtype], _QUANT_CODE[w.format])
-        else:
-            _cpu.linear_dense(out.data_ptr(), x.data_ptr(), w.payload.data_ptr(), bias_ptr, m, w.out_features, k,
-                              x.stride(0), _DTYPE_CODE[x.dtype], _DTYPE_CODE[w.payload.dtype])
+        _cpu.linear(out.data_ptr(), x.data_ptr(), w.payload.data_ptr(), 0 if bias is None else bias.data_ptr(), m,
+                    w.out_features, k, x.stride(0), _DTYPE_CODE[x.dtype], _WEIGHT_CODE[w.format])
         return out
 
     def _rms_norm(self, x, weight, eps):
