@@ -95,53 +95,46 @@ static inline int64_t row_grain(int64_t cols) { return imax(1, 16384 / imax(cols
 // ============================================================================
 // norms
 
-static void rms_norm(void* out, const void* x, const void* w, int64_t M, int64_t H, int64_t xs, float eps, int dt) {
+// layer_norm (center: the mean is subtracted, then + b) and rms_norm (no centering, b unused)
+static void norm(void* out, const void* x, const void* w, const void* b, int64_t M, int64_t H, int64_t xs, float eps,
+                 int dt, bool center) {
     par_range(M, row_grain(H), [&](int64_t m0, int64_t m1, int) {
         for (int64_t m = m0; m < m1; ++m) {
             const char* xr = at(x, m * xs, dt);
             char* yr = at(out, m * H, dt);
-            V acc = Vec::zero();
-            int64_t i = 0;
-            for (; i + W <= H; i += W) { V v = load_dt(xr, dt, i); acc = Vec::fma(v, v, acc); }
-            if (i < H) { V v = load_dt_part(xr, dt, i, H - i); acc = Vec::fma(v, v, acc); }
-            V r = Vec::set1(1.0f / std::sqrt(Vec::reduce_add(acc) / (float)H + eps));
-            for (i = 0; i + W <= H; i += W) store_dt(yr, dt, i, Vec::mul(Vec::mul(load_dt(xr, dt, i), r), load_dt(w, dt, i)));
-            if (i < H)
-                store_dt_part(yr, dt, i, Vec::mul(Vec::mul(load_dt_part(xr, dt, i, H - i), r), load_dt_part(w, dt, i, H - i)),
-                              H - i);
-        }
-    });
-}
-
-static void layer_norm(void* out, const void* x, const void* w, const void* b, int64_t M, int64_t H, int64_t xs,
-                       float eps, int dt) {
-    par_range(M, row_grain(H), [&](int64_t m0, int64_t m1, int) {
-        for (int64_t m = m0; m < m1; ++m) {
-            const char* xr = at(x, m * xs, dt);
-            char* yr = at(out, m * H, dt);
-            V acc = Vec::zero();
-            int64_t i = 0;
-            for (; i + W <= H; i += W) acc = Vec::add(acc, load_dt(xr, dt, i));
-            if (i < H) acc = Vec::add(acc, load_dt_part(xr, dt, i, H - i));
-            float mean = Vec::reduce_add(acc) / (float)H;
-            V mv = Vec::set1(mean);
+            float mean = 0.f;
+            int64_t i;
+            if (center) {
+                V acc = Vec::zero();
+                for (i = 0; i + W <= H; i += W) acc = Vec::add(acc, load_dt(xr, dt, i));
+                if (i < H) acc = Vec::add(acc, load_dt_part(xr, dt, i, H - i));
+                mean = Vec::reduce_add(acc) / (float)H;
+            }
             // two passes: the variance of (x - mean) does not cancel when |mean| >> std
-            acc = Vec::zero();
+            V mv = Vec::set1(mean), acc = Vec::zero();
             for (i = 0; i + W <= H; i += W) { V d = Vec::sub(load_dt(xr, dt, i), mv); acc = Vec::fma(d, d, acc); }
             float tail = 0.f;
             for (; i < H; ++i) { float d = load_scalar(xr, dt, i) - mean; tail += d * d; }
             V r = Vec::set1(1.0f / std::sqrt((Vec::reduce_add(acc) + tail) / (float)H + eps));
-            for (i = 0; i + W <= H; i += W) {
-                V y = Vec::mul(Vec::mul(Vec::sub(load_dt(xr, dt, i), mv), r), load_dt(w, dt, i));
-                store_dt(yr, dt, i, Vec::add(y, load_dt(b, dt, i)));
-            }
-            if (i < H) {
-                int64_t n = H - i;
-                V y = Vec::mul(Vec::mul(Vec::sub(load_dt_part(xr, dt, i, n), mv), r), load_dt_part(w, dt, i, n));
-                store_dt_part(yr, dt, i, Vec::add(y, load_dt_part(b, dt, i, n)), n);
+            for (i = 0; i < H; i += W) {
+                int64_t n = imin(W, H - i);
+                V y = Vec::mul(Vec::mul(Vec::sub(n == W ? load_dt(xr, dt, i) : load_dt_part(xr, dt, i, n), mv), r),
+                               n == W ? load_dt(w, dt, i) : load_dt_part(w, dt, i, n));
+                if (center) y = Vec::add(y, n == W ? load_dt(b, dt, i) : load_dt_part(b, dt, i, n));
+                if (n == W) store_dt(yr, dt, i, y);
+                else store_dt_part(yr, dt, i, y, n);
             }
         }
     });
+}
+
+static void rms_norm(void* out, const void* x, const void* w, int64_t M, int64_t H, int64_t xs, float eps, int dt) {
+    norm(out, x, w, nullptr, M, H, xs, eps, dt, false);
+}
+
+static void layer_norm(void* out, const void* x, const void* w, const void* b, int64_t M, int64_t H, int64_t xs,
+                       float eps, int dt) {
+    norm(out, x, w, b, M, H, xs, eps, dt, true);
 }
 
 // ============================================================================
