@@ -50,6 +50,28 @@ struct Vec {
         __m512i b = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i*)p));
         return _mm512_cvtepi32_ps(_mm512_srli_epi32(b, 4));
     }
+    // r[0..15] (16 rows of 16) := its transpose
+    static inline void transpose(V* r) {
+        V t[16], u[16];
+        for (int i = 0; i < 8; ++i) {
+            t[2 * i] = _mm512_unpacklo_ps(r[2 * i], r[2 * i + 1]);
+            t[2 * i + 1] = _mm512_unpackhi_ps(r[2 * i], r[2 * i + 1]);
+        }
+        for (int i = 0; i < 4; ++i) {  // u[4i + k], 128-bit lane L: rows 4i..4i+3 of column 4L + k
+            u[4 * i] = _mm512_shuffle_ps(t[4 * i], t[4 * i + 2], 0x44);
+            u[4 * i + 1] = _mm512_shuffle_ps(t[4 * i], t[4 * i + 2], 0xEE);
+            u[4 * i + 2] = _mm512_shuffle_ps(t[4 * i + 1], t[4 * i + 3], 0x44);
+            u[4 * i + 3] = _mm512_shuffle_ps(t[4 * i + 1], t[4 * i + 3], 0xEE);
+        }
+        for (int k = 0; k < 4; ++k) {
+            V x = _mm512_shuffle_f32x4(u[k], u[4 + k], 0x88), y = _mm512_shuffle_f32x4(u[8 + k], u[12 + k], 0x88);
+            V z = _mm512_shuffle_f32x4(u[k], u[4 + k], 0xDD), w = _mm512_shuffle_f32x4(u[8 + k], u[12 + k], 0xDD);
+            r[k] = _mm512_shuffle_f32x4(x, y, 0x88);
+            r[8 + k] = _mm512_shuffle_f32x4(x, y, 0xDD);
+            r[4 + k] = _mm512_shuffle_f32x4(z, w, 0x88);
+            r[12 + k] = _mm512_shuffle_f32x4(z, w, 0xDD);
+        }
+    }
     static inline V min(V a, V b) { return _mm512_min_ps(a, b); }
     static inline V round(V a) { return _mm512_roundscale_ps(a, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC); }
     static inline V scale_pow2(V p, V n) { return _mm512_scalef_ps(p, n); }  // p * 2^n

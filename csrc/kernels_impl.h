@@ -544,11 +544,86 @@ static void linear(void* out, const void* x, const void* weights, const void* bi
 //
 // Before the items run, K is converted to fp32 and transposed per (batch, kv head) and block of
 // keys to Kt [Skv / KB][D][KB] (scores for a block of keys are then W-wide FMAs, no horizontal
-// sums; one block is 16 KiB contiguous, so no L1 set conflicts) and V to fp32 rows padded to Dp
-// (a multiple of W).
+// sums; one block is 16 KiB contiguous, so no L1 set conflicts). V is read in place when D is a
+// multiple of W, else copied to fp32 rows padded to Dp.
 
 static const int64_t ATT_KB = 64;
 static const int64_t ATT_RT = 16;
+
+static const int ATT_NS = ATT_KB / W;                // score vectors per row and block
+static const int ATT_RMAX = ATT_NS >= 8 ? 2 : 4;        // rows per pass: 4 x 4 zmm score accumulators
+
+// One block of keys for R query rows at once (so the FMA chains of several rows overlap and each
+// K/V load serves R rows): online-softmax update of (m, l, acc) for each row.
+// q[r] [D] (pre-scaled), acc[r] [Dp]; kt [D][ATT_KB] transposed keys; vb: the block's values, rows
+// of dtype vdt, row stride vs, at least Dp readable columns; nvis[r]: the first nvis[r] keys of
+// the block are visible to row r (>= 1).
+template <int R>
+static inline void attend_block(const float* const* q, float* const* acc, float* m, float* l, const int64_t* nvis,
+                                const float* kt, const void* vb, int64_t vs, int vdt, int64_t D, int64_t Dp) {
+    V s[R][ATT_NS];
+#pragma GCC unroll 4
+    for (int r = 0; r < R; ++r)
+#pragma GCC unroll 8
+        for (int v = 0; v < ATT_NS; ++v) s[r][v] = Vec::zero();
+    for (int64_t d = 0; d < D; ++d) {
+        V k[ATT_NS];
+#pragma GCC unroll 8
+        for (int v = 0; v < ATT_NS; ++v) k[v] = Vec::load(kt + d * ATT_KB + v * W);
+#pragma GCC unroll 4
+        for (int r = 0; r < R; ++r) {
+            V qd = Vec::set1(q[r][d]);
+#pragma GCC unroll 8
+            for (int v = 0; v < ATT_NS; ++v) s[r][v] = Vec::fma(qd, k[v], s[r][v]);
+        }
+    }
+    alignas(64) float p[R][ATT_KB];
+    float corr[R];
+    int64_t nmax = 0;
+    for (int r = 0; r < R; ++r) {
+        for (int v = 0; v < ATT_NS; ++v) Vec::store(p[r] + v * W, s[r][v]);
+        for (int64_t j = nvis[r]; j < ATT_KB; ++j) p[r][j] = -INFINITY;
+        nmax = imax(nmax, nvis[r]);
+        V mx = Vec::load(p[r]);
+        for (int v = 1; v < ATT_NS; ++v) mx = Vec::max(mx, Vec::load(p[r] + v * W));
+        const float bm = Vec::reduce_max(mx);
+        const float m_new = m[r] > bm ? m[r] : bm;
+        corr[r] = std::exp(m[r] - m_new);  // 0 for a row's first visible block (m = -inf)
+        V mv = Vec::set1(m_new), sum = Vec::zero();
+        for (int v = 0; v < ATT_NS; ++v) {
+            V e = vexp(Vec::sub(Vec::load(p[r] + v * W), mv));  // masked: exp(-inf) = 0
+            Vec::store(p[r] + v * W, e);
+            sum = Vec::add(sum, e);
+        }
+        l[r] = l[r] * corr[r] + Vec::reduce_add(sum);
+        m[r] = m_new;
+    }
+    // acc = acc * corr + p . V[0 : nmax] (p is 0 past a row's own nvis); keys in pairs, two chains per row
+    for (int64_t d0 = 0; d0 < Dp; d0 += W) {
+        V c0[R], c1[R];
+#pragma GCC unroll 4
+        for (int r = 0; r < R; ++r) {
+            c0[r] = Vec::mul(Vec::load(acc[r] + d0), Vec::set1(corr[r]));
+            c1[r] = Vec::zero();
+        }
+        int64_t j = 0;
+        for (; j + 2 <= nmax; j += 2) {
+            V v0 = load_dt(vb, vdt, j * vs + d0), v1 = load_dt(vb, vdt, (j + 1) * vs + d0);
+#pragma GCC unroll 4
+            for (int r = 0; r < R; ++r) {
+                c0[r] = Vec::fma(Vec::set1(p[r][j]), v0, c0[r]);
+                c1[r] = Vec::fma(Vec::set1(p[r][j + 1]), v1, c1[r]);
+            }
+        }
+        if (j < nmax) {
+            V v0 = load_dt(vb, vdt, j * vs + d0);
+#pragma GCC unroll 4
+            for (int r = 0; r < R; ++r) c0[r] = Vec::fma(Vec::set1(p[r][j]), v0, c0[r]);
+        }
+#pragma GCC unroll 4
+        for (int r = 0; r < R; ++r) Vec::store(acc[r] + d0, Vec::add(c0[r], c1[r]));
+    }
+}
 
 static void attention(const AttentionArgs* a) {
     const int dt = a->dt;
@@ -565,23 +640,41 @@ static void attention(const AttentionArgs* a) {
         splits = imin(ceil_div(2 * threads, base_items), Skv / (2 * ATT_KB));
     const int64_t keys_per_split = ceil_div(ceil_div(imax(Skv, 1), splits), ATT_KB) * ATT_KB;
 
+    // V is read in place when its rows hold whole vectors; otherwise it is copied to padded fp32 rows
+    const bool v_in_place = D % W == 0;
     float* Kt = scratch(0, 6, (size_t)(B * Hkv * D * Skp));
-    float* Vf = scratch(0, 7, (size_t)(B * Hkv * Skp * Dp));
+    float* Vf = v_in_place ? nullptr : scratch(0, 7, (size_t)(B * Hkv * Skp * Dp));
     const int64_t head_blocks = Skp / ATT_KB;
     auto convert = [&](int64_t t, int thread) {
         int64_t bh = t / head_blocks, j0 = (t % head_blocks) * ATT_KB, b = bh / Hkv, hk = bh % Hkv;
         float* kt = Kt + bh * D * Skp + j0 * D;  // this block's [D][KB]
-        float* vf = Vf + bh * Skp * Dp;
-        float* row = scratch(thread, 2, (size_t)Dp);
-        for (int64_t j = j0; j < j0 + ATT_KB; ++j) {
-            if (j < Skv) {
-                row_to_f32(row, at(a->k, b * a->k_stride[0] + hk * a->k_stride[1] + j * a->k_stride[2], dt), dt, D);
-                for (int64_t d = 0; d < D; ++d) kt[d * ATT_KB + j - j0] = row[d];
-                row_to_f32(vf + j * Dp, at(a->v, b * a->v_stride[0] + hk * a->v_stride[1] + j * a->v_stride[2], dt), dt, D);
-            } else {
-                for (int64_t d = 0; d < D; ++d) kt[d * ATT_KB + j - j0] = 0.f;
-                for (int64_t d = 0; d < D; ++d) vf[j * Dp + d] = 0.f;
+        const char* kbase = at(a->k, b * a->k_stride[0] + hk * a->k_stride[1], dt);
+        if (D % W == 0) {
+            // W keys x W dims at a time through a register transpose
+            for (int64_t jb = 0; jb < ATT_KB; jb += W)
+                for (int64_t d0 = 0; d0 < D; d0 += W) {
+                    V r[W];
+                    for (int i = 0; i < W; ++i) {
+                        int64_t j = j0 + jb + i;
+                        r[i] = j < Skv ? load_dt(kbase, dt, j * a->k_stride[2] + d0) : Vec::zero();
+                    }
+                    Vec::transpose(r);
+                    for (int i = 0; i < W; ++i) Vec::store(kt + (d0 + i) * ATT_KB + jb, r[i]);
+                }
+        } else {
+            float* row = scratch(thread, 2, (size_t)Dp);
+            for (int64_t j = j0; j < j0 + ATT_KB; ++j) {
+                if (j < Skv) row_to_f32(row, kbase + j * a->k_stride[2] * dtype_bytes(dt), dt, D);
+                for (int64_t d = 0; d < D; ++d) kt[d * ATT_KB + j - j0] = j < Skv ? row[d] : 0.f;
             }
+        }
+        if (v_in_place) return;
+        float* vf = Vf + bh * Skp * Dp;
+        for (int64_t j = j0; j < j0 + ATT_KB; ++j) {
+            if (j < Skv)
+                row_to_f32(vf + j * Dp, at(a->v, b * a->v_stride[0] + hk * a->v_stride[1] + j * a->v_stride[2], dt), dt, D);
+            else
+                for (int64_t d = 0; d < D; ++d) vf[j * Dp + d] = 0.f;
             for (int64_t d = D; d < Dp; ++d) vf[j * Dp + d] = 0.f;
         }
     };
@@ -595,7 +688,11 @@ static void attention(const AttentionArgs* a) {
         const int64_t b = bh / Hkv, hk = bh % Hkv;
         const int64_t r0 = tile * ATT_RT, nr = imin(ATT_RT, rows - r0);
         const float* kt = Kt + bh * D * Skp;
-        const float* vf = Vf + bh * Skp * Dp;
+        // values: in place (dtype dt, row stride v_stride[2]) or the padded fp32 copy
+        const void* vbase = v_in_place ? (const void*)at(a->v, b * a->v_stride[0] + hk * a->v_stride[1], dt)
+                                       : (const void*)(Vf + bh * Skp * Dp);
+        const int64_t vs = v_in_place ? a->v_stride[2] : Dp;
+        const int vdt = v_in_place ? dt : DT_F32;
         float* Q = scratch(thread, 3, (size_t)(ATT_RT * Dp));
         float* acc = scratch(thread, 4, (size_t)(ATT_RT * Dp));
         float mrow[ATT_RT], lrow[ATT_RT];
@@ -612,51 +709,36 @@ static void attention(const AttentionArgs* a) {
             lrow[r] = 0.f;
         }
         const int64_t k_lo = split * keys_per_split, k_hi = imin(kend, k_lo + keys_per_split);
-        const int NS = ATT_KB / W;
-        alignas(64) float p[ATT_KB];
         for (int64_t j0 = k_lo; j0 < k_hi; j0 += ATT_KB) {
-            for (int64_t r = 0; r < nr; ++r) {
-                if (j0 >= limit[r]) continue;
-                const int64_t nvis = imin(ATT_KB, limit[r] - j0);
-                const float* q = Q + r * Dp;
-                // scores s [ATT_KB] = q . K[j0 + jj]
-                V s[NS];
-                for (int v = 0; v < NS; ++v) s[v] = Vec::zero();
-                for (int64_t d = 0; d < D; ++d) {
-                    V qd = Vec::set1(q[d]);
-                    const float* krow = kt + j0 * D + d * ATT_KB;
-#pragma GCC unroll 8
-                    for (int v = 0; v < NS; ++v) s[v] = Vec::fma(qd, Vec::load(krow + v * W), s[v]);
+            const float* ktb = kt + j0 * D;
+            const void* vb = at(vbase, j0 * vs, vdt);
+            // the rows that see a key of this block, in passes of up to ATT_RMAX rows
+            int64_t active[ATT_RT], na = 0;
+            for (int64_t r = 0; r < nr; ++r)
+                if (j0 < limit[r]) active[na++] = r;
+            for (int64_t i0 = 0; i0 < na; i0 += ATT_RMAX) {
+                const int R = (int)imin(ATT_RMAX, na - i0);
+                const float* qs[ATT_RMAX];
+                float* accs[ATT_RMAX];
+                float m[ATT_RMAX], l[ATT_RMAX];
+                int64_t nvis[ATT_RMAX];
+                for (int i = 0; i < R; ++i) {
+                    int64_t r = active[i0 + i];
+                    qs[i] = Q + r * Dp;
+                    accs[i] = acc + r * Dp;
+                    m[i] = mrow[r];
+                    l[i] = lrow[r];
+                    nvis[i] = imin(ATT_KB, limit[r] - j0);
                 }
-                for (int v = 0; v < NS; ++v) Vec::store(p + v * W, s[v]);
-                for (int64_t jj = nvis; jj < ATT_KB; ++jj) p[jj] = -INFINITY;
-                V mx = Vec::load(p);
-                for (int v = 1; v < NS; ++v) mx = Vec::max(mx, Vec::load(p + v * W));
-                const float m_new = mrow[r] > Vec::reduce_max(mx) ? mrow[r] : Vec::reduce_max(mx);
-                const float corr = std::exp(mrow[r] - m_new);  // 0 for the first visible block
-                V mv = Vec::set1(m_new), sum = Vec::zero();
-                for (int v = 0; v < NS; ++v) {
-                    V e = vexp(Vec::sub(Vec::load(p + v * W), mv));  // -inf - m -> 0
-                    Vec::store(p + v * W, e);
-                    sum = Vec::add(sum, e);
+                switch (R) {
+                    case 1: attend_block<1>(qs, accs, m, l, nvis, ktb, vb, vs, vdt, D, Dp); break;
+                    case 2: attend_block<2>(qs, accs, m, l, nvis, ktb, vb, vs, vdt, D, Dp); break;
+                    case 3: if constexpr (ATT_RMAX >= 3) attend_block<3>(qs, accs, m, l, nvis, ktb, vb, vs, vdt, D, Dp); break;
+                    default: if constexpr (ATT_RMAX >= 4) attend_block<4>(qs, accs, m, l, nvis, ktb, vb, vs, vdt, D, Dp); break;
                 }
-                lrow[r] = lrow[r] * corr + Vec::reduce_add(sum);
-                mrow[r] = m_new;
-                // acc = acc * corr + p . V[j0 : j0 + nvis]
-                float* ar = acc + r * Dp;
-                V cv = Vec::set1(corr);
-                for (int64_t d = 0; d < Dp; d += W) {
-                    V c0 = Vec::mul(Vec::load(ar + d), cv), c1 = Vec::zero(), c2 = Vec::zero(), c3 = Vec::zero();
-                    const float* vcol = vf + j0 * Dp + d;
-                    int64_t jj = 0;
-                    for (; jj + 4 <= nvis; jj += 4) {
-                        c0 = Vec::fma(Vec::set1(p[jj]), Vec::load(vcol + jj * Dp), c0);
-                        c1 = Vec::fma(Vec::set1(p[jj + 1]), Vec::load(vcol + (jj + 1) * Dp), c1);
-                        c2 = Vec::fma(Vec::set1(p[jj + 2]), Vec::load(vcol + (jj + 2) * Dp), c2);
-                        c3 = Vec::fma(Vec::set1(p[jj + 3]), Vec::load(vcol + (jj + 3) * Dp), c3);
-                    }
-                    for (; jj < nvis; ++jj) c0 = Vec::fma(Vec::set1(p[jj]), Vec::load(vcol + jj * Dp), c0);
-                    Vec::store(ar + d, Vec::add(Vec::add(c0, c1), Vec::add(c2, c3)));
+                for (int i = 0; i < R; ++i) {
+                    mrow[active[i0 + i]] = m[i];
+                    lrow[active[i0 + i]] = l[i];
                 }
             }
         }

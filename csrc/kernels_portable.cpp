@@ -31,6 +31,10 @@ struct Vec {
     static inline V load_i8(const int8_t* p) { V r; for (int i = 0; i < W; ++i) r.x[i] = (float)p[i]; return r; }
     static inline V load_nib_lo(const uint8_t* p) { V r; for (int i = 0; i < W; ++i) r.x[i] = (float)(p[i] & 15); return r; }
     static inline V load_nib_hi(const uint8_t* p) { V r; for (int i = 0; i < W; ++i) r.x[i] = (float)(p[i] >> 4); return r; }
+    static inline void transpose(V* r) {  // r[0..7] (8 rows of 8) := its transpose
+        for (int i = 0; i < W; ++i)
+            for (int j = i + 1; j < W; ++j) { float t = r[i].x[j]; r[i].x[j] = r[j].x[i]; r[j].x[i] = t; }
+    }
     static inline V min(V a, V b) { for (int i = 0; i < W; ++i) a.x[i] = a.x[i] < b.x[i] ? a.x[i] : b.x[i]; return a; }
     static inline V round(V a) { for (int i = 0; i < W; ++i) a.x[i] = std::nearbyint(a.x[i]); return a; }
     static inline V scale_pow2(V p, V n) { for (int i = 0; i < W; ++i) p.x[i] = std::ldexp(p.x[i], (int)n.x[i]); return p; }
