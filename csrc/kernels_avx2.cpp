@@ -50,13 +50,12 @@ struct Vec {
     static inline V load_i8(const int8_t* p) {
         return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i*)p)));
     }
-    static inline V load_nib_lo(const uint8_t* p) {
+    // the W low and W high nibbles of p[0..W) as floats, plus offset
+    static inline void nibbles(const uint8_t* p, float offset, V& lo, V& hi) {
         __m256i b = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i*)p));
-        return _mm256_cvtepi32_ps(_mm256_and_si256(b, _mm256_set1_epi32(15)));
-    }
-    static inline V load_nib_hi(const uint8_t* p) {
-        __m256i b = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i*)p));
-        return _mm256_cvtepi32_ps(_mm256_srli_epi32(b, 4));
+        V o = _mm256_set1_ps(offset);
+        lo = _mm256_add_ps(_mm256_cvtepi32_ps(_mm256_and_si256(b, _mm256_set1_epi32(15))), o);
+        hi = _mm256_add_ps(_mm256_cvtepi32_ps(_mm256_srli_epi32(b, 4)), o);
     }
     // r[0..7] (8 rows of 8) := its transpose
     static inline void transpose(V* r) {

@@ -42,13 +42,14 @@ struct Vec {
     static inline V load_i8(const int8_t* p) {
         return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i*)p)));
     }
-    static inline V load_nib_lo(const uint8_t* p) {
+    // the W low and W high nibbles of p[0..W) as floats, plus offset: a table lookup (vpermps reads
+    // only the low 4 bits of each index, so the low nibbles need no mask)
+    static inline void nibbles(const uint8_t* p, float offset, V& lo, V& hi) {
+        const V table = _mm512_add_ps(_mm512_setr_ps(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
+                                      _mm512_set1_ps(offset));
         __m512i b = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i*)p));
-        return _mm512_cvtepi32_ps(_mm512_and_si512(b, _mm512_set1_epi32(15)));
-    }
-    static inline V load_nib_hi(const uint8_t* p) {
-        __m512i b = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i*)p));
-        return _mm512_cvtepi32_ps(_mm512_srli_epi32(b, 4));
+        lo = _mm512_permutexvar_ps(b, table);
+        hi = _mm512_permutexvar_ps(_mm512_srli_epi32(b, 4), table);
     }
     // r[0..15] (16 rows of 16) := its transpose
     static inline void transpose(V* r) {

@@ -371,19 +371,22 @@ static inline void dequant_block(V* w, const uint8_t* blk) {
     } else if (FMT == Q4_0) {
         // low nibbles are weights 0..15, high nibbles 16..31
         const uint8_t* qs = blk + 2;
-        V eight = Vec::set1(8.0f);
 #pragma GCC unroll 8
         for (int v = 0; v < NV / 2; ++v) {
-            w[v] = Vec::mul(Vec::sub(Vec::load_nib_lo(qs + v * W), eight), d);
-            w[NV / 2 + v] = Vec::mul(Vec::sub(Vec::load_nib_hi(qs + v * W), eight), d);
+            V lo, hi;
+            Vec::nibbles(qs + v * W, -8.0f, lo, hi);
+            w[v] = Vec::mul(lo, d);
+            w[NV / 2 + v] = Vec::mul(hi, d);
         }
     } else {
         V m = Vec::set1(Vec::half(blk + 2));
         const uint8_t* qs = blk + 4;
 #pragma GCC unroll 8
         for (int v = 0; v < NV / 2; ++v) {
-            w[v] = Vec::fma(Vec::load_nib_lo(qs + v * W), d, m);
-            w[NV / 2 + v] = Vec::fma(Vec::load_nib_hi(qs + v * W), d, m);
+            V lo, hi;
+            Vec::nibbles(qs + v * W, 0.0f, lo, hi);
+            w[v] = Vec::fma(lo, d, m);
+            w[NV / 2 + v] = Vec::fma(hi, d, m);
         }
     }
 }
@@ -420,14 +423,8 @@ static inline void gemv_quant_rows(float* y /*[ROWS][GEMV_MAX_M]*/, const float*
             } else {
                 const uint8_t* qs = b + (FMT == Q4_0 ? 2 : 4);
 #pragma GCC unroll 8
-                for (int v = 0; v < NV / 2; ++v) {
-                    q[v] = Vec::load_nib_lo(qs + v * W);  // weights 0..15
-                    q[NV / 2 + v] = Vec::load_nib_hi(qs + v * W);  // weights 16..31
-                }
-                if (FMT == Q4_0) {
-#pragma GCC unroll 8
-                    for (int v = 0; v < NV; ++v) q[v] = Vec::sub(q[v], Vec::set1(8.0f));
-                }
+                for (int v = 0; v < NV / 2; ++v)  // low nibbles are weights 0..15, high ones 16..31
+                    Vec::nibbles(qs + v * W, FMT == Q4_0 ? -8.0f : 0.0f, q[v], q[NV / 2 + v]);
             }
             V d = Vec::set1(Vec::half(b));
 #pragma GCC unroll 4

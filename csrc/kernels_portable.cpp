@@ -29,8 +29,10 @@ struct Vec {
     // the fp16 scalar at p (a GGUF block's scale), unaligned
     static inline float half(const uint8_t* p) { uint16_t h; std::memcpy(&h, p, 2); return f16_to_f32(h); }
     static inline V load_i8(const int8_t* p) { V r; for (int i = 0; i < W; ++i) r.x[i] = (float)p[i]; return r; }
-    static inline V load_nib_lo(const uint8_t* p) { V r; for (int i = 0; i < W; ++i) r.x[i] = (float)(p[i] & 15); return r; }
-    static inline V load_nib_hi(const uint8_t* p) { V r; for (int i = 0; i < W; ++i) r.x[i] = (float)(p[i] >> 4); return r; }
+    // the W low and W high nibbles of p[0..W) as floats, plus offset
+    static inline void nibbles(const uint8_t* p, float offset, V& lo, V& hi) {
+        for (int i = 0; i < W; ++i) { lo.x[i] = (float)(p[i] & 15) + offset; hi.x[i] = (float)(p[i] >> 4) + offset; }
+    }
     static inline void transpose(V* r) {  // r[0..7] (8 rows of 8) := its transpose
         for (int i = 0; i < W; ++i)
             for (int j = i + 1; j < W; ++j) { float t = r[i].x[j]; r[i].x[j] = r[j].x[i]; r[j].x[i] = t; }
