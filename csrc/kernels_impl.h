@@ -218,7 +218,7 @@ static const int NV = PANEL / W;  // vectors per panel row
 static const int GEMV_MAX_M = 4;
 static const int64_t KC = 256;  // k per GEMM block: a 256 x 32 fp32 block is 32 KiB (L1)
 static const int MR = Vec::GEMM_MR;
-static const int64_t MC = 8 * Vec::GEMM_MR;
+static const int64_t MC_MAX = 1024;  // rows per GEMM task at most (a 1024 x 32 fp32 tile: 128 KiB, L2)
 
 // x as fp32 rows: x itself or a converted copy (thread 0's slot 1, filled before any task runs)
 static const float* x_as_f32(const void* x, int64_t M, int64_t K, int64_t xs, int adt, int64_t* lda) {
@@ -271,15 +271,19 @@ static inline void micro_dispatch(int r, float* acc, const float* A, int64_t lda
     else if constexpr (R > 1) micro_dispatch<R - 1>(r, acc, A, lda, B, kc, init);
 }
 
-// GEMM over panels; block(panel, k0, kc, thread) returns the fp32 [kc][32] weight block
+// GEMM over panels; block(panel, k0, kc, thread) returns the fp32 [kc][32] weight block.
+// A task is (panel, chunk of rows). Rows are only chunked when there are too few panels to
+// keep the threads busy: each weight block is then converted / dequantized once, not per chunk.
 template <class Block>
 static void gemm(void* out, const float* A, int64_t lda, const void* bias, int64_t M, int64_t N, int64_t K, int adt,
                  Block& block) {
-    const int64_t panels = ceil_div(N, PANEL), mchunks = ceil_div(M, MC);
+    const int64_t panels = ceil_div(N, PANEL), threads = pool_threads();
+    int64_t mc = imin(M, MC_MAX);
+    if (panels < 2 * threads) mc = imin(mc, imax(MR, ceil_div(ceil_div(M, ceil_div(2 * threads, panels)), MR) * MR));
+    const int64_t mchunks = ceil_div(M, mc);
     auto task = [&](int64_t t, int thread) {
-        int64_t p = t / mchunks, mc = t % mchunks;
-        int64_t m0 = mc * MC, m1 = imin(M, m0 + MC);
-        float* acc = scratch(thread, 3, (size_t)(MC * PANEL));
+        int64_t p = t / mchunks, m0 = (t % mchunks) * mc, m1 = imin(M, m0 + mc);
+        float* acc = scratch(thread, 3, (size_t)(mc * PANEL));
         for (int64_t k0 = 0; k0 < K; k0 += KC) {
             int64_t kc = imin(KC, K - k0);
             const float* B = block(p, k0, kc, thread);
