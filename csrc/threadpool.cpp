@@ -11,6 +11,7 @@
 #include <condition_variable>
 #include <cstdlib>
 #include <mutex>
+#include <new>
 #include <thread>
 #include <vector>
 
@@ -180,7 +181,9 @@ float* scratch(int thread, int slot, size_t floats) {
         std::free(s.data);
         size_t bytes = ((floats * sizeof(float) + 63) / 64) * 64;
         s.data = (float*)std::aligned_alloc(64, bytes);
-        s.size = floats;
+        s.size = s.data ? floats : 0;
+        // the large buffers are taken before any task runs, so this reaches Python as MemoryError
+        if (!s.data) throw std::bad_alloc();
     }
     return s.data;
 }
