@@ -306,6 +306,10 @@ static void gemv_dense_panel(float* acc_out, const float* A, int64_t lda, const 
         for (int v = 0; v < NV; ++v) c0[r][v] = c1[r][v] = Vec::zero();
     int64_t k = 0;
     for (; k + 2 <= K; k += 2) {
+        if (WDT != DT_F32) {  // 16-bit weights: prefetch 4 KiB ahead (+40% from DRAM here; fp32 loses with it)
+            __builtin_prefetch((const char*)P + (k + 64) * PANEL * 2);
+            __builtin_prefetch((const char*)P + (k + 64) * PANEL * 2 + 64);
+        }
         V w0[NV], w1[NV];
 #pragma GCC unroll 8
         for (int v = 0; v < NV; ++v) {
