@@ -240,6 +240,24 @@ static inline void write_out(void* out, int adt, const float* acc, int64_t acc_s
         }
 }
 
+// c [R][NVEC vectors] += A [R rows, stride lda][kc] x B [kc rows, stride ldb][NVEC * W]: a register
+// tile, one broadcast of A per row and k, one load of B per vector and k (the GEMM micro-kernel
+// and attention's scores)
+template <int R, int NVEC>
+static inline void tile_fma(V (&c)[R][NVEC], const float* A, int64_t lda, const float* B, int64_t ldb, int64_t kc) {
+    for (int64_t k = 0; k < kc; ++k) {
+        V b[NVEC];
+#pragma GCC unroll 8
+        for (int v = 0; v < NVEC; ++v) b[v] = Vec::load(B + k * ldb + v * W);
+#pragma GCC unroll 16
+        for (int r = 0; r < R; ++r) {
+            V a = Vec::set1(A[r * lda + k]);
+#pragma GCC unroll 8
+            for (int v = 0; v < NVEC; ++v) c[r][v] = Vec::fma(a, b[v], c[r][v]);
+        }
+    }
+}
+
 // acc [R][32] (+)= A [R rows, lda][kc] x B [kc][32]
 template <int R>
 static inline void micro_kernel(float* acc, const float* A, int64_t lda, const float* B, int64_t kc, bool init) {
@@ -248,17 +266,7 @@ static inline void micro_kernel(float* acc, const float* A, int64_t lda, const f
     for (int r = 0; r < R; ++r)
 #pragma GCC unroll 8
         for (int v = 0; v < NV; ++v) c[r][v] = init ? Vec::zero() : Vec::load(acc + r * PANEL + v * W);
-    for (int64_t k = 0; k < kc; ++k) {
-        V b[NV];
-#pragma GCC unroll 8
-        for (int v = 0; v < NV; ++v) b[v] = Vec::load(B + k * PANEL + v * W);
-#pragma GCC unroll 16
-        for (int r = 0; r < R; ++r) {
-            V a = Vec::set1(A[r * lda + k]);
-#pragma GCC unroll 8
-            for (int v = 0; v < NV; ++v) c[r][v] = Vec::fma(a, b[v], c[r][v]);
-        }
-    }
+    tile_fma<R, NV>(c, A, lda, B, PANEL, kc);
 #pragma GCC unroll 16
     for (int r = 0; r < R; ++r)
 #pragma GCC unroll 8
@@ -558,30 +566,20 @@ static const int64_t ATT_RT = 16;
 static const int ATT_NS = ATT_KB / W;                // score vectors per row and block
 static const int ATT_RMAX = ATT_NS >= 8 ? 2 : 4;        // rows per pass: 4 x 4 zmm score accumulators
 
-// One block of keys for R query rows at once (so the FMA chains of several rows overlap and each
-// K/V load serves R rows): online-softmax update of (m, l, acc) for each row.
-// q[r] [D] (pre-scaled), acc[r] [Dp]; kt [D][ATT_KB] transposed keys; vb: the block's values, rows
-// of dtype vdt, row stride vs, at least Dp readable columns; nvis[r]: the first nvis[r] keys of
-// the block are visible to row r (>= 1).
+// One block of keys for R consecutive query rows at once (so the FMA chains of several rows overlap
+// and each K/V load serves R rows): online-softmax update of (m, l, acc) for each row.
+// q [R][Dp] (pre-scaled), acc [R][Dp]; kt [D][ATT_KB] transposed keys; vb: the block's values,
+// rows of dtype vdt, row stride vs, at least Dp readable columns; nvis[r]: the first nvis[r] keys
+// of the block are visible to row r (>= 1).
 template <int R>
-static inline void attend_block(const float* const* q, float* const* acc, float* m, float* l, const int64_t* nvis,
-                                const float* kt, const void* vb, int64_t vs, int vdt, int64_t D, int64_t Dp) {
+static inline void attend_block(const float* q, float* acc, float* m, float* l, const int64_t* nvis, const float* kt,
+                                const void* vb, int64_t vs, int vdt, int64_t D, int64_t Dp) {
     V s[R][ATT_NS];
 #pragma GCC unroll 4
     for (int r = 0; r < R; ++r)
 #pragma GCC unroll 8
         for (int v = 0; v < ATT_NS; ++v) s[r][v] = Vec::zero();
-    for (int64_t d = 0; d < D; ++d) {
-        V k[ATT_NS];
-#pragma GCC unroll 8
-        for (int v = 0; v < ATT_NS; ++v) k[v] = Vec::load(kt + d * ATT_KB + v * W);
-#pragma GCC unroll 4
-        for (int r = 0; r < R; ++r) {
-            V qd = Vec::set1(q[r][d]);
-#pragma GCC unroll 8
-            for (int v = 0; v < ATT_NS; ++v) s[r][v] = Vec::fma(qd, k[v], s[r][v]);
-        }
-    }
+    tile_fma<R, ATT_NS>(s, q, Dp, kt, ATT_KB, D);
     alignas(64) float p[R][ATT_KB];
     float corr[R];
     int64_t nmax = 0;
@@ -608,7 +606,7 @@ static inline void attend_block(const float* const* q, float* const* acc, float*
         V c0[R], c1[R];
 #pragma GCC unroll 4
         for (int r = 0; r < R; ++r) {
-            c0[r] = Vec::mul(Vec::load(acc[r] + d0), Vec::set1(corr[r]));
+            c0[r] = Vec::mul(Vec::load(acc + r * Dp + d0), Vec::set1(corr[r]));
             c1[r] = Vec::zero();
         }
         int64_t j = 0;
@@ -626,7 +624,7 @@ static inline void attend_block(const float* const* q, float* const* acc, float*
             for (int r = 0; r < R; ++r) c0[r] = Vec::fma(Vec::set1(p[r][j]), v0, c0[r]);
         }
 #pragma GCC unroll 4
-        for (int r = 0; r < R; ++r) Vec::store(acc[r] + d0, Vec::add(c0[r], c1[r]));
+        for (int r = 0; r < R; ++r) Vec::store(acc + r * Dp + d0, Vec::add(c0[r], c1[r]));
     }
 }
 
@@ -717,33 +715,25 @@ static void attention(const AttentionArgs* a) {
         for (int64_t j0 = k_lo; j0 < k_hi; j0 += ATT_KB) {
             const float* ktb = kt + j0 * D;
             const void* vb = at(vbase, j0 * vs, vdt);
-            // the rows that see a key of this block, in passes of up to ATT_RMAX rows
-            int64_t active[ATT_RT], na = 0;
-            for (int64_t r = 0; r < nr; ++r)
-                if (j0 < limit[r]) active[na++] = r;
-            for (int64_t i0 = 0; i0 < na; i0 += ATT_RMAX) {
-                const int R = (int)imin(ATT_RMAX, na - i0);
-                const float* qs[ATT_RMAX];
-                float* accs[ATT_RMAX];
-                float m[ATT_RMAX], l[ATT_RMAX];
+            // the rows that see a key of this block: limit grows with the row (rows are position-major),
+            // so they are the rows from `first` on; in passes of up to ATT_RMAX rows
+            int64_t first = 0;
+            while (first < nr && j0 >= limit[first]) ++first;
+            for (int64_t r = first; r < nr; r += ATT_RMAX) {
+                const int R = (int)imin(ATT_RMAX, nr - r);
                 int64_t nvis[ATT_RMAX];
-                for (int i = 0; i < R; ++i) {
-                    int64_t r = active[i0 + i];
-                    qs[i] = Q + r * Dp;
-                    accs[i] = acc + r * Dp;
-                    m[i] = mrow[r];
-                    l[i] = lrow[r];
-                    nvis[i] = imin(ATT_KB, limit[r] - j0);
-                }
+                for (int i = 0; i < R; ++i) nvis[i] = imin(ATT_KB, limit[r + i] - j0);
+                const float* q = Q + r * Dp;
+                float* ar = acc + r * Dp;
                 switch (R) {
-                    case 1: attend_block<1>(qs, accs, m, l, nvis, ktb, vb, vs, vdt, D, Dp); break;
-                    case 2: attend_block<2>(qs, accs, m, l, nvis, ktb, vb, vs, vdt, D, Dp); break;
-                    case 3: if constexpr (ATT_RMAX >= 3) attend_block<3>(qs, accs, m, l, nvis, ktb, vb, vs, vdt, D, Dp); break;
-                    default: if constexpr (ATT_RMAX >= 4) attend_block<4>(qs, accs, m, l, nvis, ktb, vb, vs, vdt, D, Dp); break;
-                }
-                for (int i = 0; i < R; ++i) {
-                    mrow[active[i0 + i]] = m[i];
-                    lrow[active[i0 + i]] = l[i];
+                    case 1: attend_block<1>(q, ar, mrow + r, lrow + r, nvis, ktb, vb, vs, vdt, D, Dp); break;
+                    case 2: attend_block<2>(q, ar, mrow + r, lrow + r, nvis, ktb, vb, vs, vdt, D, Dp); break;
+                    case 3:
+                        if constexpr (ATT_RMAX >= 3) attend_block<3>(q, ar, mrow + r, lrow + r, nvis, ktb, vb, vs, vdt, D, Dp);
+                        break;
+                    default:
+                        if constexpr (ATT_RMAX >= 4) attend_block<4>(q, ar, mrow + r, lrow + r, nvis, ktb, vb, vs, vdt, D, Dp);
+                        break;
                 }
             }
         }
