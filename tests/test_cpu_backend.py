@@ -116,3 +116,19 @@ def test_probe_says_why_when_the_extension_is_missing():
     ok, reason = _python(code).splitlines()[:2]
     assert ok == "False"
     assert "portinfer._cpu is not built" in reason
+
+
+def test_concurrent_python_threads_get_the_same_results(cpu):
+    """Kernels release the GIL: calls from several Python threads must not share scratch state."""
+    from concurrent.futures import ThreadPoolExecutor
+    gen = torch.Generator().manual_seed(11)
+    x = torch.randn(9, 192, generator=gen)
+    w = cpu.prepare_linear(quant.quantize(torch.randn(70, 192, generator=gen), "q8_0"))
+    args = _attention_case(gen, torch.float32, 1, 4, 2, 1, 300, 64, [299], [300])
+    expected = (cpu.linear(x, w), cpu.attention(*args))
+
+    def work(_):
+        return cpu.linear(x, w), cpu.attention(*args)
+    with ThreadPoolExecutor(4) as pool:
+        for y, a in pool.map(work, range(16)):
+            assert torch.equal(y, expected[0]) and torch.equal(a, expected[1])
