@@ -645,12 +645,9 @@ static void attention(const AttentionArgs* a) {
 
     // V is read in place when its rows hold whole vectors; otherwise it is copied to padded fp32 rows
     const bool v_in_place = D % W == 0;
-    float* Kt = scratch(0, 6, (size_t)(B * Hkv * D * Skp));
-    float* Vf = v_in_place ? nullptr : scratch(0, 7, (size_t)(B * Hkv * Skp * Dp));
-    const int64_t head_blocks = Skp / ATT_KB;
-    auto convert = [&](int64_t t, int thread) {
-        int64_t bh = t / head_blocks, j0 = (t % head_blocks) * ATT_KB, b = bh / Hkv, hk = bh % Hkv;
-        float* kt = Kt + bh * D * Skp + j0 * D;  // this block's [D][KB]
+    // kt [D][ATT_KB] (and, unless V is read in place, vf [ATT_KB][Dp]) = keys (values) j0 .. j0 + KB of
+    // (batch b, kv head hk) in fp32, zero past Skv
+    auto convert_block = [&](float* kt, float* vf, int64_t b, int64_t hk, int64_t j0, int thread) {
         const char* kbase = at(a->k, b * a->k_stride[0] + hk * a->k_stride[1], dt);
         if (D % W == 0) {
             // W keys x W dims at a time through a register transpose
@@ -672,16 +669,27 @@ static void attention(const AttentionArgs* a) {
             }
         }
         if (v_in_place) return;
-        float* vf = Vf + bh * Skp * Dp;
-        for (int64_t j = j0; j < j0 + ATT_KB; ++j) {
+        for (int64_t jj = 0, j = j0; jj < ATT_KB; ++jj, ++j) {
             if (j < Skv)
-                row_to_f32(vf + j * Dp, at(a->v, b * a->v_stride[0] + hk * a->v_stride[1] + j * a->v_stride[2], dt), dt, D);
+                row_to_f32(vf + jj * Dp, at(a->v, b * a->v_stride[0] + hk * a->v_stride[1] + j * a->v_stride[2], dt), dt, D);
             else
-                for (int64_t d = 0; d < D; ++d) vf[j * Dp + d] = 0.f;
-            for (int64_t d = D; d < Dp; ++d) vf[j * Dp + d] = 0.f;
+                for (int64_t d = 0; d < D; ++d) vf[jj * Dp + d] = 0.f;
+            for (int64_t d = D; d < Dp; ++d) vf[jj * Dp + d] = 0.f;
         }
     };
-    par(B * Hkv * head_blocks, convert);
+    // with several row tiles per (batch, kv head) every block serves several items: convert K / V
+    // once, up front (Kt [B * Hkv][Skv / KB][D][KB]); with one tile (decode) each item converts its
+    // own blocks into a per-thread buffer, used while still in L1
+    const bool shared_blocks = tiles > 1;
+    float* Kt = shared_blocks ? scratch(0, 6, (size_t)(B * Hkv * D * Skp)) : nullptr;
+    float* Vf = shared_blocks && !v_in_place ? scratch(0, 7, (size_t)(B * Hkv * Skp * Dp)) : nullptr;
+    const int64_t head_blocks = Skp / ATT_KB;
+    auto convert = [&](int64_t t, int thread) {
+        int64_t bh = t / head_blocks, j0 = (t % head_blocks) * ATT_KB;
+        convert_block(Kt + bh * D * Skp + j0 * D, Vf ? Vf + (bh * Skp + j0) * Dp : nullptr, bh / Hkv, bh % Hkv, j0,
+                      thread);
+    };
+    if (shared_blocks) par(B * Hkv * head_blocks, convert);
 
     const int64_t part_stride = Dp + 2;  // per row: m, l, acc [Dp]
     float* partial = splits > 1 ? scratch(0, 5, (size_t)(base_items * splits * ATT_RT * part_stride)) : nullptr;
@@ -690,12 +698,13 @@ static void attention(const AttentionArgs* a) {
         const int64_t split = t % splits, base = t / splits, tile = base % tiles, bh = base / tiles;
         const int64_t b = bh / Hkv, hk = bh % Hkv;
         const int64_t r0 = tile * ATT_RT, nr = imin(ATT_RT, rows - r0);
-        const float* kt = Kt + bh * D * Skp;
-        // values: in place (dtype dt, row stride v_stride[2]) or the padded fp32 copy
+        // values: in place (dtype dt, row stride v_stride[2]) or padded fp32 rows
         const void* vbase = v_in_place ? (const void*)at(a->v, b * a->v_stride[0] + hk * a->v_stride[1], dt)
-                                       : (const void*)(Vf + bh * Skp * Dp);
+                                       : (const void*)(shared_blocks ? Vf + bh * Skp * Dp : nullptr);
         const int64_t vs = v_in_place ? a->v_stride[2] : Dp;
         const int vdt = v_in_place ? dt : DT_F32;
+        float* own_k = shared_blocks ? nullptr : scratch(thread, 0, (size_t)(D * ATT_KB));
+        float* own_v = shared_blocks || v_in_place ? nullptr : scratch(thread, 1, (size_t)(ATT_KB * Dp));
         float* Q = scratch(thread, 3, (size_t)(ATT_RT * Dp));
         float* acc = scratch(thread, 4, (size_t)(ATT_RT * Dp));
         float mrow[ATT_RT], lrow[ATT_RT];
@@ -713,8 +722,16 @@ static void attention(const AttentionArgs* a) {
         }
         const int64_t k_lo = split * keys_per_split, k_hi = imin(kend, k_lo + keys_per_split);
         for (int64_t j0 = k_lo; j0 < k_hi; j0 += ATT_KB) {
-            const float* ktb = kt + j0 * D;
-            const void* vb = at(vbase, j0 * vs, vdt);
+            const float* ktb;
+            const void* vb;
+            if (shared_blocks) {
+                ktb = Kt + bh * D * Skp + j0 * D;
+                vb = at(vbase, j0 * vs, vdt);
+            } else {
+                convert_block(own_k, own_v, b, hk, j0, thread);
+                ktb = own_k;
+                vb = v_in_place ? (const void*)at(vbase, j0 * vs, vdt) : (const void*)own_v;
+            }
             // the rows that see a key of this block: limit grows with the row (rows are position-major),
             // so they are the rows from `first` on; in passes of up to ATT_RMAX rows
             int64_t first = 0;
