@@ -555,10 +555,10 @@ static void linear(void* out, const void* x, const void* weights, const void* bi
 // always a prefix, so only the last block a row reaches needs a mask. When there are fewer
 // items than threads (decode), keys are split and the partial softmax states merged.
 //
-// Before the items run, K is converted to fp32 and transposed per (batch, kv head) and block of
-// keys to Kt [Skv / KB][D][KB] (scores for a block of keys are then W-wide FMAs, no horizontal
-// sums; one block is 16 KiB contiguous, so no L1 set conflicts). V is read in place when D is a
-// multiple of W, else copied to fp32 rows padded to Dp.
+// K is converted to fp32 and transposed per block of keys to [D][KB] (scores for a block of keys
+// are then W-wide FMAs, no horizontal sums; one block is 16 KiB contiguous, so no L1 set
+// conflicts): up front when several items share a block, else by the item itself. V is read in
+// place when D is a multiple of W, else converted to fp32 rows padded to Dp.
 
 static const int64_t ATT_KB = 64;
 static const int64_t ATT_RT = 16;
