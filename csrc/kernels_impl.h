@@ -407,60 +407,53 @@ static inline void dequant_block(V* w, const uint8_t* blk) {
     }
 }
 
-// sum over the blocks of x [32] . quants [32] * d (+ m * sum(x) for Q4_1) for ROWS consecutive weight
-// rows and R rows of x: the quants become fp32 in registers, a block's dot product is scaled once
-// by its d. xsum [R][K/32]: per-block sums of x (Q4_1 only).
-template <int FMT, int R, int ROWS>
-static inline void gemv_quant_rows(float* y /*[ROWS][GEMV_MAX_M]*/, const float* A, int64_t lda, const float* xsum,
-                                   const uint8_t* rows, int64_t row_bytes, int64_t nblocks) {
+// y[r] = one weight row . x row r, for R rows of x: the sum over blocks of d * (quants [32] . x [32])
+// (+ m * sum(x) for Q4_1; xsum [R][K/32] holds the per-block sums of x). The quants become fp32 in
+// registers and a block's dot product is scaled once by its d.
+template <int FMT, int R>
+static inline void gemv_quant_row(float* y, const float* A, int64_t lda, const float* xsum, const uint8_t* row,
+                                  int64_t nblocks) {
     const int64_t bb = quant_block_bytes(FMT);
-    V c[ROWS][R];
-    float cm[ROWS][R];
+    V c[R];
+    float cm[R];
 #pragma GCC unroll 4
-    for (int i = 0; i < ROWS; ++i)
-#pragma GCC unroll 4
-        for (int r = 0; r < R; ++r) { c[i][r] = Vec::zero(); cm[i][r] = 0.f; }
+    for (int r = 0; r < R; ++r) { c[r] = Vec::zero(); cm[r] = 0.f; }
     for (int64_t blk = 0; blk < nblocks; ++blk) {
         V x[R][NV];
 #pragma GCC unroll 4
         for (int r = 0; r < R; ++r)
 #pragma GCC unroll 8
             for (int v = 0; v < NV; ++v) x[r][v] = Vec::load(A + r * lda + blk * QK + v * W);
-#pragma GCC unroll 4
-        for (int i = 0; i < ROWS; ++i) {
-            const uint8_t* b = rows + i * row_bytes + blk * bb;
-            // software prefetch ~3 KiB ahead: with the hardware prefetcher alone a core streams
-            // GGUF blocks from DRAM at half the rate it can dequantize them
-            __builtin_prefetch(b + 3072);
-            V q[NV];
-            if (FMT == Q8_0) {
+        const uint8_t* b = row + blk * bb;
+        // software prefetch ~3 KiB ahead: with the hardware prefetcher alone a core streams GGUF
+        // blocks from DRAM at half the rate it can dequantize them
+        __builtin_prefetch(b + 3072);
+        V q[NV];
+        if (FMT == Q8_0) {
 #pragma GCC unroll 8
-                for (int v = 0; v < NV; ++v) q[v] = Vec::load_i8((const int8_t*)(b + 2) + v * W);
-            } else {
-                const uint8_t* qs = b + (FMT == Q4_0 ? 2 : 4);
+            for (int v = 0; v < NV; ++v) q[v] = Vec::load_i8((const int8_t*)(b + 2) + v * W);
+        } else {
+            const uint8_t* qs = b + (FMT == Q4_0 ? 2 : 4);
 #pragma GCC unroll 8
-                for (int v = 0; v < NV / 2; ++v)  // low nibbles are weights 0..15, high ones 16..31
-                    Vec::nibbles(qs + v * W, FMT == Q4_0 ? -8.0f : 0.0f, q[v], q[NV / 2 + v]);
-            }
-            V d = Vec::set1(Vec::half(b));
+            for (int v = 0; v < NV / 2; ++v)  // low nibbles are weights 0..15, high ones 16..31
+                Vec::nibbles(qs + v * W, FMT == Q4_0 ? -8.0f : 0.0f, q[v], q[NV / 2 + v]);
+        }
+        V d = Vec::set1(Vec::half(b));
 #pragma GCC unroll 4
-            for (int r = 0; r < R; ++r) {
-                V t = Vec::mul(q[0], x[r][0]);
+        for (int r = 0; r < R; ++r) {
+            V t = Vec::mul(q[0], x[r][0]);
 #pragma GCC unroll 8
-                for (int v = 1; v < NV; ++v) t = Vec::fma(q[v], x[r][v], t);
-                c[i][r] = Vec::fma(t, d, c[i][r]);
-            }
-            if (FMT == Q4_1) {
-                float m = Vec::half(b + 2);
+            for (int v = 1; v < NV; ++v) t = Vec::fma(q[v], x[r][v], t);
+            c[r] = Vec::fma(t, d, c[r]);
+        }
+        if (FMT == Q4_1) {
+            float m = Vec::half(b + 2);
 #pragma GCC unroll 4
-                for (int r = 0; r < R; ++r) cm[i][r] += m * xsum[r * nblocks + blk];
-            }
+            for (int r = 0; r < R; ++r) cm[r] += m * xsum[r * nblocks + blk];
         }
     }
 #pragma GCC unroll 4
-    for (int i = 0; i < ROWS; ++i)
-#pragma GCC unroll 4
-        for (int r = 0; r < R; ++r) y[i * GEMV_MAX_M + r] = Vec::reduce_add(c[i][r]) + cm[i][r];
+    for (int r = 0; r < R; ++r) y[r] = Vec::reduce_add(c[r]) + cm[r];
 }
 
 template <int FMT, int R>
@@ -483,7 +476,7 @@ static void gemv_quant(void* out, const float* A, int64_t lda, const uint8_t* bl
         float y[GEMV_MAX_M];
         for (int64_t n = n0; n < n1; ++n) {
             // one row at a time: a single sequential stream per thread reads DRAM fastest here
-            gemv_quant_rows<FMT, R, 1>(y, A, lda, xsum, blocks + n * row_bytes, row_bytes, nblocks);
+            gemv_quant_row<FMT, R>(y, A, lda, xsum, blocks + n * row_bytes, nblocks);
             for (int r = 0; r < R; ++r) {
                 float v = y[r];
                 if (bias) v += load_scalar(bias, adt, n);
