@@ -110,16 +110,28 @@ static void norm(void* out, const void* x, const void* w, const void* b, int64_t
                 if (i < H) acc = Vec::add(acc, load_dt_part(xr, dt, i, H - i));
                 mean = Vec::reduce_add(acc) / (float)H;
             }
-            // two passes: the variance of (x - mean) does not cancel when |mean| >> std
-            V mv = Vec::set1(mean), acc = Vec::zero();
-            for (i = 0; i + W <= H; i += W) { V d = Vec::sub(load_dt(xr, dt, i), mv); acc = Vec::fma(d, d, acc); }
-            float tail = 0.f;
-            for (; i < H; ++i) { float d = load_scalar(xr, dt, i) - mean; tail += d * d; }
-            V r = Vec::set1(1.0f / std::sqrt((Vec::reduce_add(acc) + tail) / (float)H + eps));
+            // second pass over e = x - mean: the variance of e does not cancel when |mean| >> std, and
+            // sum(e) / H corrects the fp32-rounded mean (when x - mean nearly cancels, as for H = 2,
+            // the mean's rounding error would otherwise dominate); var = mean(e^2) - corr^2
+            V mv = Vec::set1(mean), acc = Vec::zero(), acc_e = Vec::zero();
+            for (i = 0; i + W <= H; i += W) {
+                V e = Vec::sub(load_dt(xr, dt, i), mv);
+                acc = Vec::fma(e, e, acc);
+                acc_e = Vec::add(acc_e, e);
+            }
+            float tail = 0.f, tail_e = 0.f;
+            for (; i < H; ++i) {
+                float e = load_scalar(xr, dt, i) - mean;
+                tail += e * e;
+                tail_e += e;
+            }
+            const float corr = center ? (Vec::reduce_add(acc_e) + tail_e) / (float)H : 0.f;
+            const float var = (Vec::reduce_add(acc) + tail) / (float)H - corr * corr;
+            V r = Vec::set1(1.0f / std::sqrt(var + eps)), cv = Vec::set1(corr);
             for (i = 0; i < H; i += W) {
                 int64_t n = imin(W, H - i);
-                V y = Vec::mul(Vec::mul(Vec::sub(n == W ? load_dt(xr, dt, i) : load_dt_part(xr, dt, i, n), mv), r),
-                               n == W ? load_dt(w, dt, i) : load_dt_part(w, dt, i, n));
+                V e = Vec::sub(Vec::sub(n == W ? load_dt(xr, dt, i) : load_dt_part(xr, dt, i, n), mv), cv);
+                V y = Vec::mul(Vec::mul(e, r), n == W ? load_dt(w, dt, i) : load_dt_part(w, dt, i, n));
                 if (center) y = Vec::add(y, n == W ? load_dt(b, dt, i) : load_dt_part(b, dt, i, n));
                 if (n == W) store_dt(yr, dt, i, y);
                 else store_dt_part(yr, dt, i, y, n);
