@@ -119,6 +119,10 @@ const KernelTable* table_avx2();
 const KernelTable* table_avx512();
 #endif
 
+// every fp16 bit pattern as fp32 (256 KiB, built on first use; layout.cpp): a GGUF block's scale is
+// then one load + broadcast instead of three vector shuffles
+const float* f16_table();
+
 // ----------------------------------------------------------------------------
 // thread pool (threadpool.cpp) and scratch buffers
 

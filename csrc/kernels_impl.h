@@ -424,7 +424,7 @@ static inline void dequant_block(V* w, const uint8_t* blk) {
 // registers and a block's dot product is scaled once by its d.
 template <int FMT, int R>
 static inline void gemv_quant_row(float* y, const float* A, int64_t lda, const float* xsum, const uint8_t* row,
-                                  int64_t nblocks) {
+                                  int64_t nblocks, const float* f16) {
     const int64_t bb = quant_block_bytes(FMT);
     V c[R];
     float cm[R];
@@ -450,7 +450,9 @@ static inline void gemv_quant_row(float* y, const float* A, int64_t lda, const f
             for (int v = 0; v < NV / 2; ++v)  // low nibbles are weights 0..15, high ones 16..31
                 Vec::nibbles(qs + v * W, FMT == Q4_0 ? -8.0f : 0.0f, q[v], q[NV / 2 + v]);
         }
-        V d = Vec::set1(Vec::half(b));
+        uint16_t h;
+        std::memcpy(&h, b, 2);
+        V d = Vec::set1(f16[h]);
 #pragma GCC unroll 4
         for (int r = 0; r < R; ++r) {
             V t = Vec::mul(q[0], x[r][0]);
@@ -473,6 +475,7 @@ static void gemv_quant(void* out, const float* A, int64_t lda, const uint8_t* bl
                        int64_t K, int adt) {
     const int64_t nblocks = K / QK, row_bytes = nblocks * quant_block_bytes(FMT);
     const int64_t rows_per_task = 16;
+    const float* f16 = f16_table();
     float* xsum = nullptr;
     if (FMT == Q4_1) {
         xsum = scratch(0, 2, (size_t)(R * nblocks));
@@ -488,7 +491,7 @@ static void gemv_quant(void* out, const float* A, int64_t lda, const uint8_t* bl
         float y[GEMV_MAX_M];
         for (int64_t n = n0; n < n1; ++n) {
             // one row at a time: a single sequential stream per thread reads DRAM fastest here
-            gemv_quant_row<FMT, R>(y, A, lda, xsum, blocks + n * row_bytes, nblocks);
+            gemv_quant_row<FMT, R>(y, A, lda, xsum, blocks + n * row_bytes, nblocks, f16);
             for (int r = 0; r < R; ++r) {
                 float v = y[r];
                 if (bias) v += load_scalar(bias, adt, n);

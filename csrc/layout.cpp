@@ -19,3 +19,12 @@ void embedding(void* out, const int64_t* ids, const void* table, int64_t N, int6
     for (int64_t n = 0; n < N; ++n)
         std::memcpy((char*)out + n * H * elem_bytes, (const char*)table + ids[n] * ts * elem_bytes, (size_t)(H * elem_bytes));
 }
+
+const float* f16_table() {
+    static const float* table = [] {
+        static float t[65536];
+        for (uint32_t h = 0; h < 65536; ++h) t[h] = f16_to_f32((uint16_t)h);
+        return t;
+    }();
+    return table;
+}
