@@ -1,0 +1,170 @@
+// The only file that includes pybind11: the private module portinfer._cpu.
+//
+// Tensors arrive as (data pointer, sizes, strides) integers from portinfer/backends/cpu.py, which
+// validated them against the op contract; nothing is copied on the way in. Every kernel runs with
+// the GIL released, under one lock (the pool and its scratch buffers serve one kernel at a time).
+#include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
+
+#include <cstdlib>
+#include <mutex>
+#include <stdexcept>
+#include <string>
+#include <vector>
+
+#include "common.h"
+
+namespace py = pybind11;
+
+void pack_dense(void* packed, const void* w, int64_t N, int64_t K, int64_t ws, int64_t elem_bytes);
+void embedding(void* out, const int64_t* ids, const void* table, int64_t N, int64_t H, int64_t ts, int64_t elem_bytes);
+
+namespace {
+
+std::mutex kernel_lock;
+
+struct Path {
+    const char* name;
+    const KernelTable* table;
+};
+
+// instruction-set paths compiled in and usable on this CPU, best first
+std::vector<Path> usable_paths() {
+    std::vector<Path> paths;
+#if defined(__x86_64__)
+    __builtin_cpu_init();
+    if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512dq") &&
+        __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c"))
+        paths.push_back({"avx512", table_avx512()});
+    if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c"))
+        paths.push_back({"avx2", table_avx2()});
+#endif
+    paths.push_back({"portable", table_portable()});
+    return paths;
+}
+
+Path active{nullptr, nullptr};
+
+void select_path(const std::string& name) {
+    for (const Path& p : usable_paths())
+        if (name == p.name) {
+            active = p;
+            return;
+        }
+    std::string names;
+    for (const Path& p : usable_paths()) names += std::string(names.empty() ? "" : ", ") + p.name;
+    throw py::value_error("simd: expected one of the paths usable on this CPU (" + names + "), got '" + name + "'");
+}
+
+const KernelTable& kernels() {
+    if (!active.table) {
+        const char* env = std::getenv("PORTINFER_CPU_SIMD");
+        if (env && *env) select_path(env);
+        else active = usable_paths().front();
+    }
+    return *active.table;
+}
+
+template <class T>
+T* ptr(uintptr_t p) { return reinterpret_cast<T*>(p); }
+
+}  // namespace
+
+PYBIND11_MODULE(_cpu, m) {
+    m.doc() = "portinfer cpu backend kernels (see csrc/)";
+
+    m.def("simd_paths", [] {
+        std::vector<std::string> names;
+        for (const Path& p : usable_paths()) names.push_back(p.name);
+        return names;
+    }, "instruction-set paths usable on this CPU, best first");
+    m.def("get_simd", [] { kernels(); return std::string(active.name); });
+    m.def("set_simd", [](const std::string& name) {
+        std::lock_guard<std::mutex> lock(kernel_lock);
+        select_path(name);
+    });
+    m.def("get_num_threads", [] { return pool_threads(); });
+    m.def("default_num_threads", [] { return default_threads(); });
+    m.def("set_num_threads", [](int n) {
+        if (n < 1) throw py::value_error("threads: expected an integer >= 1, got " + std::to_string(n));
+        py::gil_scoped_release release;
+        std::lock_guard<std::mutex> lock(kernel_lock);
+        pool_set_threads(n);
+    });
+
+    m.def("pack_dense", [](uintptr_t packed, uintptr_t w, int64_t N, int64_t K, int64_t ws, int64_t elem_bytes) {
+        py::gil_scoped_release release;
+        pack_dense(ptr<void>(packed), ptr<const void>(w), N, K, ws, elem_bytes);
+    });
+    m.def("embedding", [](uintptr_t out, uintptr_t ids, uintptr_t table, int64_t N, int64_t H, int64_t ts, int64_t eb) {
+        py::gil_scoped_release release;
+        embedding(ptr<void>(out), ptr<const int64_t>(ids), ptr<const void>(table), N, H, ts, eb);
+    });
+    m.def("rms_norm", [](uintptr_t out, uintptr_t x, uintptr_t w, int64_t M, int64_t H, int64_t xs, float eps, int dt) {
+        const KernelTable& k = kernels();
+        py::gil_scoped_release release;
+        std::lock_guard<std::mutex> lock(kernel_lock);
+        k.rms_norm(ptr<void>(out), ptr<const void>(x), ptr<const void>(w), M, H, xs, eps, dt);
+    });
+    m.def("layer_norm", [](uintptr_t out, uintptr_t x, uintptr_t w, uintptr_t b, int64_t M, int64_t H, int64_t xs,
+                           float eps, int dt) {
+        const KernelTable& k = kernels();
+        py::gil_scoped_release release;
+        std::lock_guard<std::mutex> lock(kernel_lock);
+        k.layer_norm(ptr<void>(out), ptr<const void>(x), ptr<const void>(w), ptr<const void>(b), M, H, xs, eps, dt);
+    });
+    m.def("silu_mul", [](uintptr_t out, uintptr_t x, int64_t M, int64_t I, int64_t xs, int dt) {
+        const KernelTable& k = kernels();
+        py::gil_scoped_release release;
+        std::lock_guard<std::mutex> lock(kernel_lock);
+        k.silu_mul(ptr<void>(out), ptr<const void>(x), M, I, xs, dt);
+    });
+    m.def("gelu", [](uintptr_t out, uintptr_t x, int64_t M, int64_t C, int64_t xs, bool tanh_variant, int dt) {
+        const KernelTable& k = kernels();
+        py::gil_scoped_release release;
+        std::lock_guard<std::mutex> lock(kernel_lock);
+        k.gelu(ptr<void>(out), ptr<const void>(x), M, C, xs, tanh_variant ? 1 : 0, dt);
+    });
+    m.def("rope", [](uintptr_t out, uintptr_t x, uintptr_t pos, uintptr_t inv_freq, int64_t B, int64_t H, int64_t S,
+                     int64_t D, int64_t rd, int64_t sb, int64_t sh, int64_t ss, bool interleaved, int dt) {
+        const KernelTable& k = kernels();
+        py::gil_scoped_release release;
+        std::lock_guard<std::mutex> lock(kernel_lock);
+        k.rope(ptr<void>(out), ptr<const void>(x), ptr<const int64_t>(pos), ptr<const double>(inv_freq), B, H, S, D, rd,
+               sb, sh, ss, interleaved ? 1 : 0, dt);
+    });
+    m.def("linear", [](uintptr_t out, uintptr_t x, uintptr_t weights, uintptr_t bias, int64_t M, int64_t N, int64_t K,
+                       int64_t xs, int adt, int wfmt) {
+        const KernelTable& k = kernels();
+        py::gil_scoped_release release;
+        std::lock_guard<std::mutex> lock(kernel_lock);
+        k.linear(ptr<void>(out), ptr<const void>(x), ptr<const void>(weights), ptr<const void>(bias), M, N, K, xs, adt,
+                 wfmt);
+    });
+    m.def("attention", [](uintptr_t out, uintptr_t q, uintptr_t k, uintptr_t v, uintptr_t q_pos, uintptr_t kv_len,
+                          std::vector<int64_t> sizes, std::vector<int64_t> q_stride, std::vector<int64_t> k_stride,
+                          std::vector<int64_t> v_stride, bool causal, float scale, int dt) {
+        if (sizes.size() != 6 || q_stride.size() != 3 || k_stride.size() != 3 || v_stride.size() != 3)
+            throw py::value_error("attention: expected sizes (B, Hq, Hkv, Sq, Sk, D) and three strides per tensor");
+        AttentionArgs a;
+        a.out = ptr<void>(out);
+        a.q = ptr<const void>(q);
+        a.k = ptr<const void>(k);
+        a.v = ptr<const void>(v);
+        a.q_pos = ptr<const int32_t>(q_pos);
+        a.kv_len = ptr<const int32_t>(kv_len);
+        a.B = sizes[0]; a.Hq = sizes[1]; a.Hkv = sizes[2]; a.Sq = sizes[3]; a.Sk = sizes[4]; a.D = sizes[5];
+        for (int i = 0; i < 3; ++i) {
+            a.q_stride[i] = q_stride[i];
+            a.k_stride[i] = k_stride[i];
+            a.v_stride[i] = v_stride[i];
+        }
+        a.causal = causal ? 1 : 0;
+        a.scale = scale;
+        a.dt = dt;
+        const KernelTable& kt = kernels();
+        py::gil_scoped_release release;
+        std::lock_guard<std::mutex> lock(kernel_lock);
+        kt.attention(&a);
+    });
+}

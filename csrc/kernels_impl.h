@@ -1,0 +1,816 @@
+// The kernels, written once over a vector type `Vec` (W fp32 lanes) and compiled once per
+// instruction set: kernels_<isa>.cpp defines `Vec` in its own namespace and includes this file
+// there. Plain C++: raw pointers, sizes and strides in elements, fp32 accumulation.
+//
+// Not a standalone header: no include guard, no includes (they come before the namespace).
+
+typedef Vec::V V;
+static const int W = Vec::W;
+
+// exp(x) for every lane: Cephes' expf (2^n * p(r), about 1 ulp), 0 below -87.3 (the true value
+// is < 1.2e-38), the same polynomial on every path
+static inline V vexp(V x) {
+    const float lo = -87.3f;
+    V c = Vec::min(Vec::max(x, Vec::set1(lo)), Vec::set1(88.3f));
+    V n = Vec::round(Vec::mul(c, Vec::set1(1.44269504088896341f)));
+    V r = Vec::fma(n, Vec::set1(-0.693359375f), c);
+    r = Vec::fma(n, Vec::set1(2.12194440e-4f), r);
+    V p = Vec::set1(1.9875691500E-4f);
+    p = Vec::fma(p, r, Vec::set1(1.3981999507E-3f));
+    p = Vec::fma(p, r, Vec::set1(8.3334519073E-3f));
+    p = Vec::fma(p, r, Vec::set1(4.1665795894E-2f));
+    p = Vec::fma(p, r, Vec::set1(1.6666665459E-1f));
+    p = Vec::fma(p, r, Vec::set1(5.0000001201E-1f));
+    p = Vec::fma(p, Vec::mul(r, r), Vec::add(r, Vec::set1(1.0f)));
+    return Vec::zero_below(x, lo, Vec::scale_pow2(p, n));
+}
+
+static inline int64_t imin(int64_t a, int64_t b) { return a < b ? a : b; }
+static inline int64_t imax(int64_t a, int64_t b) { return a > b ? a : b; }
+static inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+// ============================================================================
+// loads and stores of W elements of any activation dtype, as fp32
+
+static inline V load_dt(const void* p, int dt, int64_t i) {
+    if (dt == DT_F32) return Vec::load((const float*)p + i);
+    if (dt == DT_F16) return Vec::load_f16((const uint16_t*)p + i);
+    return Vec::load_bf16((const uint16_t*)p + i);
+}
+
+// the first n < W elements, the rest zero
+static inline V load_dt_part(const void* p, int dt, int64_t i, int64_t n) {
+    alignas(64) float t[W];
+    for (int j = 0; j < W; ++j) t[j] = j < n ? load_scalar(p, dt, i + j) : 0.f;
+    return Vec::load(t);
+}
+
+static inline void store_dt(void* p, int dt, int64_t i, V v) {
+    if (dt == DT_F32) { Vec::store((float*)p + i, v); return; }
+    if (dt == DT_F16) { Vec::store_f16((uint16_t*)p + i, v); return; }
+    alignas(64) float t[W];
+    Vec::store(t, v);
+    for (int j = 0; j < W; ++j) ((uint16_t*)p)[i + j] = f32_to_bf16(t[j]);
+}
+
+static inline void store_dt_part(void* p, int dt, int64_t i, V v, int64_t n) {
+    alignas(64) float t[W];
+    Vec::store(t, v);
+    for (int64_t j = 0; j < n; ++j) store_scalar(p, dt, i + j, t[j]);
+}
+
+// dst [n] fp32 = src [n] of dtype dt
+static void row_to_f32(float* dst, const void* src, int dt, int64_t n) {
+    if (dt == DT_F32) { std::memcpy(dst, src, (size_t)n * 4); return; }
+    int64_t i = 0;
+    for (; i + W <= n; i += W) Vec::store(dst + i, load_dt(src, dt, i));
+    for (; i < n; ++i) dst[i] = load_scalar(src, dt, i);
+}
+
+static inline const char* at(const void* p, int64_t elements, int dt) {
+    return (const char*)p + elements * dtype_bytes(dt);
+}
+static inline char* at(void* p, int64_t elements, int dt) { return (char*)p + elements * dtype_bytes(dt); }
+
+// ============================================================================
+// parallel loops on the pool (threadpool.cpp)
+
+template <class F>
+static void par(int64_t n, F& f) {
+    parallel_for(n, [](void* ctx, int64_t task, int thread) { (*(F*)ctx)(task, thread); }, &f);
+}
+
+// f(begin, end, thread) over [0, n) in chunks of at least `grain`
+template <class F>
+static void par_range(int64_t n, int64_t grain, F f) {
+    int64_t chunks = imax(1, imin(ceil_div(n, imax(grain, 1)), 4 * (int64_t)pool_threads()));
+    int64_t step = ceil_div(n, chunks);
+    auto body = [&](int64_t t, int thread) { f(t * step, imin(n, (t + 1) * step), thread); };
+    par(ceil_div(n, step), body);
+}
+
+// rows per task so that a task touches ~16K elements
+static inline int64_t row_grain(int64_t cols) { return imax(1, 16384 / imax(cols, 1)); }
+
+// ============================================================================
+// norms
+
+// layer_norm (center: the mean is subtracted, then + b) and rms_norm (no centering, b unused)
+static void norm(void* out, const void* x, const void* w, const void* b, int64_t M, int64_t H, int64_t xs, float eps,
+                 int dt, bool center) {
+    par_range(M, row_grain(H), [&](int64_t m0, int64_t m1, int) {
+        for (int64_t m = m0; m < m1; ++m) {
+            const char* xr = at(x, m * xs, dt);
+            char* yr = at(out, m * H, dt);
+            float mean = 0.f;
+            int64_t i;
+            if (center) {
+                V acc = Vec::zero();
+                for (i = 0; i + W <= H; i += W) acc = Vec::add(acc, load_dt(xr, dt, i));
+                if (i < H) acc = Vec::add(acc, load_dt_part(xr, dt, i, H - i));
+                mean = Vec::reduce_add(acc) / (float)H;
+            }
+            // second pass over e = x - mean: the variance of e does not cancel when |mean| >> std, and
+            // sum(e) / H corrects the fp32-rounded mean (when x - mean nearly cancels, as for H = 2,
+            // the mean's rounding error would otherwise dominate); var = mean(e^2) - corr^2
+            V mv = Vec::set1(mean), acc = Vec::zero(), acc_e = Vec::zero();
+            for (i = 0; i + W <= H; i += W) {
+                V e = Vec::sub(load_dt(xr, dt, i), mv);
+                acc = Vec::fma(e, e, acc);
+                acc_e = Vec::add(acc_e, e);
+            }
+            float tail = 0.f, tail_e = 0.f;
+            for (; i < H; ++i) {
+                float e = load_scalar(xr, dt, i) - mean;
+                tail += e * e;
+                tail_e += e;
+            }
+            const float corr = center ? (Vec::reduce_add(acc_e) + tail_e) / (float)H : 0.f;
+            const float var = (Vec::reduce_add(acc) + tail) / (float)H - corr * corr;
+            V r = Vec::set1(1.0f / std::sqrt(var + eps)), cv = Vec::set1(corr);
+            for (i = 0; i < H; i += W) {
+                int64_t n = imin(W, H - i);
+                V e = Vec::sub(Vec::sub(n == W ? load_dt(xr, dt, i) : load_dt_part(xr, dt, i, n), mv), cv);
+                V y = Vec::mul(Vec::mul(e, r), n == W ? load_dt(w, dt, i) : load_dt_part(w, dt, i, n));
+                if (center) y = Vec::add(y, n == W ? load_dt(b, dt, i) : load_dt_part(b, dt, i, n));
+                if (n == W) store_dt(yr, dt, i, y);
+                else store_dt_part(yr, dt, i, y, n);
+            }
+        }
+    });
+}
+
+static void rms_norm(void* out, const void* x, const void* w, int64_t M, int64_t H, int64_t xs, float eps, int dt) {
+    norm(out, x, w, nullptr, M, H, xs, eps, dt, false);
+}
+
+static void layer_norm(void* out, const void* x, const void* w, const void* b, int64_t M, int64_t H, int64_t xs,
+                       float eps, int dt) {
+    norm(out, x, w, b, M, H, xs, eps, dt, true);
+}
+
+// ============================================================================
+// elementwise: silu_mul, gelu, rope
+
+static inline V silu_times(V g, V u) {
+    V one = Vec::set1(1.0f);
+    V e = vexp(Vec::sub(Vec::zero(), g));
+    return Vec::mul(Vec::div(g, Vec::add(one, e)), u);
+}
+
+static void silu_mul(void* out, const void* x, int64_t M, int64_t I, int64_t xs, int dt) {
+    par_range(M, row_grain(I), [&](int64_t m0, int64_t m1, int) {
+        for (int64_t m = m0; m < m1; ++m) {
+            const char* gate = at(x, m * xs, dt);
+            const char* up = at(x, m * xs + I, dt);
+            char* yr = at(out, m * I, dt);
+            int64_t i = 0;
+            for (; i + W <= I; i += W) store_dt(yr, dt, i, silu_times(load_dt(gate, dt, i), load_dt(up, dt, i)));
+            if (i < I) store_dt_part(yr, dt, i, silu_times(load_dt_part(gate, dt, i, I - i), load_dt_part(up, dt, i, I - i)), I - i);
+        }
+    });
+}
+
+static void gelu(void* out, const void* x, int64_t M, int64_t C, int64_t xs, int tanh_variant, int dt) {
+    par_range(M, row_grain(C), [&](int64_t m0, int64_t m1, int) {
+        for (int64_t m = m0; m < m1; ++m) {
+            const char* xr = at(x, m * xs, dt);
+            char* yr = at(out, m * C, dt);
+            for (int64_t i = 0; i < C; ++i) {
+                float v = load_scalar(xr, dt, i), y;
+                if (tanh_variant)
+                    y = 0.5f * v * (1.0f + std::tanh(0.7978845608028654f * (v + 0.044715f * v * v * v)));
+                else
+                    y = 0.5f * v * (1.0f + std::erf(v * 0.7071067811865476f));
+                store_scalar(yr, dt, i, y);
+            }
+        }
+    });
+}
+
+static void rope(void* out, const void* x, const int64_t* pos, const double* inv_freq, int64_t B, int64_t H,
+                 int64_t S, int64_t D, int64_t rd, int64_t sb, int64_t sh, int64_t ss, int interleaved, int dt) {
+    const int64_t half = rd / 2;
+    par_range(B * S, imax(1, 4096 / imax(H * D, 1)), [&](int64_t t0, int64_t t1, int thread) {
+        float* cs = scratch(thread, 2, (size_t)rd);  // cos [half], sin [half]
+        for (int64_t t = t0; t < t1; ++t) {
+            int64_t b = t / S, s = t % S;
+            // the angle in float64: pos * inv_freq grows with position, an fp32 angle would be off by ~pos * 2^-24
+            for (int64_t i = 0; i < half; ++i) {
+                double a = (double)pos[t] * inv_freq[i];
+                cs[i] = (float)std::cos(a);
+                cs[half + i] = (float)std::sin(a);
+            }
+            for (int64_t h = 0; h < H; ++h) {
+                const char* xr = at(x, b * sb + h * sh + s * ss, dt);
+                char* yr = at(out, ((b * H + h) * S + s) * D, dt);
+                for (int64_t i = 0; i < half; ++i) {
+                    int64_t i1 = interleaved ? 2 * i : i, i2 = interleaved ? 2 * i + 1 : i + half;
+                    float x1 = load_scalar(xr, dt, i1), x2 = load_scalar(xr, dt, i2);
+                    float c = cs[i], sn = cs[half + i];
+                    store_scalar(yr, dt, i1, x1 * c - x2 * sn);
+                    store_scalar(yr, dt, i2, x2 * c + x1 * sn);
+                }
+                std::memcpy(yr + rd * dtype_bytes(dt), xr + rd * dtype_bytes(dt), (size_t)((D - rd) * dtype_bytes(dt)));
+            }
+        }
+    });
+}
+
+// ============================================================================
+// linear: y [M, N] = x [M, K] W^T + b
+//
+// Dense W is packed at prepare time in panels of PANEL = 32 output features, k-major:
+// P [ceil(N/32)][K][32] (pack_dense in bindings.cpp). Quantized W stays GGUF blocks [N][K/32].
+// M <= GEMV_MAX_M: one pass over the weights, every row of x against each loaded weight.
+// Larger M: a GEMM over KC x 32 weight blocks (converted / dequantized to fp32 when needed)
+// with an MR x 32 register-tile micro-kernel.
+
+static const int NV = PANEL / W;  // vectors per panel row
+static const int GEMV_MAX_M = 4;
+static const int64_t KC = 256;  // k per GEMM block: a 256 x 32 fp32 block is 32 KiB (L1)
+static const int MR = Vec::GEMM_MR;
+static const int64_t MC_MAX = 1024;  // rows per GEMM task at most (a 1024 x 32 fp32 tile: 128 KiB, L2)
+
+// x as fp32 rows: x itself or a converted copy (thread 0's slot 1, filled before any task runs)
+static const float* x_as_f32(const void* x, int64_t M, int64_t K, int64_t xs, int adt, int64_t* lda) {
+    if (adt == DT_F32) { *lda = xs; return (const float*)x; }
+    float* buf = scratch(0, 1, (size_t)(M * K));
+    for (int64_t m = 0; m < M; ++m) row_to_f32(buf + m * K, at(x, m * xs, adt), adt, K);
+    *lda = K;
+    return buf;
+}
+
+// y[m, n0 : n0 + n] = acc[m, :n] + bias
+static inline void write_out(void* out, int adt, const float* acc, int64_t acc_stride, int64_t rows, int64_t N,
+                             int64_t n0, int64_t n, const void* bias) {
+    for (int64_t m = 0; m < rows; ++m)
+        for (int64_t j = 0; j < n; ++j) {
+            float v = acc[m * acc_stride + j];
+            if (bias) v += load_scalar(bias, adt, n0 + j);
+            store_scalar(out, adt, m * N + n0 + j, v);
+        }
+}
+
+// c [R][NVEC vectors] += A [R rows, stride lda][kc] x B [kc rows, stride ldb][NVEC * W]: a register
+// tile, one broadcast of A per row and k, one load of B per vector and k (the GEMM micro-kernel
+// and attention's scores)
+template <int R, int NVEC>
+static inline void tile_fma(V (&c)[R][NVEC], const float* A, int64_t lda, const float* B, int64_t ldb, int64_t kc) {
+    for (int64_t k = 0; k < kc; ++k) {
+        V b[NVEC];
+#pragma GCC unroll 8
+        for (int v = 0; v < NVEC; ++v) b[v] = Vec::load(B + k * ldb + v * W);
+#pragma GCC unroll 16
+        for (int r = 0; r < R; ++r) {
+            V a = Vec::set1(A[r * lda + k]);
+#pragma GCC unroll 8
+            for (int v = 0; v < NVEC; ++v) c[r][v] = Vec::fma(a, b[v], c[r][v]);
+        }
+    }
+}
+
+// acc [R][32] (+)= A [R rows, lda][kc] x B [kc][32]
+template <int R>
+static inline void micro_kernel(float* acc, const float* A, int64_t lda, const float* B, int64_t kc, bool init) {
+    V c[R][NV];
+#pragma GCC unroll 16
+    for (int r = 0; r < R; ++r)
+#pragma GCC unroll 8
+        for (int v = 0; v < NV; ++v) c[r][v] = init ? Vec::zero() : Vec::load(acc + r * PANEL + v * W);
+    tile_fma<R, NV>(c, A, lda, B, PANEL, kc);
+#pragma GCC unroll 16
+    for (int r = 0; r < R; ++r)
+#pragma GCC unroll 8
+        for (int v = 0; v < NV; ++v) Vec::store(acc + r * PANEL + v * W, c[r][v]);
+}
+
+template <int R>
+static inline void micro_dispatch(int r, float* acc, const float* A, int64_t lda, const float* B, int64_t kc, bool init) {
+    if (r == R) micro_kernel<R>(acc, A, lda, B, kc, init);
+    else if constexpr (R > 1) micro_dispatch<R - 1>(r, acc, A, lda, B, kc, init);
+}
+
+// GEMM over panels; block(panel, k0, kc, thread) returns the fp32 [kc][32] weight block.
+// A task is (panel, chunk of rows). Rows are only chunked when there are too few panels to
+// keep the threads busy: each weight block is then converted / dequantized once, not per chunk.
+template <class Block>
+static void gemm(void* out, const float* A, int64_t lda, const void* bias, int64_t M, int64_t N, int64_t K, int adt,
+                 Block& block) {
+    const int64_t panels = ceil_div(N, PANEL), threads = pool_threads();
+    int64_t mc = imin(M, MC_MAX);
+    if (panels < 2 * threads) mc = imin(mc, imax(MR, ceil_div(ceil_div(M, ceil_div(2 * threads, panels)), MR) * MR));
+    const int64_t mchunks = ceil_div(M, mc);
+    auto task = [&](int64_t t, int thread) {
+        int64_t p = t / mchunks, m0 = (t % mchunks) * mc, m1 = imin(M, m0 + mc);
+        float* acc = scratch(thread, 3, (size_t)(mc * PANEL));
+        for (int64_t k0 = 0; k0 < K; k0 += KC) {
+            int64_t kc = imin(KC, K - k0);
+            const float* B = block(p, k0, kc, thread);
+            for (int64_t m = m0; m < m1; m += MR)
+                micro_dispatch<MR>((int)imin(MR, m1 - m), acc + (m - m0) * PANEL, A + m * lda + k0, lda, B, kc, k0 == 0);
+        }
+        int64_t n0 = p * PANEL;
+        write_out(at(out, m0 * N, adt), adt, acc, PANEL, m1 - m0, N, n0, imin(PANEL, N - n0), bias);
+    };
+    par(panels * mchunks, task);
+}
+
+// ---------------------------------------------------------------- dense weights
+
+template <int WDT, int R>
+static void gemv_dense_panel(float* acc_out, const float* A, int64_t lda, const void* P, int64_t K) {
+    // two accumulator sets (even / odd k) so the FMA chains overlap
+    V c0[R][NV], c1[R][NV];
+    for (int r = 0; r < R; ++r)
+        for (int v = 0; v < NV; ++v) c0[r][v] = c1[r][v] = Vec::zero();
+    int64_t k = 0;
+    for (; k + 2 <= K; k += 2) {
+        if (WDT != DT_F32) {  // 16-bit weights: prefetch 4 KiB ahead (+40% from DRAM here; fp32 loses with it)
+            __builtin_prefetch((const char*)P + (k + 64) * PANEL * 2);
+            __builtin_prefetch((const char*)P + (k + 64) * PANEL * 2 + 64);
+        }
+        V w0[NV], w1[NV];
+#pragma GCC unroll 8
+        for (int v = 0; v < NV; ++v) {
+            w0[v] = load_dt(P, WDT, k * PANEL + v * W);
+            w1[v] = load_dt(P, WDT, (k + 1) * PANEL + v * W);
+        }
+#pragma GCC unroll 4
+        for (int r = 0; r < R; ++r) {
+            V a0 = Vec::set1(A[r * lda + k]), a1 = Vec::set1(A[r * lda + k + 1]);
+#pragma GCC unroll 8
+            for (int v = 0; v < NV; ++v) {
+                c0[r][v] = Vec::fma(a0, w0[v], c0[r][v]);
+                c1[r][v] = Vec::fma(a1, w1[v], c1[r][v]);
+            }
+        }
+    }
+    if (k < K)
+        for (int r = 0; r < R; ++r) {
+            V a = Vec::set1(A[r * lda + k]);
+            for (int v = 0; v < NV; ++v) c0[r][v] = Vec::fma(a, load_dt(P, WDT, k * PANEL + v * W), c0[r][v]);
+        }
+    for (int r = 0; r < R; ++r)
+        for (int v = 0; v < NV; ++v) Vec::store(acc_out + r * PANEL + v * W, Vec::add(c0[r][v], c1[r][v]));
+}
+
+template <int WDT>
+static void linear_dense_t(void* out, const float* A, int64_t lda, const void* packed, const void* bias, int64_t M,
+                           int64_t N, int64_t K, int adt) {
+    const int64_t panels = ceil_div(N, PANEL);
+    const int64_t panel_elems = K * PANEL;
+    if (M <= GEMV_MAX_M) {
+        auto task = [&](int64_t p, int) {
+            alignas(64) float acc[GEMV_MAX_M * PANEL];
+            const char* P = at(packed, p * panel_elems, WDT);
+            switch (M) {
+                case 1: gemv_dense_panel<WDT, 1>(acc, A, lda, P, K); break;
+                case 2: gemv_dense_panel<WDT, 2>(acc, A, lda, P, K); break;
+                case 3: gemv_dense_panel<WDT, 3>(acc, A, lda, P, K); break;
+                default: gemv_dense_panel<WDT, 4>(acc, A, lda, P, K); break;
+            }
+            int64_t n0 = p * PANEL;
+            write_out(out, adt, acc, PANEL, M, N, n0, imin(PANEL, N - n0), bias);
+        };
+        par(panels, task);
+        return;
+    }
+    auto block = [&](int64_t p, int64_t k0, int64_t kc, int thread) -> const float* {
+        const char* src = at(packed, p * panel_elems + k0 * PANEL, WDT);
+        if (WDT == DT_F32) return (const float*)src;
+        float* buf = scratch(thread, 2, (size_t)(KC * PANEL));
+        row_to_f32(buf, src, WDT, kc * PANEL);
+        return buf;
+    };
+    gemm(out, A, lda, bias, M, N, K, adt, block);
+}
+
+// ---------------------------------------------------------------- GGUF block weights
+
+// the 32 weights of one block as NV vectors (exact in fp32: d * q needs at most 11 + 8 bits)
+template <int FMT>
+static inline void dequant_block(V* w, const uint8_t* blk) {
+    V d = Vec::set1(Vec::half(blk));
+    if (FMT == Q8_0) {
+        const int8_t* q = (const int8_t*)(blk + 2);
+#pragma GCC unroll 8
+        for (int v = 0; v < NV; ++v) w[v] = Vec::mul(Vec::load_i8(q + v * W), d);
+    } else if (FMT == Q4_0) {
+        // low nibbles are weights 0..15, high nibbles 16..31
+        const uint8_t* qs = blk + 2;
+#pragma GCC unroll 8
+        for (int v = 0; v < NV / 2; ++v) {
+            V lo, hi;
+            Vec::nibbles(qs + v * W, -8.0f, lo, hi);
+            w[v] = Vec::mul(lo, d);
+            w[NV / 2 + v] = Vec::mul(hi, d);
+        }
+    } else {
+        V m = Vec::set1(Vec::half(blk + 2));
+        const uint8_t* qs = blk + 4;
+#pragma GCC unroll 8
+        for (int v = 0; v < NV / 2; ++v) {
+            V lo, hi;
+            Vec::nibbles(qs + v * W, 0.0f, lo, hi);
+            w[v] = Vec::fma(lo, d, m);
+            w[NV / 2 + v] = Vec::fma(hi, d, m);
+        }
+    }
+}
+
+// y[r] = one weight row . x row r, for R rows of x: the sum over blocks of d * (quants [32] . x [32])
+// (+ m * sum(x) for Q4_1; xsum [R][K/32] holds the per-block sums of x). The quants become fp32 in
+// registers and a block's dot product is scaled once by its d.
+template <int FMT, int R>
+static inline void gemv_quant_row(float* y, const float* A, int64_t lda, const float* xsum, const uint8_t* row,
+                                  int64_t nblocks, const float* f16) {
+    const int64_t bb = quant_block_bytes(FMT);
+    V c[R];
+    float cm[R];
+#pragma GCC unroll 4
+    for (int r = 0; r < R; ++r) { c[r] = Vec::zero(); cm[r] = 0.f; }
+    for (int64_t blk = 0; blk < nblocks; ++blk) {
+        V x[R][NV];
+#pragma GCC unroll 4
+        for (int r = 0; r < R; ++r)
+#pragma GCC unroll 8
+            for (int v = 0; v < NV; ++v) x[r][v] = Vec::load(A + r * lda + blk * QK + v * W);
+        const uint8_t* b = row + blk * bb;
+        // software prefetch ~3 KiB ahead: with the hardware prefetcher alone a core streams GGUF
+        // blocks from DRAM at half the rate it can dequantize them
+        __builtin_prefetch(b + 3072);
+        V q[NV];
+        if (FMT == Q8_0) {
+#pragma GCC unroll 8
+            for (int v = 0; v < NV; ++v) q[v] = Vec::load_i8((const int8_t*)(b + 2) + v * W);
+        } else {
+            const uint8_t* qs = b + (FMT == Q4_0 ? 2 : 4);
+#pragma GCC unroll 8
+            for (int v = 0; v < NV / 2; ++v)  // low nibbles are weights 0..15, high ones 16..31
+                Vec::nibbles(qs + v * W, FMT == Q4_0 ? -8.0f : 0.0f, q[v], q[NV / 2 + v]);
+        }
+        uint16_t h;
+        std::memcpy(&h, b, 2);
+        V d = Vec::set1(f16[h]);
+#pragma GCC unroll 4
+        for (int r = 0; r < R; ++r) {
+            V t = Vec::mul(q[0], x[r][0]);
+#pragma GCC unroll 8
+            for (int v = 1; v < NV; ++v) t = Vec::fma(q[v], x[r][v], t);
+            c[r] = Vec::fma(t, d, c[r]);
+        }
+        if (FMT == Q4_1) {
+            float m = Vec::half(b + 2);
+#pragma GCC unroll 4
+            for (int r = 0; r < R; ++r) cm[r] += m * xsum[r * nblocks + blk];
+        }
+    }
+#pragma GCC unroll 4
+    for (int r = 0; r < R; ++r) y[r] = Vec::reduce_add(c[r]) + cm[r];
+}
+
+template <int FMT, int R>
+static void gemv_quant(void* out, const float* A, int64_t lda, const uint8_t* blocks, const void* bias, int64_t N,
+                       int64_t K, int adt) {
+    const int64_t nblocks = K / QK, row_bytes = nblocks * quant_block_bytes(FMT);
+    const int64_t rows_per_task = 16;
+    const float* f16 = f16_table();
+    float* xsum = nullptr;
+    if (FMT == Q4_1) {
+        xsum = scratch(0, 2, (size_t)(R * nblocks));
+        for (int r = 0; r < R; ++r)
+            for (int64_t blk = 0; blk < nblocks; ++blk) {
+                float sum = 0.f;
+                for (int i = 0; i < QK; ++i) sum += A[r * lda + blk * QK + i];
+                xsum[r * nblocks + blk] = sum;
+            }
+    }
+    auto task = [&](int64_t t, int) {
+        int64_t n0 = t * rows_per_task, n1 = imin(N, n0 + rows_per_task);
+        float y[GEMV_MAX_M];
+        for (int64_t n = n0; n < n1; ++n) {
+            // one row at a time: a single sequential stream per thread reads DRAM fastest here
+            gemv_quant_row<FMT, R>(y, A, lda, xsum, blocks + n * row_bytes, nblocks, f16);
+            for (int r = 0; r < R; ++r) {
+                float v = y[r];
+                if (bias) v += load_scalar(bias, adt, n);
+                store_scalar(out, adt, r * N + n, v);
+            }
+        }
+    };
+    par(ceil_div(N, rows_per_task), task);
+}
+
+template <int FMT>
+static void linear_quant_t(void* out, const float* A, int64_t lda, const uint8_t* blocks, const void* bias, int64_t M,
+                           int64_t N, int64_t K, int adt) {
+    if (M <= GEMV_MAX_M) {
+        switch (M) {
+            case 1: gemv_quant<FMT, 1>(out, A, lda, blocks, bias, N, K, adt); break;
+            case 2: gemv_quant<FMT, 2>(out, A, lda, blocks, bias, N, K, adt); break;
+            case 3: gemv_quant<FMT, 3>(out, A, lda, blocks, bias, N, K, adt); break;
+            default: gemv_quant<FMT, 4>(out, A, lda, blocks, bias, N, K, adt); break;
+        }
+        return;
+    }
+    const int64_t bb = quant_block_bytes(FMT), row_bytes = K / QK * bb;
+    // dequantize a [32 rows][kc] tile into the k-major [kc][32] block the micro-kernel reads
+    auto block = [&](int64_t p, int64_t k0, int64_t kc, int thread) -> const float* {
+        float* buf = scratch(thread, 2, (size_t)(KC * PANEL));
+        alignas(64) float tmp[QK];
+        for (int64_t j = 0; j < PANEL; ++j) {
+            int64_t n = p * PANEL + j;
+            if (n >= N) {
+                for (int64_t k = 0; k < kc; ++k) buf[k * PANEL + j] = 0.f;
+                continue;
+            }
+            const uint8_t* row = blocks + n * row_bytes;
+            for (int64_t kb = 0; kb < kc; kb += QK) {
+                V w[NV];
+                dequant_block<FMT>(w, row + (k0 + kb) / QK * bb);
+                for (int v = 0; v < NV; ++v) Vec::store(tmp + v * W, w[v]);
+                for (int i = 0; i < QK; ++i) buf[(kb + i) * PANEL + j] = tmp[i];
+            }
+        }
+        return buf;
+    };
+    gemm(out, A, lda, bias, M, N, K, adt, block);
+}
+
+// the one entry point: wfmt says how `weights` are stored (enum WeightFormat)
+static void linear(void* out, const void* x, const void* weights, const void* bias, int64_t M, int64_t N, int64_t K,
+                   int64_t xs, int adt, int wfmt) {
+    int64_t lda;
+    const float* A = x_as_f32(x, M, K, xs, adt, &lda);
+    const uint8_t* blocks = (const uint8_t*)weights;
+    switch (wfmt) {
+        case W_F32: linear_dense_t<DT_F32>(out, A, lda, weights, bias, M, N, K, adt); break;
+        case W_F16: linear_dense_t<DT_F16>(out, A, lda, weights, bias, M, N, K, adt); break;
+        case W_BF16: linear_dense_t<DT_BF16>(out, A, lda, weights, bias, M, N, K, adt); break;
+        case W_Q8_0: linear_quant_t<Q8_0>(out, A, lda, blocks, bias, M, N, K, adt); break;
+        case W_Q4_0: linear_quant_t<Q4_0>(out, A, lda, blocks, bias, M, N, K, adt); break;
+        default: linear_quant_t<Q4_1>(out, A, lda, blocks, bias, M, N, K, adt); break;
+    }
+}
+
+// ============================================================================
+// attention: flash-style (online softmax over blocks of ATT_KB keys), GQA without repeating K/V
+//
+// Work items: (batch, kv head, tile of ATT_RT query rows, key split). The rows of a tile are
+// (query position, q head of the group) pairs, so one K/V block serves every q head that reads
+// it. Row i of sequence b sees keys j < limit = kv_len[b] (and j <= q_pos[b] + i when causal):
+// always a prefix, so only the last block a row reaches needs a mask. When there are fewer
+// items than threads (decode), keys are split and the partial softmax states merged.
+//
+// K is converted to fp32 and transposed per block of keys to [D][KB] (scores for a block of keys
+// are then W-wide FMAs, no horizontal sums; one block is 16 KiB contiguous, so no L1 set
+// conflicts): up front when several items share a block, else by the item itself. V is read in
+// place when D is a multiple of W, else converted to fp32 rows padded to Dp.
+
+static const int64_t ATT_KB = 64;
+static const int64_t ATT_RT = 16;
+
+static const int ATT_NS = ATT_KB / W;                // score vectors per row and block
+static const int ATT_RMAX = ATT_NS >= 8 ? 2 : 4;        // rows per pass: 4 x 4 zmm score accumulators
+
+// One block of keys for R consecutive query rows at once (so the FMA chains of several rows overlap
+// and each K/V load serves R rows): online-softmax update of (m, l, acc) for each row.
+// q [R][Dp] (pre-scaled), acc [R][Dp]; kt [D][ATT_KB] transposed keys; vb: the block's values,
+// rows of dtype vdt, row stride vs, at least Dp readable columns; nvis[r]: the first nvis[r] keys
+// of the block are visible to row r (>= 1).
+template <int R>
+static inline void attend_block(const float* q, float* acc, float* m, float* l, const int64_t* nvis, const float* kt,
+                                const void* vb, int64_t vs, int vdt, int64_t D, int64_t Dp) {
+    V s[R][ATT_NS];
+#pragma GCC unroll 4
+    for (int r = 0; r < R; ++r)
+#pragma GCC unroll 8
+        for (int v = 0; v < ATT_NS; ++v) s[r][v] = Vec::zero();
+    tile_fma<R, ATT_NS>(s, q, Dp, kt, ATT_KB, D);
+    alignas(64) float p[R][ATT_KB];
+    float corr[R];
+    int64_t nmax = 0;
+    for (int r = 0; r < R; ++r) {
+        for (int v = 0; v < ATT_NS; ++v) Vec::store(p[r] + v * W, s[r][v]);
+        for (int64_t j = nvis[r]; j < ATT_KB; ++j) p[r][j] = -INFINITY;
+        nmax = imax(nmax, nvis[r]);
+        V mx = Vec::load(p[r]);
+        for (int v = 1; v < ATT_NS; ++v) mx = Vec::max(mx, Vec::load(p[r] + v * W));
+        const float bm = Vec::reduce_max(mx);
+        const float m_new = m[r] > bm ? m[r] : bm;
+        corr[r] = std::exp(m[r] - m_new);  // 0 for a row's first visible block (m = -inf)
+        V mv = Vec::set1(m_new), sum = Vec::zero();
+        for (int v = 0; v < ATT_NS; ++v) {
+            V e = vexp(Vec::sub(Vec::load(p[r] + v * W), mv));  // masked: exp(-inf) = 0
+            Vec::store(p[r] + v * W, e);
+            sum = Vec::add(sum, e);
+        }
+        l[r] = l[r] * corr[r] + Vec::reduce_add(sum);
+        m[r] = m_new;
+    }
+    // acc = acc * corr + p . V[0 : nmax] (p is 0 past a row's own nvis); keys in pairs, two chains per row
+    for (int64_t d0 = 0; d0 < Dp; d0 += W) {
+        V c0[R], c1[R];
+#pragma GCC unroll 4
+        for (int r = 0; r < R; ++r) {
+            c0[r] = Vec::mul(Vec::load(acc + r * Dp + d0), Vec::set1(corr[r]));
+            c1[r] = Vec::zero();
+        }
+        int64_t j = 0;
+        for (; j + 2 <= nmax; j += 2) {
+            V v0 = load_dt(vb, vdt, j * vs + d0), v1 = load_dt(vb, vdt, (j + 1) * vs + d0);
+#pragma GCC unroll 4
+            for (int r = 0; r < R; ++r) {
+                c0[r] = Vec::fma(Vec::set1(p[r][j]), v0, c0[r]);
+                c1[r] = Vec::fma(Vec::set1(p[r][j + 1]), v1, c1[r]);
+            }
+        }
+        if (j < nmax) {
+            V v0 = load_dt(vb, vdt, j * vs + d0);
+#pragma GCC unroll 4
+            for (int r = 0; r < R; ++r) c0[r] = Vec::fma(Vec::set1(p[r][j]), v0, c0[r]);
+        }
+#pragma GCC unroll 4
+        for (int r = 0; r < R; ++r) Vec::store(acc + r * Dp + d0, Vec::add(c0[r], c1[r]));
+    }
+}
+
+static void attention(const AttentionArgs* a) {
+    const int dt = a->dt;
+    const int64_t B = a->B, Hq = a->Hq, Hkv = a->Hkv, Sq = a->Sq, D = a->D, G = Hq / Hkv;
+    const int64_t Dp = ceil_div(D, W) * W;
+    // keys beyond every kv_len are never visible
+    int64_t Skv = 0;
+    for (int64_t b = 0; b < B; ++b) Skv = imax(Skv, (int64_t)a->kv_len[b]);
+    const int64_t Skp = ceil_div(imax(Skv, 1), ATT_KB) * ATT_KB;
+    const int64_t rows = Sq * G, tiles = ceil_div(rows, ATT_RT), base_items = B * Hkv * tiles;
+    const int64_t threads = pool_threads();
+    int64_t splits = 1;
+    if (base_items < 2 * threads && Skv >= 4 * ATT_KB)
+        splits = imin(ceil_div(2 * threads, base_items), Skv / (2 * ATT_KB));
+    const int64_t keys_per_split = ceil_div(ceil_div(imax(Skv, 1), splits), ATT_KB) * ATT_KB;
+
+    // V is read in place when its rows hold whole vectors; otherwise it is copied to padded fp32 rows
+    const bool v_in_place = D % W == 0;
+    // kt [D][ATT_KB] (and, unless V is read in place, vf [ATT_KB][Dp]) = keys (values) j0 .. j0 + KB of
+    // (batch b, kv head hk) in fp32, zero past Skv
+    auto convert_block = [&](float* kt, float* vf, int64_t b, int64_t hk, int64_t j0, int thread) {
+        const char* kbase = at(a->k, b * a->k_stride[0] + hk * a->k_stride[1], dt);
+        if (D % W == 0) {
+            // W keys x W dims at a time through a register transpose
+            for (int64_t jb = 0; jb < ATT_KB; jb += W)
+                for (int64_t d0 = 0; d0 < D; d0 += W) {
+                    V r[W];
+                    for (int i = 0; i < W; ++i) {
+                        int64_t j = j0 + jb + i;
+                        r[i] = j < Skv ? load_dt(kbase, dt, j * a->k_stride[2] + d0) : Vec::zero();
+                    }
+                    Vec::transpose(r);
+                    for (int i = 0; i < W; ++i) Vec::store(kt + (d0 + i) * ATT_KB + jb, r[i]);
+                }
+        } else {
+            float* row = scratch(thread, 2, (size_t)Dp);
+            for (int64_t j = j0; j < j0 + ATT_KB; ++j) {
+                if (j < Skv) row_to_f32(row, kbase + j * a->k_stride[2] * dtype_bytes(dt), dt, D);
+                for (int64_t d = 0; d < D; ++d) kt[d * ATT_KB + j - j0] = j < Skv ? row[d] : 0.f;
+            }
+        }
+        if (v_in_place) return;
+        for (int64_t jj = 0, j = j0; jj < ATT_KB; ++jj, ++j) {
+            if (j < Skv)
+                row_to_f32(vf + jj * Dp, at(a->v, b * a->v_stride[0] + hk * a->v_stride[1] + j * a->v_stride[2], dt), dt, D);
+            else
+                for (int64_t d = 0; d < D; ++d) vf[jj * Dp + d] = 0.f;
+            for (int64_t d = D; d < Dp; ++d) vf[jj * Dp + d] = 0.f;
+        }
+    };
+    // with several row tiles per (batch, kv head) every block serves several items: convert K / V
+    // once, up front (Kt [B * Hkv][Skv / KB][D][KB]); with one tile (decode) each item converts its
+    // own blocks into a per-thread buffer, used while still in L1
+    const bool shared_blocks = tiles > 1;
+    float* Kt = shared_blocks ? scratch(0, 6, (size_t)(B * Hkv * D * Skp)) : nullptr;
+    float* Vf = shared_blocks && !v_in_place ? scratch(0, 7, (size_t)(B * Hkv * Skp * Dp)) : nullptr;
+    const int64_t head_blocks = Skp / ATT_KB;
+    auto convert = [&](int64_t t, int thread) {
+        int64_t bh = t / head_blocks, j0 = (t % head_blocks) * ATT_KB;
+        convert_block(Kt + bh * D * Skp + j0 * D, Vf ? Vf + (bh * Skp + j0) * Dp : nullptr, bh / Hkv, bh % Hkv, j0,
+                      thread);
+    };
+    if (shared_blocks) par(B * Hkv * head_blocks, convert);
+
+    const int64_t part_stride = Dp + 2;  // per row: m, l, acc [Dp]
+    float* partial = splits > 1 ? scratch(0, 5, (size_t)(base_items * splits * ATT_RT * part_stride)) : nullptr;
+
+    auto item = [&](int64_t t, int thread) {
+        const int64_t split = t % splits, base = t / splits, tile = base % tiles, bh = base / tiles;
+        const int64_t b = bh / Hkv, hk = bh % Hkv;
+        const int64_t r0 = tile * ATT_RT, nr = imin(ATT_RT, rows - r0);
+        // values: in place (dtype dt, row stride v_stride[2]) or padded fp32 rows
+        const void* vbase = v_in_place ? (const void*)at(a->v, b * a->v_stride[0] + hk * a->v_stride[1], dt)
+                                       : (const void*)(shared_blocks ? Vf + bh * Skp * Dp : nullptr);
+        const int64_t vs = v_in_place ? a->v_stride[2] : Dp;
+        const int vdt = v_in_place ? dt : DT_F32;
+        float* own_k = shared_blocks ? nullptr : scratch(thread, 0, (size_t)(D * ATT_KB));
+        float* own_v = shared_blocks || v_in_place ? nullptr : scratch(thread, 1, (size_t)(ATT_KB * Dp));
+        float* Q = scratch(thread, 3, (size_t)(ATT_RT * Dp));
+        float* acc = scratch(thread, 4, (size_t)(ATT_RT * Dp));
+        float mrow[ATT_RT], lrow[ATT_RT];
+        int64_t limit[ATT_RT], kend = 0;
+        const int64_t kv = a->kv_len[b], qp = a->q_pos[b];
+        for (int64_t r = 0; r < nr; ++r) {
+            int64_t i = (r0 + r) / G, h = hk * G + (r0 + r) % G;
+            limit[r] = a->causal ? imin(kv, qp + i + 1) : kv;
+            kend = imax(kend, limit[r]);
+            row_to_f32(Q + r * Dp, at(a->q, b * a->q_stride[0] + h * a->q_stride[1] + i * a->q_stride[2], dt), dt, D);
+            for (int64_t d = 0; d < D; ++d) Q[r * Dp + d] *= a->scale;
+            for (int64_t d = 0; d < Dp; ++d) acc[r * Dp + d] = 0.f;
+            mrow[r] = -INFINITY;
+            lrow[r] = 0.f;
+        }
+        const int64_t k_lo = split * keys_per_split, k_hi = imin(kend, k_lo + keys_per_split);
+        for (int64_t j0 = k_lo; j0 < k_hi; j0 += ATT_KB) {
+            const float* ktb;
+            const void* vb;
+            if (shared_blocks) {
+                ktb = Kt + bh * D * Skp + j0 * D;
+                vb = at(vbase, j0 * vs, vdt);
+            } else {
+                convert_block(own_k, own_v, b, hk, j0, thread);
+                ktb = own_k;
+                vb = v_in_place ? (const void*)at(vbase, j0 * vs, vdt) : (const void*)own_v;
+            }
+            // the rows that see a key of this block: limit grows with the row (rows are position-major),
+            // so they are the rows from `first` on; in passes of up to ATT_RMAX rows
+            int64_t first = 0;
+            while (first < nr && j0 >= limit[first]) ++first;
+            for (int64_t r = first; r < nr; r += ATT_RMAX) {
+                const int R = (int)imin(ATT_RMAX, nr - r);
+                int64_t nvis[ATT_RMAX];
+                for (int i = 0; i < R; ++i) nvis[i] = imin(ATT_KB, limit[r + i] - j0);
+                const float* q = Q + r * Dp;
+                float* ar = acc + r * Dp;
+                switch (R) {
+                    case 1: attend_block<1>(q, ar, mrow + r, lrow + r, nvis, ktb, vb, vs, vdt, D, Dp); break;
+                    case 2: attend_block<2>(q, ar, mrow + r, lrow + r, nvis, ktb, vb, vs, vdt, D, Dp); break;
+                    case 3:
+                        if constexpr (ATT_RMAX >= 3) attend_block<3>(q, ar, mrow + r, lrow + r, nvis, ktb, vb, vs, vdt, D, Dp);
+                        break;
+                    default:
+                        if constexpr (ATT_RMAX >= 4) attend_block<4>(q, ar, mrow + r, lrow + r, nvis, ktb, vb, vs, vdt, D, Dp);
+                        break;
+                }
+            }
+        }
+        for (int64_t r = 0; r < nr; ++r) {
+            if (splits > 1) {
+                float* pr = partial + ((base * splits + split) * ATT_RT + r) * part_stride;
+                pr[0] = mrow[r];
+                pr[1] = lrow[r];
+                std::memcpy(pr + 2, acc + r * Dp, (size_t)Dp * 4);
+                continue;
+            }
+            int64_t i = (r0 + r) / G, h = hk * G + (r0 + r) % G;
+            char* y = at(a->out, ((b * Hq + h) * Sq + i) * D, dt);
+            V inv = Vec::set1(lrow[r] > 0.f ? 1.0f / lrow[r] : 0.f);  // no visible key: zeros
+            int64_t d = 0;
+            for (; d + W <= D; d += W) store_dt(y, dt, d, Vec::mul(Vec::load(acc + r * Dp + d), inv));
+            if (d < D) store_dt_part(y, dt, d, Vec::mul(Vec::load(acc + r * Dp + d), inv), D - d);
+        }
+    };
+    par(base_items * splits, item);
+    if (splits == 1) return;
+
+    auto merge = [&](int64_t base, int thread) {
+        const int64_t tile = base % tiles, bh = base / tiles, b = bh / Hkv, hk = bh % Hkv;
+        const int64_t r0 = tile * ATT_RT, nr = imin(ATT_RT, rows - r0);
+        float* sum = scratch(thread, 3, (size_t)Dp);
+        for (int64_t r = 0; r < nr; ++r) {
+            float m = -INFINITY, l = 0.f;
+            for (int64_t s = 0; s < splits; ++s) {
+                float ms = partial[((base * splits + s) * ATT_RT + r) * part_stride];
+                m = ms > m ? ms : m;
+            }
+            for (int64_t d = 0; d < Dp; ++d) sum[d] = 0.f;
+            for (int64_t s = 0; s < splits; ++s) {
+                const float* pr = partial + ((base * splits + s) * ATT_RT + r) * part_stride;
+                if (pr[1] == 0.f) continue;  // no visible key in this split
+                float f = std::exp(pr[0] - m);
+                l += pr[1] * f;
+                V fv = Vec::set1(f);
+                for (int64_t d = 0; d < Dp; d += W) Vec::store(sum + d, Vec::fma(fv, Vec::load(pr + 2 + d), Vec::load(sum + d)));
+            }
+            int64_t i = (r0 + r) / G, h = hk * G + (r0 + r) % G;
+            char* y = at(a->out, ((b * Hq + h) * Sq + i) * D, dt);
+            V inv = Vec::set1(l > 0.f ? 1.0f / l : 0.f);
+            int64_t d = 0;
+            for (; d + W <= D; d += W) store_dt(y, dt, d, Vec::mul(Vec::load(sum + d), inv));
+            if (d < D) store_dt_part(y, dt, d, Vec::mul(Vec::load(sum + d), inv), D - d);
+        }
+    };
+    par(base_items, merge);
+}
+
+static const KernelTable table = {
+    nullptr, rms_norm, layer_norm, silu_mul, gelu, rope, linear, attention,
+};

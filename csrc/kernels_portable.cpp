@@ -1,0 +1,50 @@
+// The portable kernel set: no instruction-set extension beyond the compiler's baseline
+// (SSE2 on x86-64, NEON on aarch64, which -O3 uses by auto-vectorizing these 8-wide loops).
+// It is the fallback on any CPU and the path `PORTINFER_CPU_SIMD=portable` forces.
+#include "common.h"
+
+namespace pi_portable {
+
+struct Vec {
+    struct V { float x[8]; };
+    static const int W = 8;
+    static const int GEMM_MR = 2;
+    static inline V zero() { V r; for (int i = 0; i < W; ++i) r.x[i] = 0.f; return r; }
+    static inline V set1(float a) { V r; for (int i = 0; i < W; ++i) r.x[i] = a; return r; }
+    static inline V load(const float* p) { V r; std::memcpy(r.x, p, sizeof(r.x)); return r; }
+    static inline void store(float* p, V a) { std::memcpy(p, a.x, sizeof(a.x)); }
+    static inline V add(V a, V b) { for (int i = 0; i < W; ++i) a.x[i] += b.x[i]; return a; }
+    static inline V sub(V a, V b) { for (int i = 0; i < W; ++i) a.x[i] -= b.x[i]; return a; }
+    static inline V mul(V a, V b) { for (int i = 0; i < W; ++i) a.x[i] *= b.x[i]; return a; }
+    static inline V div(V a, V b) { for (int i = 0; i < W; ++i) a.x[i] /= b.x[i]; return a; }
+    static inline V max(V a, V b) { for (int i = 0; i < W; ++i) a.x[i] = a.x[i] > b.x[i] ? a.x[i] : b.x[i]; return a; }
+    static inline V fma(V a, V b, V c) { for (int i = 0; i < W; ++i) c.x[i] += a.x[i] * b.x[i]; return c; }
+    static inline float reduce_add(V a) {
+        return ((a.x[0] + a.x[4]) + (a.x[1] + a.x[5])) + ((a.x[2] + a.x[6]) + (a.x[3] + a.x[7]));
+    }
+    static inline float reduce_max(V a) { float m = a.x[0]; for (int i = 1; i < W; ++i) m = a.x[i] > m ? a.x[i] : m; return m; }
+    static inline V load_f16(const uint16_t* p) { V r; for (int i = 0; i < W; ++i) r.x[i] = f16_to_f32(p[i]); return r; }
+    static inline V load_bf16(const uint16_t* p) { V r; for (int i = 0; i < W; ++i) r.x[i] = bf16_to_f32(p[i]); return r; }
+    static inline void store_f16(uint16_t* p, V a) { for (int i = 0; i < W; ++i) p[i] = f32_to_f16(a.x[i]); }
+    // the fp16 scalar at p (a GGUF block's scale), unaligned
+    static inline float half(const uint8_t* p) { uint16_t h; std::memcpy(&h, p, 2); return f16_to_f32(h); }
+    static inline V load_i8(const int8_t* p) { V r; for (int i = 0; i < W; ++i) r.x[i] = (float)p[i]; return r; }
+    // the W low and W high nibbles of p[0..W) as floats, plus offset
+    static inline void nibbles(const uint8_t* p, float offset, V& lo, V& hi) {
+        for (int i = 0; i < W; ++i) { lo.x[i] = (float)(p[i] & 15) + offset; hi.x[i] = (float)(p[i] >> 4) + offset; }
+    }
+    static inline void transpose(V* r) {  // r[0..7] (8 rows of 8) := its transpose
+        for (int i = 0; i < W; ++i)
+            for (int j = i + 1; j < W; ++j) { float t = r[i].x[j]; r[i].x[j] = r[j].x[i]; r[j].x[i] = t; }
+    }
+    static inline V min(V a, V b) { for (int i = 0; i < W; ++i) a.x[i] = a.x[i] < b.x[i] ? a.x[i] : b.x[i]; return a; }
+    static inline V round(V a) { for (int i = 0; i < W; ++i) a.x[i] = std::nearbyint(a.x[i]); return a; }
+    static inline V scale_pow2(V p, V n) { for (int i = 0; i < W; ++i) p.x[i] = std::ldexp(p.x[i], (int)n.x[i]); return p; }
+    static inline V zero_below(V x, float lo, V y) { for (int i = 0; i < W; ++i) y.x[i] = x.x[i] < lo ? 0.f : y.x[i]; return y; }
+};
+
+#include "kernels_impl.h"
+
+}  // namespace pi_portable
+
+const KernelTable* table_portable() { return &pi_portable::table; }

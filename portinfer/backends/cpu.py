@@ -1,0 +1,184 @@
+"""The cpu backend: C++ kernels (csrc/) through the private extension `portinfer._cpu`.
+
+Tensors go to C++ as data pointers + sizes + strides (no libtorch, no copies): the base
+class has already validated every input against the op contract; here we only make sure
+what the kernels assume (CPU memory, unit stride in the last dimension, int index tensors
+contiguous). Kernels run with the GIL released on the extension's own thread pool.
+
+Instruction sets: the extension carries an AVX-512, an AVX2+FMA+F16C and a portable path
+and picks the best one this CPU has at first use; `PORTINFER_CPU_SIMD=portable|avx2|avx512`
+or `set_simd` forces one (tests use it to check every path). Threads: PORTINFER_NUM_THREADS,
+else the cores this process may run on; `set_num_threads` changes it. Both settings belong
+to the process (one pool, one kernel table), not to a backend instance.
+
+Weights: dense weights are packed at prepare time into k-major panels of 32 output
+features (the layout the GEMM and GEMV read), in the weight's own dtype; Q8_0/Q4_0/Q4_1
+weights stay GGUF blocks and are dequantized inside the kernel, block by block, into fp32
+registers (activations are not quantized, so linear meets the fp32 budget).
+"""
+from __future__ import annotations
+
+import torch
+
+from . import spec
+from .base import Backend
+
+try:
+    from .. import _cpu
+    _IMPORT_ERROR = ""
+except Exception as exc:  # not built, or built for another Python: the backend says so, imports never fail
+    _cpu = None
+    _IMPORT_ERROR = f"{type(exc).__name__}: {exc}"
+
+_DTYPE_CODE = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
+# csrc/common.h WeightFormat: how linear's payload is stored
+_WEIGHT_CODE = {"fp32": 0, "fp16": 1, "bf16": 2, "q8_0": 3, "q4_0": 4, "q4_1": 5}
+PANEL = 32  # output features per packed panel (csrc/common.h PANEL)
+
+
+def _on_cpu(name, t):
+    """t in CPU memory (weights may come from another device once, at prepare time)."""
+    if t.device.type == "cpu":
+        return t
+    try:
+        return t.cpu()
+    except (RuntimeError, NotImplementedError) as exc:
+        raise ValueError(f"{name}: expected a tensor whose data can be read on the CPU, got one on {t.device} "
+                         f"({type(exc).__name__})") from None
+
+
+def _unit_rows(t):
+    """A 2-D tensor whose rows are contiguous (the contract guarantees it except for a single column)."""
+    return t if t.shape[-1] <= 1 or t.stride(-1) == 1 else t.contiguous()
+
+
+def _index(t, dtype):
+    return t.to(device="cpu", dtype=dtype).contiguous()
+
+
+class CpuBackend(Backend):
+    name = "cpu"
+    default_device = "cpu"
+    native_weight_formats = spec.WEIGHT_FORMATS
+    quantizes_activations = False
+
+    @classmethod
+    def probe(cls):
+        if _cpu is None:
+            return False, (f"the C++ extension portinfer._cpu is not built ({_IMPORT_ERROR}); "
+                           f"reinstall with `pip install -e .` and a C++17 compiler")
+        return True, ""
+
+    def __init__(self, device=None, threads=None, simd=None):
+        if device is not None and torch.device(device).type != "cpu":
+            raise ValueError(f"device: the cpu backend runs on 'cpu', got {device!r}")
+        ok, reason = self.probe()
+        if not ok:
+            raise RuntimeError(reason)
+        super().__init__("cpu")
+        if threads is not None:
+            self.set_num_threads(threads)
+        if simd is not None:
+            self.set_simd(simd)
+
+    # ---------------------------------------------------------------- settings (process-wide)
+
+    @staticmethod
+    def set_num_threads(n: int):
+        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+            raise ValueError(f"threads: expected an integer >= 1, got {n!r}")
+        _cpu.set_num_threads(n)
+
+    @staticmethod
+    def num_threads() -> int:
+        return _cpu.get_num_threads()
+
+    @staticmethod
+    def simd_paths() -> list:
+        """Instruction-set paths usable on this CPU, best first (the last is always 'portable')."""
+        return list(_cpu.simd_paths())
+
+    @staticmethod
+    def set_simd(name: str):
+        _cpu.set_simd(str(name))
+
+    @staticmethod
+    def simd() -> str:
+        return _cpu.get_simd()
+
+    def info(self):
+        return {"simd": self.simd(), "simd_usable": "/".join(self.simd_paths()), "threads": self.num_threads()}
+
+    # ---------------------------------------------------------------- ops
+
+    def _prepare_linear(self, weight, dtype):
+        n, k = weight.shape
+        if isinstance(weight, spec.QuantizedWeight):
+            blocks = _on_cpu("weight blocks", weight.blocks).contiguous()
+            return spec.PreparedLinear(self.name, n, k, dtype, weight.format, weight.format, blocks)
+        w = _unit_rows(_on_cpu("weight", weight))
+        packed = torch.zeros((n + PANEL - 1) // PANEL, k, PANEL, dtype=w.dtype)
+        _cpu.pack_dense(packed.data_ptr(), w.data_ptr(), n, k, w.stride(0), w.element_size())
+        fmt = spec.dtype_name(w.dtype)
+        return spec.PreparedLinear(self.name, n, k, dtype, fmt, fmt, packed)
+
+    def _embedding(self, ids, table):
+        ids = _index(ids, torch.int64)
+        n, h = ids.shape[0], table.shape[1]
+        out = self.new_output((n, h), table.dtype)
+        _cpu.embedding(out.data_ptr(), ids.data_ptr(), table.data_ptr(), n, h, table.stride(0), table.element_size())
+        return out
+
+    def _linear(self, x, w, bias):
+        m, k = x.shape
+        out = self.new_output((m, w.out_features), x.dtype)
+        _cpu.linear(out.data_ptr(), x.data_ptr(), w.payload.data_ptr(), 0 if bias is None else bias.data_ptr(), m,
+                    w.out_features, k, x.stride(0), _DTYPE_CODE[x.dtype], _WEIGHT_CODE[w.format])
+        return out
+
+    def _rms_norm(self, x, weight, eps):
+        m, h = x.shape
+        out = self.new_output((m, h), x.dtype)
+        _cpu.rms_norm(out.data_ptr(), x.data_ptr(), weight.data_ptr(), m, h, x.stride(0), eps, _DTYPE_CODE[x.dtype])
+        return out
+
+    def _layer_norm(self, x, weight, bias, eps):
+        m, h = x.shape
+        out = self.new_output((m, h), x.dtype)
+        _cpu.layer_norm(out.data_ptr(), x.data_ptr(), weight.data_ptr(), bias.data_ptr(), m, h, x.stride(0), eps,
+                        _DTYPE_CODE[x.dtype])
+        return out
+
+    def _rope(self, x, pos, rotary):
+        b, h, s, d = x.shape
+        pos = _index(pos, torch.int64)
+        inv_freq = _index(rotary.inv_freq, torch.float64)
+        out = self.new_output(x.shape, x.dtype)
+        sb, sh, ss, _ = x.stride()
+        _cpu.rope(out.data_ptr(), x.data_ptr(), pos.data_ptr(), inv_freq.data_ptr(), b, h, s, d, rotary.rotary_dim,
+                  sb, sh, ss, rotary.style == "interleaved", _DTYPE_CODE[x.dtype])
+        return out
+
+    def _silu_mul(self, x):
+        m, two_i = x.shape
+        out = self.new_output((m, two_i // 2), x.dtype)
+        _cpu.silu_mul(out.data_ptr(), x.data_ptr(), m, two_i // 2, x.stride(0), _DTYPE_CODE[x.dtype])
+        return out
+
+    def _gelu(self, x, approximate):
+        cols = x.shape[-1]
+        rows = x.reshape(-1, cols)  # a view whenever the leading dims can be merged
+        out = self.new_output(x.shape, x.dtype)
+        _cpu.gelu(out.data_ptr(), rows.data_ptr(), rows.shape[0], cols, rows.stride(0), approximate == "tanh",
+                  _DTYPE_CODE[x.dtype])
+        return out
+
+    def _attention(self, q, k, v, q_pos, kv_len, causal, scale):
+        b, hq, sq, d = q.shape
+        hkv, sk = k.shape[1], k.shape[2]
+        q_pos, kv_len = _index(q_pos, torch.int32), _index(kv_len, torch.int32)
+        out = self.new_output(q.shape, q.dtype)
+        _cpu.attention(out.data_ptr(), q.data_ptr(), k.data_ptr(), v.data_ptr(), q_pos.data_ptr(), kv_len.data_ptr(),
+                       [b, hq, hkv, sq, sk, d], list(q.stride()[:3]), list(k.stride()[:3]), list(v.stride()[:3]),
+                       causal, scale, _DTYPE_CODE[q.dtype])
+        return out
