@@ -40,6 +40,10 @@ class Backend:
     ops: tuple = OPS
     # a backend that quantizes activations (integer dot products) is held to the int8 budget
     quantizes_activations: bool = False
+    # a backend whose kernels run on their own pool of CPU threads: while a model runs on it,
+    # torch's intra-op pool (used only for glue between ops) is held at one thread, so the two
+    # pools never spin against each other on the same cores
+    owns_cpu_threads: bool = False
     # where its tensors live; None: its torch device (see `memory` and the copy hooks)
     memory_space: str | None = None
 

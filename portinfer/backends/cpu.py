@@ -58,6 +58,7 @@ def _index(t, dtype):
 
 class CpuBackend(Backend):
     name = "cpu"
+    owns_cpu_threads = True
     default_device = "cpu"
     native_weight_formats = spec.WEIGHT_FORMATS
     quantizes_activations = False

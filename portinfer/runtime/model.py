@@ -10,6 +10,7 @@ kv_len = cache.lengths[b] + lengths[b] (the contract's attention semantics).
 """
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 
 import torch
@@ -117,6 +118,10 @@ class Decoder:
         """ids int64 [B, S] (right-padded), lengths: new tokens per sequence -> fp32 logits:
         [B, S, V] when all_rows, else [B, V] at each sequence's last new token.
         Without a cache the keys are this call's own (a full forward from position 0)."""
+        with _torch_glue_threads(self.placement.primary):
+            return self._forward(ids, lengths, cache, all_rows)
+
+    def _forward(self, ids, lengths, cache, all_rows):
         ops, c = self.placement, self.config
         B, S = ids.shape
         Hq, Hkv, D = c.num_heads, c.num_kv_heads, c.head_dim
@@ -164,6 +169,21 @@ class Decoder:
         if not bool(torch.isfinite(logits).all()):
             raise NonFiniteError(_non_finite_message(finite, self.dtype))
         return logits.view(B, S, -1) if all_rows else logits
+
+
+@contextlib.contextmanager
+def _torch_glue_threads(backend):
+    """One torch thread for the glue while a backend that owns the CPU cores computes (see
+    Backend.owns_cpu_threads): two spinning pools on the same cores cost more than they give."""
+    if not (backend.owns_cpu_threads and backend.device.type == "cpu") or torch.get_num_threads() == 1:
+        yield
+        return
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
 
 
 def _non_finite_message(finite_flags, dtype):
