@@ -10,6 +10,7 @@ import sys
 COMMAND_MODULES = (
     "portinfer.commands.backends",  # portinfer backends
     "portinfer.conformance.cli",  # portinfer check
+    "portinfer.bench.cli",  # portinfer bench ops
 )
 
 
