@@ -9,8 +9,9 @@ import pytest
 import torch
 
 from portinfer import cli
-from portinfer.backends import quant
+from portinfer.backends import quant, registry
 from portinfer.backends.base import attention_mask
+from portinfer.backends.torch_backend import TorchBackend
 from portinfer.bench import ops
 from portinfer.bench.shapes import SHAPE_SETS, parse_shapes
 
@@ -117,15 +118,57 @@ def _positive_finite(value, where):
     assert math.isfinite(value) and value > 0, f"{where}: {value!r} is not positive and finite"
 
 
+class TwinBackend(TorchBackend):
+    """A second backend for the harness to time: torch's code under another name, without rope
+    (so the run must report it as not supported rather than fail)."""
+
+    name = "twin"
+
+    def supports(self, op, **meta):
+        return op != "rope" and super().supports(op, **meta)
+
+
+class InterpreterOnly(TorchBackend):
+    name = "interp-only"
+
+    @classmethod
+    def auto_eligible(cls):
+        return False
+
+
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("bench")
     paths = {"json": out / "ops.json", "csv": out / "ops.csv", "plot": out / "ops.png"}
-    argv = ["bench", "ops", "--shapes", "tiny", "--repeats", "3", "--warmup", "1", "--min-time-s", "0.001",
-            "--max-input-sets", "4", "--matmul-n", "256", "--copy-mib", "8",
+    argv = ["bench", "ops", "--backends", "twin", "--shapes", "tiny", "--repeats", "3", "--warmup", "1",
+            "--min-time-s", "0.001", "--max-input-sets", "4", "--matmul-n", "256", "--copy-mib", "8",
             "--json", str(paths["json"]), "--csv", str(paths["csv"]), "--plot", str(paths["plot"])]
-    assert cli.main(argv) == 0
+    registry.register("twin", TwinBackend)
+    try:
+        assert cli.main(argv) == 0
+    finally:
+        registry.unregister("twin")
     return json.loads(paths["json"].read_text()), paths
+
+
+def test_default_backends_are_the_available_auto_eligible_ones():
+    registry.register("interp-only", InterpreterOnly)
+    try:
+        chosen = ops.default_backends()
+    finally:
+        registry.unregister("interp-only")
+    expected = [n for n in registry.names() if n not in ("reference", "interp-only")
+                and registry.available(n) and registry.entry(n).cls.auto_eligible()]
+    assert chosen == expected and "torch" in chosen and "reference" not in chosen
+
+
+def test_torch_baseline_is_added_on_each_device():
+    registry.register("twin", TwinBackend)
+    try:
+        names = [(b.name, b.device.type) for b in ops.instantiate(["twin:cpu"])]
+    finally:
+        registry.unregister("twin")
+    assert names == [("torch", "cpu"), ("twin", "cpu")]
 
 
 def test_smoke_json_schema_and_every_figure_positive_finite(tiny_run):
@@ -176,9 +219,13 @@ def test_smoke_speedup_vs_torch_is_consistent(tiny_run):
             assert key(r) not in baseline
             baseline[key(r)] = r["median_s"]
             assert r["speedup_vs_torch"] == 1.0  # the baseline against itself
-    for r in doc["rows"]:
-        if r["backend"] != "torch":
-            assert r["speedup_vs_torch"] == pytest.approx(baseline[key(r)] / r["median_s"])
+    twin = [r for r in doc["rows"] if r["backend"] == "twin"]
+    # the twin ran every case the baseline ran except rope, which it declares unsupported
+    assert {key(r) for r in twin} == {k for k in baseline if k[1] != "rope"}
+    for r in twin:
+        assert r["speedup_vs_torch"] == pytest.approx(baseline[key(r)] / r["median_s"])
+    not_run = [s for s in doc["skipped"] if s["backend"] == "twin"]
+    assert {s["op"] for s in not_run} == {"rope"} and all(s["kind"] == "unsupported" for s in not_run)
 
 
 def test_smoke_csv_and_plots(tiny_run):

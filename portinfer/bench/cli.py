@@ -11,7 +11,7 @@ from ..backends import spec
 from . import ops, report
 from .shapes import SHAPE_SETS, parse_shapes, with_lengths
 
-DEFAULT_SHAPES = ("smollm2-135m", "qwen2-0.5b")
+DEFAULT_SHAPES = ("smollm2-135m",)
 
 
 def _positive_int(text):
@@ -41,7 +41,7 @@ def ops_command(args) -> str:
     parts += ["--shapes", *args.shapes, "--ops", *args.ops, "--dtypes", *args.dtypes, "--formats", *args.formats,
               "--repeats", str(args.repeats), "--warmup", str(args.warmup), "--min-time-s", str(args.min_time_s),
               "--max-input-sets", str(args.max_input_sets)]
-    for flag, value in (("--tokens", args.tokens), ("--context", args.context), ("--matmul-n", args.matmul_n),
+    for flag, value in (("--threads", args.threads), ("--tokens", args.tokens), ("--context", args.context), ("--matmul-n", args.matmul_n),
                         ("--copy-mib", args.copy_mib), ("--json", args.json), ("--csv", args.csv),
                         ("--plot", args.plot)):
         if value is not None:
@@ -55,7 +55,7 @@ def run_ops(args) -> int:
         spec.parse_dtype(name)
     doc = ops.run_ops(args.backends, shape_sets, ops=args.ops, dtypes=args.dtypes, formats=args.formats,
                       repeats=args.repeats, warmup=args.warmup, min_time_s=args.min_time_s,
-                      max_input_sets=args.max_input_sets, matmul_n=args.matmul_n,
+                      max_input_sets=args.max_input_sets, threads=args.threads, matmul_n=args.matmul_n,
                       copy_bytes=args.copy_mib * 2 ** 20 if args.copy_mib else None, command=ops_command(args),
                       log=lambda msg: print(msg, file=sys.stderr))
     print(report.format_table(doc))
@@ -96,6 +96,8 @@ def add_ops(bench_sub):
                    help="linear weight formats: dense (the activation dtype) and GGUF blocks (default all)")
     p.add_argument("--tokens", type=_positive_int, help="prefill length (default: the shape set's, 128)")
     p.add_argument("--context", type=_positive_int, help="decode KV-cache length (default: the shape set's, 1024)")
+    p.add_argument("--threads", type=_positive_int,
+                   help="torch intra-op threads (torch.set_num_threads; default: torch's own choice)")
     p.add_argument("--repeats", type=_positive_int, default=10, help="timed repeats per measurement (default 10)")
     p.add_argument("--warmup", type=_positive_int, default=2, help="warm-up calls, at least (default 2)")
     p.add_argument("--min-time-s", type=_nonnegative_float, default=0.1,

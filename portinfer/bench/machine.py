@@ -105,7 +105,7 @@ def provenance(command: str) -> dict:
     }
 
 
-def matmul_peak(device, dtype, max_n=2048, repeats=5, target_call_s=0.25) -> dict:
+def matmul_peak(device, dtype, max_n=2048, repeats=5, target_call_s=0.5) -> dict:
     """The best fp32/fp16/bf16 matmul rate through torch on `device` (FLOP/s), from an n x n x n matmul.
 
     n is max_n unless that would take longer than `target_call_s` per call (fp16 on some CPUs
@@ -114,7 +114,7 @@ def matmul_peak(device, dtype, max_n=2048, repeats=5, target_call_s=0.25) -> dic
     """
     device = torch.device(device)
     probe = torch.randn(256, 256, device=device).to(dtype)
-    probe_stats = measure(lambda: probe @ probe, warmup=1, warmup_s=0.0, repeats=1, min_time_s=0.0, device=device)
+    probe_stats = measure(lambda: probe @ probe, warmup=1, warmup_s=0.0, repeats=3, min_time_s=0.0, device=device)
     rate = 2 * 256 ** 3 / max(probe_stats.min_s, 1e-9)
     n_fit = int((target_call_s * rate / 2) ** (1 / 3)) // 64 * 64
     n = max(256, min(max_n, n_fit))
@@ -156,6 +156,22 @@ def measure_ceilings(devices, dtypes, matmul_n=None, copy_bytes=None, repeats=5)
         if gpu and device_type == "cuda":
             ceilings[device_type]["name"] = torch.cuda.get_device_name(device)
     return ceilings
+
+
+def best_ceilings(*runs) -> dict:
+    """Per device and dtype, the better of several ceiling measurements (each run's rate kept in `runs`)."""
+    best = {}
+    for device in runs[0]:
+        first = runs[0][device]
+        matmul = {}
+        for dtype in first["matmul"]:
+            entries = [r[device]["matmul"][dtype] for r in runs]
+            top = max(entries, key=lambda m: m["flop_s"])
+            matmul[dtype] = {**top, "runs_flop_s": [m["flop_s"] for m in entries]}
+        copies = [r[device]["copy"] for r in runs]
+        top = max(copies, key=lambda c: c["bytes_s"])
+        best[device] = {**first, "matmul": matmul, "copy": {**top, "runs_bytes_s": [c["bytes_s"] for c in copies]}}
+    return best
 
 
 def roofline_peak(ceilings_for_device: dict, dtype_name: str) -> float:

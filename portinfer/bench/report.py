@@ -45,19 +45,18 @@ def describe_provenance(p) -> str:
 
 def format_table(doc) -> str:
     lines = [f"portinfer bench ops  {describe_provenance(doc['provenance'])}",
-             f"command: {doc['provenance']['command']}", "ceilings (best repeat):"]
+             f"command: {doc['provenance']['command']}", "ceilings (best repeat, better of the runs before and after the ops):"]
     lines += describe_ceilings(doc["ceilings"])
-    header = (f"{'op':<18} {'phase':<7} {'shape':<34} {'dtype':<5} {'weights':<7} {'backend':<12} {'median':>9} "
+    header = (f"{'op':<18} {'phase':<7} {'shape':<34} {'dtype':<5} {'weights':<7} {'backend':<10} {'device':<6} {'median':>9} "
               f"{'IQR':>8} {'GFLOP/s':>8} {'GB/s':>7} {'floor':>9} {'roof%':>6} {'x torch':>7}")
     current = None
     for r in doc["rows"]:
         if r["shapes"] != current:
             current = r["shapes"]
             lines += ["", f"[{current}]", header]
-        backend = r["backend"] if r["device"] in ("cpu", "cuda") and r["backend"] != "torch" else f"{r['backend']}:{r['device']}"
         lines.append(
             f"{r['op'] + ('.' + r['case'] if r['case'] != r['op'] else ''):<18} {r['phase']:<7} {r['shape']:<34} "
-            f"{r['dtype']:<5} {r['weight_format'] or '-':<7} {backend:<12} {format_time(r['median_s']):>9} "
+            f"{r['dtype']:<5} {r['weight_format'] or '-':<7} {r['backend']:<10} {r['device']:<6} {format_time(r['median_s']):>9} "
             f"{format_time(r['q3_s'] - r['q1_s']):>8} {_num(r['gflop_s']):>8} {_num(r['gb_s']):>7} "
             f"{format_time(r['floor_s']):>9} {_num(100 * r['roofline_fraction'], '{:.1f}'):>6} "
             f"{_num(r['speedup_vs_torch'], '{:.2f}'):>7}")
