@@ -1,10 +1,10 @@
 """The timing core every portinfer benchmark uses: `measure(fn, ...) -> TimingStats`.
 
 How a figure is taken:
-- warm-up: `fn` runs at least `warmup` times and at least `warmup_s` seconds (first-call
-  allocation, kernel compilation and autotuning happen here, not in the figure);
-- calls per repeat: from the warm-up's per-call time, enough calls that `repeats` repeats
-  together last about `min_time_s`, so a microsecond op is not measured at timer resolution;
+- warm-up: `fn` runs at least `warmup` times and at least `warmup_s` seconds, each call timed
+  on its own (first-call allocation, kernel compilation and autotuning happen here);
+- calls per repeat: from the fastest warm-up call after the first, enough calls that `repeats`
+  repeats together last about `min_time_s`, so a microsecond op is not timed at clock resolution;
 - each repeat is one timed batch of calls, bracketed by device synchronization (CUDA events
   on a GPU), giving one per-call time; the figure is the median over repeats, with the
   quartiles, min and max as its spread;
