@@ -176,39 +176,39 @@ class _Data:
         self.case, self.dtype, self.device, self.n_sets = case, dtype, device, n_sets
         p, n = case.params, n_sets
 
-        def randn(*shape, scale=1.0):
+        def random(*shape, scale=1.0):
             # uniform with the variance of a unit normal: as good as randn for timing, several times faster to fill
             return torch.empty(*shape, device=device).uniform_(-3 ** 0.5 * scale, 3 ** 0.5 * scale).to(dtype)
 
         op = case.op
         if op == "linear":
             M, K, N = p["M"], p["K"], p["N"]
-            self.x = randn(n, M, K)
+            self.x = random(n, M, K)
             if case.weight_format == "dense":
-                self.w = randn(n, N, K, scale=K ** -0.5)
+                self.w = random(n, N, K, scale=K ** -0.5)
             else:
                 base = quantized[(N, K, case.weight_format)]
                 self.blocks = base.blocks.to(device).unsqueeze(0).repeat(n, 1, 1)  # one copy per set
         elif op == "embedding":
-            self.table = randn(p["V"], p["H"])  # one table, as in a model; each set gathers other rows
+            self.table = random(p["V"], p["H"])  # one table, as in a model; each set gathers other rows
             self.ids = torch.randint(0, p["V"], (n, p["N"]), device=device)
         elif op in ("rms_norm", "layer_norm"):
-            self.x = randn(n, p["M"], p["H"])
-            self.w = randn(p["H"])
-            self.b = randn(p["H"])
+            self.x = random(n, p["M"], p["H"])
+            self.w = random(p["H"])
+            self.b = random(p["H"])
         elif op == "silu_mul":
-            self.x = randn(n, p["M"], 2 * p["I"])
+            self.x = random(n, p["M"], 2 * p["I"])
         elif op == "gelu":
-            self.x = randn(n, p["M"], p["I"])
+            self.x = random(n, p["M"], p["I"])
         elif op == "rope":
-            self.x = randn(n, p["B"], p["H"], p["S"], p["D"])
+            self.x = random(n, p["B"], p["H"], p["S"], p["D"])
             self.pos = (p["pos0"] + torch.arange(p["S"], device=device)).expand(p["B"], -1).contiguous()
             self.rotary = RotaryParams.from_theta(p["D"], p["theta"])
         elif op == "attention":
             B, Hq, Hkv, Sq, Sk, D = p["B"], p["Hq"], p["Hkv"], p["Sq"], p["Sk"], p["D"]
-            self.q = randn(n, B, Hq, Sq, D)
-            self.k = randn(n, B, Hkv, Sk, D)
-            self.v = randn(n, B, Hkv, Sk, D)
+            self.q = random(n, B, Hq, Sq, D)
+            self.k = random(n, B, Hkv, Sk, D)
+            self.v = random(n, B, Hkv, Sk, D)
             self.q_pos = torch.full((B,), p["q_pos"], dtype=torch.int32, device=device)
             self.kv_len = torch.full((B,), p["kv_len"], dtype=torch.int32, device=device)
 
