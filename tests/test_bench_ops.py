@@ -249,3 +249,13 @@ def test_unknown_backend_and_bad_options_fail_before_any_timing(capsys):
     with pytest.raises(SystemExit):
         cli.main(["bench", "ops", "--repeats", "0"])
     assert "expected an integer >= 1" in capsys.readouterr().err
+
+
+def test_smoke_table_has_the_ceilings_and_one_line_per_row(tiny_run):
+    from portinfer.bench import report
+    doc, _ = tiny_run
+    table = report.format_table(doc)
+    assert f"fp32 {doc['ceilings']['cpu']['matmul']['fp32']['flop_s'] / 1e9:.4g} GFLOP/s" in table
+    body = [line for line in table.splitlines() if line.split()[:1] and line.split()[0].startswith(ops.BENCH_OPS)]
+    assert len(body) == len(doc["rows"])
+    assert "not run" in table and "twin rope" in table  # the unsupported cases are listed, not hidden
