@@ -92,9 +92,10 @@ _MARKERS = {"linear": "o", "attention": "s", "rms_norm": "^", "layer_norm": "v",
             "gelu": "X", "embedding": "*"}
 
 
-def _caption(doc) -> str:
+def _caption(doc, width=170) -> str:
+    import textwrap
     p = doc["provenance"]
-    return f"{p['command']}\n{describe_provenance(p)}"
+    return "\n".join(textwrap.wrap(p["command"], width) + textwrap.wrap(describe_provenance(p), width))
 
 
 def speedup_plot_path(path) -> Path:
@@ -109,7 +110,7 @@ def plot_roofline(doc, path):
     import matplotlib.pyplot as plt
 
     devices = list(doc["ceilings"])
-    fig, axes = plt.subplots(1, len(devices), figsize=(8 * len(devices), 6), squeeze=False)
+    fig, axes = plt.subplots(1, len(devices), figsize=(11 * len(devices), 6.5), squeeze=False)
     backends = sorted({r["backend"] for r in doc["rows"]})
     colors = {b: f"C{i}" for i, b in enumerate(backends)}
     for ax, device in zip(axes[0], devices):
@@ -136,10 +137,10 @@ def plot_roofline(doc, path):
         ax.set_ylabel("GFLOP/s (median)")
         ax.set_title(f"roofline on {c.get('name', doc['provenance']['cpu'] if device == 'cpu' else device)} ({device})")
         ax.grid(True, which="both", alpha=0.3)
-        ax.legend(fontsize=7, loc="lower right")
-    fig.text(0.01, 0.005, _caption(doc) + "\n(embedding does no arithmetic: not on this plot)", fontsize=6,
+        ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    fig.text(0.01, 0.005, _caption(doc, 150) + "\n(embedding does no arithmetic: not on this plot)", fontsize=6,
              va="bottom", family="monospace")
-    fig.tight_layout(rect=(0, 0.07, 1, 1))
+    fig.tight_layout(rect=(0, 0.1, 1, 1))
     fig.savefig(path, dpi=110)
     plt.close(fig)
 
@@ -171,8 +172,8 @@ def plot_speedup(doc, path):
 
     order, speedups, fractions = speedup_groups(doc)
     backends = sorted({b for g in speedups.values() for b in g})
-    fig, (top, bottom) = plt.subplots(2, 1, figsize=(max(10, 0.7 * len(order) * max(1, len(backends)) + 2), 8),
-                                      sharex=True)
+    width_in = min(18, max(10, 0.35 * len(order) * max(1, len(backends)) + 2))
+    fig, (top, bottom) = plt.subplots(2, 1, figsize=(width_in, 8.5), sharex=True)
     width = 0.8 / max(1, len(backends))
     for panel, data, ylabel in ((top, speedups, "speedup vs torch (geometric mean)"),
                                 (bottom, fractions, "fraction of roofline reached (geometric mean)")):
@@ -198,6 +199,6 @@ def plot_speedup(doc, path):
     bottom.set_xticks(range(len(order)))
     bottom.set_xticklabels(order, fontsize=7, rotation=60, ha="right")
     fig.text(0.01, 0.005, _caption(doc), fontsize=6, va="bottom", family="monospace")
-    fig.tight_layout(rect=(0, 0.05, 1, 1))
+    fig.tight_layout(rect=(0, 0.06, 1, 1))
     fig.savefig(path, dpi=110)
     plt.close(fig)
