@@ -246,6 +246,8 @@ def test_unknown_backend_and_bad_options_fail_before_any_timing(capsys):
     assert "unknown name 'nope'" in capsys.readouterr().err
     assert cli.main(["bench", "ops", "--shapes", "custom:hidden=8"]) == 2
     assert "missing" in capsys.readouterr().err
+    assert cli.main(["bench", "ops", "--shapes", "tiny", "--json", "/nonexistent-folder/x.json"]) == 2
+    assert "--json: the folder of /nonexistent-folder/x.json does not exist" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         cli.main(["bench", "ops", "--repeats", "0"])
     assert "expected an integer >= 1" in capsys.readouterr().err

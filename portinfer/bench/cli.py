@@ -6,8 +6,8 @@ from __future__ import annotations
 import argparse
 import shlex
 import sys
+from pathlib import Path
 
-from ..backends import spec
 from . import ops, report
 from .shapes import SHAPE_SETS, parse_shapes, with_lengths
 
@@ -41,9 +41,9 @@ def ops_command(args) -> str:
     parts += ["--shapes", *args.shapes, "--ops", *args.ops, "--dtypes", *args.dtypes, "--formats", *args.formats,
               "--repeats", str(args.repeats), "--warmup", str(args.warmup), "--min-time-s", str(args.min_time_s),
               "--max-input-sets", str(args.max_input_sets)]
-    for flag, value in (("--threads", args.threads), ("--tokens", args.tokens), ("--context", args.context), ("--matmul-n", args.matmul_n),
-                        ("--copy-mib", args.copy_mib), ("--json", args.json), ("--csv", args.csv),
-                        ("--plot", args.plot)):
+    for flag, value in (("--threads", args.threads), ("--tokens", args.tokens), ("--context", args.context),
+                        ("--matmul-n", args.matmul_n), ("--copy-mib", args.copy_mib), ("--json", args.json),
+                        ("--csv", args.csv), ("--plot", args.plot)):
         if value is not None:
             parts += [flag, str(value)]
     return shlex.join(parts)
@@ -51,8 +51,10 @@ def ops_command(args) -> str:
 
 def run_ops(args) -> int:
     shape_sets = [with_lengths(parse_shapes(s), args.tokens, args.context) for s in args.shapes]
-    for name in args.dtypes:
-        spec.parse_dtype(name)
+    for flag, path in (("--json", args.json), ("--csv", args.csv), ("--plot", args.plot)):
+        if path is not None and not Path(path).resolve().parent.is_dir():
+            # checked before the run, not after minutes of timing
+            raise ValueError(f"{flag}: the folder of {path} does not exist; create it or name another file")
     doc = ops.run_ops(args.backends, shape_sets, ops=args.ops, dtypes=args.dtypes, formats=args.formats,
                       repeats=args.repeats, warmup=args.warmup, min_time_s=args.min_time_s,
                       max_input_sets=args.max_input_sets, threads=args.threads, matmul_n=args.matmul_n,
