@@ -261,3 +261,29 @@ def test_smoke_table_has_the_ceilings_and_one_line_per_row(tiny_run):
     body = [line for line in table.splitlines() if line.split()[:1] and line.split()[0].startswith(ops.BENCH_OPS)]
     assert len(body) == len(doc["rows"])
     assert "not run" in table and "twin rope" in table  # the unsupported cases are listed, not hidden
+
+
+def test_threads_reach_torch_and_backend_pools_and_are_put_back():
+    seen = {"pool": 2}
+
+    class Pooled(TorchBackend):
+        name = "pooled"
+
+        def set_num_threads(self, n):
+            seen["pool"] = n
+            seen.setdefault("set", []).append(n)
+
+        def num_threads(self):
+            return seen["pool"]
+
+    before = torch.get_num_threads()
+    registry.register("pooled", Pooled)
+    try:
+        doc = ops.run_ops(["pooled"], [SHAPE_SETS["tiny"]], ops=["rms_norm"], dtypes=["fp32"], repeats=2,
+                          min_time_s=0.001, threads=1, matmul_n=256, copy_bytes=8 << 20)
+    finally:
+        registry.unregister("pooled")
+    assert doc["provenance"]["threads"] == 1  # torch ran the measurement on one thread
+    assert seen["set"] == [1, 2]  # the backend's pool was set to 1, then put back
+    assert torch.get_num_threads() == before
+    assert {r["backend"] for r in doc["rows"]} == {"torch", "pooled"}

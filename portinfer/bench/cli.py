@@ -99,7 +99,8 @@ def add_ops(bench_sub):
     p.add_argument("--tokens", type=_positive_int, help="prefill length (default: the shape set's, 128)")
     p.add_argument("--context", type=_positive_int, help="decode KV-cache length (default: the shape set's, 1024)")
     p.add_argument("--threads", type=_positive_int,
-                   help="torch intra-op threads (torch.set_num_threads; default: torch's own choice)")
+                   help="threads: torch's intra-op threads (torch.set_num_threads) and those of every backend with "
+                        "a set_num_threads method, such as cpu (default: each one's own choice)")
     p.add_argument("--repeats", type=_positive_int, default=10, help="timed repeats per measurement (default 10)")
     p.add_argument("--warmup", type=_positive_int, default=2, help="warm-up calls, at least (default 2)")
     p.add_argument("--min-time-s", type=_nonnegative_float, default=0.1,

@@ -16,6 +16,7 @@ it is the baseline of every speedup.
 """
 from __future__ import annotations
 
+import functools
 import math
 import os
 import time
@@ -318,11 +319,29 @@ def run_ops(backend_specs=None, shape_sets=(), ops=BENCH_OPS, dtypes=DEFAULT_DTY
     The ceilings are measured before and after the ops and the better of the two is used, so a
     burst of load during one of them does not lower the roofline; both are kept in the document."""
     started = time.perf_counter()
-    if threads is not None:
-        torch.set_num_threads(threads)
-    torch.manual_seed(0)
     dtypes = [spec.parse_dtype(d) for d in dtypes]
     instances = instantiate(backend_specs if backend_specs else default_backends())
+    restore = []
+    if threads is not None:
+        # torch and backends with their own pool (the cpu backend) run on the same count; put back after
+        restore.append(functools.partial(torch.set_num_threads, torch.get_num_threads()))
+        torch.set_num_threads(threads)
+        for b in instances:
+            if callable(getattr(b, "set_num_threads", None)):
+                if callable(getattr(b, "num_threads", None)):
+                    restore.append(functools.partial(b.set_num_threads, b.num_threads()))
+                b.set_num_threads(threads)
+    try:
+        return _run(instances, shape_sets, ops, dtypes, formats, repeats, warmup, min_time_s, max_input_sets,
+                    matmul_n, copy_bytes, command, progress, log, started)
+    finally:
+        for undo in restore:
+            undo()
+
+
+def _run(instances, shape_sets, ops, dtypes, formats, repeats, warmup, min_time_s, max_input_sets, matmul_n,
+         copy_bytes, command, progress, log, started) -> dict:
+    torch.manual_seed(0)
     devices = sorted({b.device.type for b in instances})
     doc = {"schema": SCHEMA, "provenance": machine.provenance(command)}
     load = doc["provenance"]["load_avg_start"]
