@@ -111,7 +111,7 @@ def plot_roofline(doc, path):
 
     devices = list(doc["ceilings"])
     fig, axes = plt.subplots(1, len(devices), figsize=(11 * len(devices), 6.5), squeeze=False)
-    backends = sorted({r["backend"] for r in doc["rows"]})
+    backends = list(dict.fromkeys(r["backend"] for r in doc["rows"]))  # run order: torch first
     colors = {b: f"C{i}" for i, b in enumerate(backends)}
     for ax, device in zip(axes[0], devices):
         c = doc["ceilings"][device]
@@ -171,7 +171,7 @@ def plot_speedup(doc, path):
     import matplotlib.pyplot as plt
 
     order, speedups, fractions = speedup_groups(doc)
-    backends = sorted({b for g in speedups.values() for b in g})
+    backends = list(dict.fromkeys(b for label in order for b in speedups[label]))  # run order: torch first
     width_in = min(18, max(10, 0.35 * len(order) * max(1, len(backends)) + 2))
     fig, (top, bottom) = plt.subplots(2, 1, figsize=(width_in, 8.5), sharex=True)
     width = 0.8 / max(1, len(backends))
