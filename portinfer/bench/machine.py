@@ -110,15 +110,20 @@ def matmul_peak(device, dtype, max_n=2048, repeats=5, target_call_s=2.0) -> dict
 
     n is max_n unless that would take longer than `target_call_s` per call (fp16 on some CPUs
     runs at well under 1 GFLOP/s): then the largest multiple of 64 that fits, estimated from a
-    256^3 matmul first. The limit is loose on purpose: a small matmul understates the peak, and
-    under load the 256^3 estimate comes out several times low.
+    512^3 matmul first. The limit is loose on purpose: a small matmul understates the peak, and
+    under load the estimate comes out several times low.
     """
     device = torch.device(device)
-    probe = torch.randn(256, 256, device=device).to(dtype)
-    probe_stats = measure(lambda: probe @ probe, warmup=1, warmup_s=0.0, repeats=3, min_time_s=0.0, device=device)
-    rate = 2 * 256 ** 3 / max(probe_stats.min_s, 1e-9)
-    n_fit = int((target_call_s * rate / 2) ** (1 / 3)) // 64 * 64
-    n = max(256, min(max_n, n_fit))
+    n = max_n
+    if max_n > 512:
+        # 512^3: large enough that a thread-pool wake-up delayed by other processes (~8 ms on a
+        # loaded 2-core machine) does not pass for a slow dtype
+        probe = torch.randn(512, 512, device=device).to(dtype)
+        probe_stats = measure(lambda: probe @ probe, warmup=1, warmup_s=0.0, repeats=3, min_time_s=0.0,
+                              device=device)
+        rate = 2 * 512 ** 3 / max(probe_stats.min_s, 1e-9)
+        n_fit = int((target_call_s * rate / 2) ** (1 / 3)) // 64 * 64
+        n = max(512, min(max_n, n_fit))
     a = torch.randn(n, n, device=device).to(dtype)
     b = torch.randn(n, n, device=device).to(dtype)
     stats = measure(lambda: a @ b, warmup=1, warmup_s=0.0, repeats=repeats, min_time_s=0.0, device=device)
