@@ -124,7 +124,7 @@ class Placement:
         return missing
 
     def _record(self, op, backend, reason, copied):
-        key = (op, backend.name, str(backend.device))
+        key = (op, backend)  # one row per op and backend instance of the chain (the hot path: no strings)
         rec = self._records.get(key)
         if rec is None:
             rec = self._records[key] = OpRecord(op, backend.name, str(backend.device), reason=reason)
@@ -147,7 +147,7 @@ class Placement:
 
         Bytes count only when a copy was made (a CPU-resident q_pos passed to a CPU fallback
         is not copied, whatever memory the chosen backend has)."""
-        if not isinstance(value, torch.Tensor) or src.memory == dst.memory:
+        if src is dst or not isinstance(value, torch.Tensor) or src.memory == dst.memory:
             return value, 0
         moved = dst.copy_to_memory(src.copy_from_memory(value, dst.device))
         return moved, (_nbytes(value) if moved is not value else 0)
