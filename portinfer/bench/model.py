@@ -68,6 +68,7 @@ def run(model_path, backends, prompt_tokens=128, gen_tokens=64, repetitions=5, d
     import portinfer
     from portinfer.backends import registry, spec
 
+    prov = provenance(command)  # before the run writes anything: git_dirty describes the code measured
     if backends is None:
         backends = [n for n in registry.names() if n != "reference" and registry.available(n)
                     and registry.entry(n).cls.auto_eligible()]
@@ -85,7 +86,7 @@ def run(model_path, backends, prompt_tokens=128, gen_tokens=64, repetitions=5, d
                 "fell_back": sorted({r.op for r in model.placement().fell_back}),
             })
         del model
-    return {"provenance": provenance(command), "rows": rows}
+    return {"provenance": prov, "rows": rows}
 
 
 def format_table(doc) -> str:
