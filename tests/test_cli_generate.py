@@ -30,7 +30,7 @@ def test_generate_streams_text_and_ends_with_speeds(smollm2_torch, capsys):
     captured = capsys.readouterr()
     expected = smollm2_torch.generate("The capital of France is", max_new_tokens=6)
     assert captured.out == expected.text + "\n"
-    assert "prefill: 5 tokens" in captured.err and "tok/s" in captured.err and "decode: 6 tokens" in captured.err
+    assert "prefill: 5 tokens" in captured.err and "tok/s" in captured.err and "generated: 6 tokens, decode" in captured.err
 
 
 def test_chat_reads_turns_until_end_of_input(smollm2_torch, capsys, monkeypatch):
@@ -39,3 +39,10 @@ def test_chat_reads_turns_until_end_of_input(smollm2_torch, capsys, monkeypatch)
     captured = capsys.readouterr()
     assert "Paris" in captured.out
     assert captured.err.count("tok/s") == 2  # one line per turn: prefill and decode speeds
+
+
+def test_generate_json_with_one_token_has_no_decode_rate(capsys):
+    """One new token means no decode step: the rate is null in JSON (never NaN, which JSON lacks)."""
+    assert cli.main(["generate", "--backend", "torch", "--prompt", "Hello", "--max-new-tokens", "1", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert len(out["token_ids"]) == 1 and out["decode_tok_s"] is None and out["prefill_tok_s"] > 0

@@ -54,7 +54,8 @@ def _stats(model, result) -> str:
 
     return (f"[{model.backend} on {model.device}, {spec.dtype_name(model.dtype)}] "
             f"prefill: {result.prompt_tokens} tokens, {result.prefill_tok_s:.1f} tok/s | "
-            f"decode: {len(result.token_ids)} tokens, {result.decode_tok_s:.1f} tok/s | {result.finish_reason}")
+            f"generated: {len(result.token_ids)} tokens, decode {result.decode_tok_s:.1f} tok/s | "
+            f"{result.finish_reason}")
 
 
 def _answer(model, prompt, args):

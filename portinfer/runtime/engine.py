@@ -7,6 +7,7 @@ max_new_tokens, or the context's end. `stream=True` returns an iterator of text 
 """
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass, field
 
@@ -46,9 +47,13 @@ class Generation:
         return self.decode_tokens / self.decode_s if self.decode_tokens and self.decode_s > 0 else float("nan")
 
     def as_dict(self):
+        """JSON-ready: a rate that was not measured (no decode step) is None, not NaN."""
+        def rate(value):
+            return value if math.isfinite(value) else None
+
         return {"text": self.text, "token_ids": self.token_ids, "prompt_tokens": self.prompt_tokens,
                 "finish_reason": self.finish_reason, "prefill_s": self.prefill_s, "decode_s": self.decode_s,
-                "prefill_tok_s": self.prefill_tok_s, "decode_tok_s": self.decode_tok_s}
+                "prefill_tok_s": rate(self.prefill_tok_s), "decode_tok_s": rate(self.decode_tok_s)}
 
 
 class Stream:
@@ -372,7 +377,7 @@ def load(path=None, backend="auto", dtype=None, fallback="warn", device=None) ->
     """Load a model: a Hugging Face directory or a .gguf file (None: the embedded default,
     SmolLM2-135M-Instruct Q4_1) on `backend` ("auto": the best available here)."""
     checkpoint = load_checkpoint(default_model_path() if path is None else path)
-    chosen = registry.get(backend, device=device) if device is not None else registry.get(backend)
+    chosen = registry.get(backend, device=device)
     dtype = default_dtype(chosen) if dtype is None else spec.parse_dtype(dtype)
     placement = Placement(chosen, dtype, fallback)
     placement.require(MODEL_OPS)
