@@ -213,7 +213,7 @@ class Model:
             raise ValueError(f"stop: expected a non-empty string or a list of them, got {stop!r}")
         eos = self.eos_token_ids if eos_token_id is None else (
             [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id))
-        steps = _run(self, ids, max_new_tokens, Sampler(params), stops, set(eos))
+        steps = _Steps(_loop(self, ids, max_new_tokens, Sampler(params), stops, set(eos)))
         if stream:
             return Stream(_stream_pieces(steps))
         for _ in steps:
@@ -262,10 +262,6 @@ class _Steps:
         return self.results
 
 
-def _run(model: Model, prompts, max_new_tokens, sampler, stops, eos):
-    return _Steps(_loop(model, prompts, max_new_tokens, sampler, stops, eos))
-
-
 def _sync(device):
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -287,7 +283,8 @@ def _loop(model: Model, prompts, max_new_tokens, sampler, stops, eos):
     prefill_s = time.perf_counter() - t0
     t_decode = None
     while True:
-        nxt = sampler(logits, [s.prompt + s.generated for s in seqs])
+        seen = [s.prompt + s.generated for s in seqs] if sampler.params.repetition_penalty != 1.0 else None
+        nxt = sampler(logits, seen)
         live = []
         for b, s in enumerate(seqs):
             if s.finish_reason:

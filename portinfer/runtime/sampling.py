@@ -60,11 +60,12 @@ class Sampler:
                                    else int(torch.randint(0, 2 ** 62, (1,)).item()))
 
     def __call__(self, logits: torch.Tensor, seen: list) -> list[int]:
-        """logits fp32 [B, V] (any device), seen: per sequence the token ids so far -> next ids."""
+        """logits fp32 [B, V] (any device), seen: per sequence the token ids so far (needed only
+        for the repetition penalty) -> next ids."""
         p = self.params
         logits = logits.detach().float().cpu().clone()  # sampling is glue: [B, V] on the host
         if p.repetition_penalty != 1.0:
-            for b, ids in enumerate(seen):
+            for b, ids in enumerate(seen or ()):
                 if ids:
                     idx = torch.tensor(sorted(set(ids)), dtype=torch.int64)
                     vals = logits[b, idx]
