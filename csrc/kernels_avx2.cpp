@@ -45,6 +45,17 @@ struct Vec {
     static inline void store_f16(uint16_t* p, V a) {
         _mm_storeu_si128((__m128i*)p, _mm256_cvtps_ph(a, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
     }
+    // round to nearest even, NaN stays a (quiet) NaN: f32_to_bf16 in common.h, 8 lanes at once
+    static inline void store_bf16(uint16_t* p, V a) {
+        __m256i u = _mm256_castps_si256(a);
+        __m256i r = _mm256_add_epi32(u, _mm256_add_epi32(_mm256_set1_epi32(0x7fff),
+                                                         _mm256_and_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(1))));
+        __m256i nan = _mm256_castps_si256(_mm256_cmp_ps(a, a, _CMP_UNORD_Q));
+        r = _mm256_blendv_epi8(r, _mm256_or_si256(u, _mm256_set1_epi32(0x400000)), nan);
+        r = _mm256_srli_epi32(r, 16);  // 0 .. 0xffff: the unsigned-saturating pack keeps it
+        __m256i packed = _mm256_permute4x64_epi64(_mm256_packus_epi32(r, r), 0xD8);
+        _mm_storeu_si128((__m128i*)p, _mm256_castsi256_si128(packed));
+    }
     // the fp16 scalar at p (a GGUF block's scale), unaligned
     static inline float half(const uint8_t* p) { uint16_t h; std::memcpy(&h, p, 2); return _cvtsh_ss(h); }
     static inline V load_i8(const int8_t* p) {
@@ -76,6 +87,8 @@ struct Vec {
         }
     }
     static inline V min(V a, V b) { return _mm256_min_ps(a, b); }
+    static inline V abs(V a) { return _mm256_andnot_ps(_mm256_set1_ps(-0.0f), a); }
+    static inline V select_neg(V x, V a, V b) { return _mm256_blendv_ps(b, a, x); }  // a where x's sign bit is set
     static inline V round(V a) { return _mm256_round_ps(a, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC); }
     // p * 2^n for integral n in [-126, 127]
     static inline V scale_pow2(V p, V n) {

@@ -37,6 +37,14 @@ struct Vec {
     static inline void store_f16(uint16_t* p, V a) {
         _mm256_storeu_si256((__m256i*)p, _mm512_cvtps_ph(a, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
     }
+    // round to nearest even, NaN stays a (quiet) NaN: f32_to_bf16 in common.h, 16 lanes at once
+    static inline void store_bf16(uint16_t* p, V a) {
+        __m512i u = _mm512_castps_si512(a);
+        __m512i r = _mm512_add_epi32(u, _mm512_add_epi32(_mm512_set1_epi32(0x7fff),
+                                                         _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1))));
+        r = _mm512_mask_mov_epi32(r, _mm512_cmp_ps_mask(a, a, _CMP_UNORD_Q), _mm512_or_si512(u, _mm512_set1_epi32(0x400000)));
+        _mm256_storeu_si256((__m256i*)p, _mm512_cvtepi32_epi16(_mm512_srli_epi32(r, 16)));
+    }
     // the fp16 scalar at p (a GGUF block's scale), unaligned
     static inline float half(const uint8_t* p) { uint16_t h; std::memcpy(&h, p, 2); return _cvtsh_ss(h); }
     static inline V load_i8(const int8_t* p) {
@@ -74,6 +82,10 @@ struct Vec {
         }
     }
     static inline V min(V a, V b) { return _mm512_min_ps(a, b); }
+    static inline V abs(V a) { return _mm512_abs_ps(a); }
+    static inline V select_neg(V x, V a, V b) {  // a where x's sign bit is set, else b
+        return _mm512_mask_blend_ps(_mm512_movepi32_mask(_mm512_castps_si512(x)), b, a);
+    }
     static inline V round(V a) { return _mm512_roundscale_ps(a, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC); }
     static inline V scale_pow2(V p, V n) { return _mm512_scalef_ps(p, n); }  // p * 2^n
     static inline V zero_below(V x, float lo, V y) {  // y where x >= lo, else 0
