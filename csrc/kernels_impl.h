@@ -452,62 +452,88 @@ static inline void dequant_block(V* w, const uint8_t* blk) {
     }
 }
 
+// one block of one weight row against R rows of x (x: the block's 32 columns, row stride lda):
+// c[r] += d * (quants [32] . x [32]), and for Q4_1 cm[r] += m * xs[r * xs_stride] (the block's sum of
+// x). The quants become fp32 in registers; a block's dot product is scaled once by its d.
+template <int FMT, int R>
+static inline void quant_block_dot(V* c, float* cm, const float* x, int64_t lda, const float* xs, int64_t xs_stride,
+                                   const uint8_t* b, const float* f16) {
+    V q[NV];
+    if (FMT == Q8_0) {
+#pragma GCC unroll 8
+        for (int v = 0; v < NV; ++v) q[v] = Vec::load_i8((const int8_t*)(b + 2) + v * W);
+    } else {
+        const uint8_t* qs = b + (FMT == Q4_0 ? 2 : 4);
+#pragma GCC unroll 8
+        for (int v = 0; v < NV / 2; ++v)  // low nibbles are weights 0..15, high ones 16..31
+            Vec::nibbles(qs + v * W, FMT == Q4_0 ? -8.0f : 0.0f, q[v], q[NV / 2 + v]);
+    }
+    uint16_t h;
+    std::memcpy(&h, b, 2);
+    V d = Vec::set1(f16[h]);
+#pragma GCC unroll 4
+    for (int r = 0; r < R; ++r) {
+        V t = Vec::mul(q[0], Vec::load(x + r * lda));
+#pragma GCC unroll 8
+        for (int v = 1; v < NV; ++v) t = Vec::fma(q[v], Vec::load(x + r * lda + v * W), t);
+        c[r] = Vec::fma(t, d, c[r]);
+    }
+    if (FMT == Q4_1) {
+        std::memcpy(&h, b + 2, 2);
+        const float m = f16[h];
+#pragma GCC unroll 4
+        for (int r = 0; r < R; ++r) cm[r] += m * xs[r * xs_stride];
+    }
+}
+
 // y[r] = one weight row . x row r, for R rows of x: the sum over blocks of d * (quants [32] . x [32])
-// (+ m * sum(x) for Q4_1; xsum [R][K/32] holds the per-block sums of x). The quants become fp32 in
-// registers and a block's dot product is scaled once by its d.
+// (+ m * sum(x) for Q4_1; xsum [R][K/32] holds the per-block sums of x).
+// U blocks per iteration, each into its own accumulators: every block ends in an FMA into the
+// row's accumulator (4 cycles of latency), so with one accumulator per row a core did at most one
+// block per 4 cycles (~32 G weights/s at M = 1, the limit the Q4 GEMV sat at); U * R >= 4 chains
+// hide that latency.
 template <int FMT, int R>
 static inline void gemv_quant_row(float* y, const float* A, int64_t lda, const float* xsum, const uint8_t* row,
                                   int64_t nblocks, const float* f16) {
-    const int64_t bb = quant_block_bytes(FMT);
-    V c[R];
-    float cm[R];
+    constexpr int U = R == 1 ? 4 : R == 2 ? 2 : 1;
+    constexpr int64_t bb = quant_block_bytes(FMT);
+    V c[U][R];
+    float cm[U][R];
 #pragma GCC unroll 4
-    for (int r = 0; r < R; ++r) { c[r] = Vec::zero(); cm[r] = 0.f; }
-    for (int64_t blk = 0; blk < nblocks; ++blk) {
-        V x[R][NV];
+    for (int u = 0; u < U; ++u)
 #pragma GCC unroll 4
-        for (int r = 0; r < R; ++r)
-#pragma GCC unroll 8
-            for (int v = 0; v < NV; ++v) x[r][v] = Vec::load(A + r * lda + blk * QK + v * W);
+        for (int r = 0; r < R; ++r) { c[u][r] = Vec::zero(); cm[u][r] = 0.f; }
+    int64_t blk = 0;
+    for (; blk + U <= nblocks; blk += U) {
         const uint8_t* b = row + blk * bb;
-        // software prefetch ~3 KiB ahead: with the hardware prefetcher alone a core streams GGUF
-        // blocks from DRAM at half the rate it can dequantize them
-        __builtin_prefetch(b + 3072);
-        V q[NV];
-        if (FMT == Q8_0) {
-#pragma GCC unroll 8
-            for (int v = 0; v < NV; ++v) q[v] = Vec::load_i8((const int8_t*)(b + 2) + v * W);
-        } else {
-            const uint8_t* qs = b + (FMT == Q4_0 ? 2 : 4);
-#pragma GCC unroll 8
-            for (int v = 0; v < NV / 2; ++v)  // low nibbles are weights 0..15, high ones 16..31
-                Vec::nibbles(qs + v * W, FMT == Q4_0 ? -8.0f : 0.0f, q[v], q[NV / 2 + v]);
-        }
-        uint16_t h;
-        std::memcpy(&h, b, 2);
-        V d = Vec::set1(f16[h]);
+        // software prefetch ~3 KiB ahead, every line of the U blocks: with the hardware prefetcher
+        // alone a core streams GGUF blocks from DRAM at half the rate it can dequantize them
 #pragma GCC unroll 4
-        for (int r = 0; r < R; ++r) {
-            V t = Vec::mul(q[0], x[r][0]);
-#pragma GCC unroll 8
-            for (int v = 1; v < NV; ++v) t = Vec::fma(q[v], x[r][v], t);
-            c[r] = Vec::fma(t, d, c[r]);
-        }
-        if (FMT == Q4_1) {
-            float m = Vec::half(b + 2);
+        for (int64_t off = 0; off < U * bb; off += 64) __builtin_prefetch(b + 3072 + off);
 #pragma GCC unroll 4
-            for (int r = 0; r < R; ++r) cm[r] += m * xsum[r * nblocks + blk];
-        }
+        for (int u = 0; u < U; ++u)
+            quant_block_dot<FMT, R>(c[u], cm[u], A + (blk + u) * QK, lda, xsum ? xsum + blk + u : nullptr, nblocks,
+                                    b + u * bb, f16);
     }
+    for (; blk < nblocks; ++blk)
+        quant_block_dot<FMT, R>(c[0], cm[0], A + blk * QK, lda, xsum ? xsum + blk : nullptr, nblocks, row + blk * bb, f16);
 #pragma GCC unroll 4
-    for (int r = 0; r < R; ++r) y[r] = Vec::reduce_add(c[r]) + cm[r];
+    for (int r = 0; r < R; ++r) {
+        V s = c[0][r];
+        float m = cm[0][r];
+#pragma GCC unroll 4
+        for (int u = 1; u < U; ++u) { s = Vec::add(s, c[u][r]); m += cm[u][r]; }
+        y[r] = Vec::reduce_add(s) + m;
+    }
 }
 
 template <int FMT, int R>
 static void gemv_quant(void* out, const float* A, int64_t lda, const uint8_t* blocks, const void* bias, int64_t N,
                        int64_t K, int adt) {
     const int64_t nblocks = K / QK, row_bytes = nblocks * quant_block_bytes(FMT);
-    const int64_t rows_per_task = 16;
+    // contiguous runs of rows per task (at least 16, about 8 tasks per thread): a thread streams one
+    // long run instead of hopping between short ones, which left two threads reading DRAM at ~35 GB/s
+    const int64_t rows_per_task = imax(16, ceil_div(N, 8 * (int64_t)pool_threads()));
     const float* f16 = f16_table();
     float* xsum = nullptr;
     if (FMT == Q4_1) {
