@@ -15,6 +15,7 @@ struct Vec {
     typedef __m256 V;
     static const int W = 8;
     static const int GEMM_MR = 3;
+    static const bool NIBBLE_LUT = false;  // no 16-entry permute: Q4 goes through int -> float conversions
     static inline V zero() { return _mm256_setzero_ps(); }
     static inline V set1(float a) { return _mm256_set1_ps(a); }
     static inline V load(const float* p) { return _mm256_loadu_ps(p); }
@@ -61,6 +62,8 @@ struct Vec {
     static inline V load_i8(const int8_t* p) {
         return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i*)p)));
     }
+    static inline V iota(float) { return zero(); }  // used only where NIBBLE_LUT
+    static inline void nibbles_lut(const uint8_t*, V, V&, V&) {}
     // the W low and W high nibbles of p[0..W) as floats, plus offset
     static inline void nibbles(const uint8_t* p, float offset, V& lo, V& hi) {
         __m256i b = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i*)p));

@@ -59,6 +59,17 @@ struct Vec {
         lo = _mm512_permutexvar_ps(b, table);
         hi = _mm512_permutexvar_ps(_mm512_srli_epi32(b, 4), table);
     }
+    // a 16-entry float table indexed by nibbles is one vpermps: Q4 weights are dequantized with it
+    static const bool NIBBLE_LUT = true;
+    static inline V iota(float offset) {  // offset, offset + 1, ..., offset + 15
+        return _mm512_add_ps(_mm512_setr_ps(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15), _mm512_set1_ps(offset));
+    }
+    // the W low and W high nibbles of p[0..W), each replaced by table[nibble]
+    static inline void nibbles_lut(const uint8_t* p, V table, V& lo, V& hi) {
+        __m512i b = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i*)p));
+        lo = _mm512_permutexvar_ps(b, table);
+        hi = _mm512_permutexvar_ps(_mm512_srli_epi32(b, 4), table);
+    }
     // r[0..15] (16 rows of 16) := its transpose
     static inline void transpose(V* r) {
         V t[16], u[16];

@@ -527,6 +527,67 @@ static inline void gemv_quant_row(float* y, const float* A, int64_t lda, const f
     }
 }
 
+// Q4 on a Vec with a nibble table (AVX-512): the block's 16 possible weights, d * (i - 8) (Q4_0) or
+// d * i + m (Q4_1), are one multiply / FMA of a constant vector; one permute per 16 nibbles then
+// gives the weights themselves, and they go straight into the accumulators. Per block that is
+// 3 FMA-pipe operations like the dot-then-scale route, but Q4_1's m * sum(x) term (a scalar FMA
+// and two more loads per block there) disappears: no per-block sums of x, nothing scalar.
+// Accumulators [U blocks][R rows][NV]: no chain gets more than one FMA per iteration.
+template <int FMT, int R>
+static inline void gemv_q4_lut_row(float* y, const float* A, int64_t lda, const uint8_t* row, int64_t nblocks,
+                                   const float* f16) {
+    constexpr int U = R == 1 ? 4 : R == 2 ? 2 : 1;
+    constexpr int64_t bb = quant_block_bytes(FMT);
+    const V iota = Vec::iota(FMT == Q4_0 ? -8.0f : 0.0f);
+    V c[U][R][NV];
+#pragma GCC unroll 4
+    for (int u = 0; u < U; ++u)
+#pragma GCC unroll 4
+        for (int r = 0; r < R; ++r)
+#pragma GCC unroll 8
+            for (int v = 0; v < NV; ++v) c[u][r][v] = Vec::zero();
+    auto block = [&](V(&cu)[R][NV], const float* x, const uint8_t* b) {
+        V table;
+        if (FMT == Q4_0) {
+            uint16_t h;
+            std::memcpy(&h, b, 2);
+            table = Vec::mul(iota, Vec::set1(f16[h]));
+        } else {  // d and m in one load
+            uint32_t dm;
+            std::memcpy(&dm, b, 4);
+            table = Vec::fma(iota, Vec::set1(f16[dm & 0xffff]), Vec::set1(f16[dm >> 16]));
+        }
+        const uint8_t* qs = b + (FMT == Q4_0 ? 2 : 4);
+        V w[NV];
+#pragma GCC unroll 8
+        for (int v = 0; v < NV / 2; ++v) Vec::nibbles_lut(qs + v * W, table, w[v], w[NV / 2 + v]);
+#pragma GCC unroll 4
+        for (int r = 0; r < R; ++r)
+#pragma GCC unroll 8
+            for (int v = 0; v < NV; ++v) cu[r][v] = Vec::fma(w[v], Vec::load(x + r * lda + v * W), cu[r][v]);
+    };
+    int64_t blk = 0;
+    for (; blk + U <= nblocks; blk += U) {
+        const uint8_t* b = row + blk * bb;
+#pragma GCC unroll 4
+        for (int64_t off = 0; off < U * bb; off += 64) __builtin_prefetch(b + 3072 + off);
+#pragma GCC unroll 4
+        for (int u = 0; u < U; ++u) block(c[u], A + (blk + u) * QK, b + u * bb);
+    }
+    for (; blk < nblocks; ++blk) block(c[0], A + blk * QK, row + blk * bb);
+#pragma GCC unroll 4
+    for (int r = 0; r < R; ++r) {
+        V s = c[0][r][0];
+#pragma GCC unroll 8
+        for (int v = 1; v < NV; ++v) s = Vec::add(s, c[0][r][v]);
+#pragma GCC unroll 4
+        for (int u = 1; u < U; ++u)
+#pragma GCC unroll 8
+            for (int v = 0; v < NV; ++v) s = Vec::add(s, c[u][r][v]);
+        y[r] = Vec::reduce_add(s);
+    }
+}
+
 template <int FMT, int R>
 static void gemv_quant(void* out, const float* A, int64_t lda, const uint8_t* blocks, const void* bias, int64_t N,
                        int64_t K, int adt) {
@@ -536,7 +597,7 @@ static void gemv_quant(void* out, const float* A, int64_t lda, const uint8_t* bl
     const int64_t rows_per_task = imax(16, ceil_div(N, 8 * (int64_t)pool_threads()));
     const float* f16 = f16_table();
     float* xsum = nullptr;
-    if (FMT == Q4_1) {
+    if (FMT == Q4_1 && !Vec::NIBBLE_LUT) {
         xsum = scratch(0, 2, (size_t)(R * nblocks));
         for (int r = 0; r < R; ++r)
             for (int64_t blk = 0; blk < nblocks; ++blk) {
@@ -550,7 +611,10 @@ static void gemv_quant(void* out, const float* A, int64_t lda, const uint8_t* bl
         float y[GEMV_MAX_M];
         for (int64_t n = n0; n < n1; ++n) {
             // one row at a time: a single sequential stream per thread reads DRAM fastest here
-            gemv_quant_row<FMT, R>(y, A, lda, xsum, blocks + n * row_bytes, nblocks, f16);
+            if constexpr (Vec::NIBBLE_LUT && FMT != Q8_0)
+                gemv_q4_lut_row<FMT, R>(y, A, lda, blocks + n * row_bytes, nblocks, f16);
+            else
+                gemv_quant_row<FMT, R>(y, A, lda, xsum, blocks + n * row_bytes, nblocks, f16);
             for (int r = 0; r < R; ++r) {
                 float v = y[r];
                 if (bias) v += load_scalar(bias, adt, n);

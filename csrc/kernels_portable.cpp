@@ -9,6 +9,7 @@ struct Vec {
     struct V { float x[8]; };
     static const int W = 8;
     static const int GEMM_MR = 2;
+    static const bool NIBBLE_LUT = false;  // no 16-entry permute: Q4 goes through int -> float conversions
     static inline V zero() { V r; for (int i = 0; i < W; ++i) r.x[i] = 0.f; return r; }
     static inline V set1(float a) { V r; for (int i = 0; i < W; ++i) r.x[i] = a; return r; }
     static inline V load(const float* p) { V r; std::memcpy(r.x, p, sizeof(r.x)); return r; }
@@ -30,6 +31,8 @@ struct Vec {
     // the fp16 scalar at p (a GGUF block's scale), unaligned
     static inline float half(const uint8_t* p) { uint16_t h; std::memcpy(&h, p, 2); return f16_to_f32(h); }
     static inline V load_i8(const int8_t* p) { V r; for (int i = 0; i < W; ++i) r.x[i] = (float)p[i]; return r; }
+    static inline V iota(float) { return zero(); }  // used only where NIBBLE_LUT
+    static inline void nibbles_lut(const uint8_t*, V, V&, V&) {}
     // the W low and W high nibbles of p[0..W) as floats, plus offset
     static inline void nibbles(const uint8_t* p, float offset, V& lo, V& hi) {
         for (int i = 0; i < W; ++i) { lo.x[i] = (float)(p[i] & 15) + offset; hi.x[i] = (float)(p[i] >> 4) + offset; }
