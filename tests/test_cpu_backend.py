@@ -100,6 +100,21 @@ def test_quantized_gemv_every_block_count_and_row_count(cpu, path, fmt):
             assert relative_error(y, y_ref) <= budget("linear", torch.float32, K), (K, M)
 
 
+@pytest.mark.parametrize("threads", [1, 2, 3])
+def test_embedding_large_enough_to_split_across_threads(cpu, threads):
+    """Over 64 KiB of rows the copy is split into runs of rows on the pool; every row must be the
+    table's row (repeated ids, a strided table, both row counts around the split)."""
+    cpu.set_num_threads(threads)
+    gen = torch.Generator().manual_seed(threads)
+    table = torch.randn(1000, 600, generator=gen)[:, :576]  # row stride 600
+    for dtype in (torch.float32, torch.bfloat16):
+        t = table.to(dtype)
+        for n in (29, 300):
+            ids = torch.randint(0, 1000, (n,), generator=gen)
+            ids[-1] = ids[0]
+            assert torch.equal(cpu.embedding(ids, t), t[ids])
+
+
 def test_results_do_not_depend_on_threads(cpu):
     gen = torch.Generator().manual_seed(3)
     x = torch.randn(37, 300, generator=gen)
