@@ -67,9 +67,12 @@ struct Vec {
     // the W low and W high nibbles of p[0..W) as floats, plus offset
     static inline void nibbles(const uint8_t* p, float offset, V& lo, V& hi) {
         __m256i b = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i*)p));
-        V o = _mm256_set1_ps(offset);
-        lo = _mm256_add_ps(_mm256_cvtepi32_ps(_mm256_and_si256(b, _mm256_set1_epi32(15))), o);
-        hi = _mm256_add_ps(_mm256_cvtepi32_ps(_mm256_srli_epi32(b, 4)), o);
+        lo = _mm256_cvtepi32_ps(_mm256_and_si256(b, _mm256_set1_epi32(15)));
+        hi = _mm256_cvtepi32_ps(_mm256_srli_epi32(b, 4));
+        if (offset != 0.0f) {  // a constant once inlined: Q4_1 (offset 0) skips the adds, which x + 0 needs in IEEE
+            lo = _mm256_add_ps(lo, _mm256_set1_ps(offset));
+            hi = _mm256_add_ps(hi, _mm256_set1_ps(offset));
+        }
     }
     // r[0..7] (8 rows of 8) := its transpose
     static inline void transpose(V* r) {
