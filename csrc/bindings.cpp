@@ -98,6 +98,7 @@ PYBIND11_MODULE(_cpu, m) {
     });
     m.def("embedding", [](uintptr_t out, uintptr_t ids, uintptr_t table, int64_t N, int64_t H, int64_t ts, int64_t eb) {
         py::gil_scoped_release release;
+        std::lock_guard<std::mutex> lock(kernel_lock);  // it may run on the pool
         embedding(ptr<void>(out), ptr<const int64_t>(ids), ptr<const void>(table), N, H, ts, eb);
     });
     m.def("rms_norm", [](uintptr_t out, uintptr_t x, uintptr_t w, int64_t M, int64_t H, int64_t xs, float eps, int dt) {

@@ -17,7 +17,7 @@ enum WeightFormat : int { W_F32 = 0, W_F16 = 1, W_BF16 = 2, W_Q8_0 = 3, W_Q4_0 =
 
 // GGUF block sizes (spec.QUANT_FORMATS): 32 weights per block
 static const int QK = 32;
-static inline int64_t quant_block_bytes(int fmt) { return fmt == Q8_0 ? 34 : fmt == Q4_0 ? 18 : 20; }
+static constexpr int64_t quant_block_bytes(int fmt) { return fmt == Q8_0 ? 34 : fmt == Q4_0 ? 18 : 20; }
 
 // ----------------------------------------------------------------------------
 // scalar conversions (round to nearest even, NaN stays NaN)

@@ -15,6 +15,7 @@ struct Vec {
     typedef __m256 V;
     static const int W = 8;
     static const int GEMM_MR = 3;
+    static const bool NIBBLE_LUT = false;  // no 16-entry permute: Q4 goes through int -> float conversions
     static inline V zero() { return _mm256_setzero_ps(); }
     static inline V set1(float a) { return _mm256_set1_ps(a); }
     static inline V load(const float* p) { return _mm256_loadu_ps(p); }
@@ -45,17 +46,33 @@ struct Vec {
     static inline void store_f16(uint16_t* p, V a) {
         _mm_storeu_si128((__m128i*)p, _mm256_cvtps_ph(a, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
     }
+    // round to nearest even, NaN stays a (quiet) NaN: f32_to_bf16 in common.h, 8 lanes at once
+    static inline void store_bf16(uint16_t* p, V a) {
+        __m256i u = _mm256_castps_si256(a);
+        __m256i r = _mm256_add_epi32(u, _mm256_add_epi32(_mm256_set1_epi32(0x7fff),
+                                                         _mm256_and_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(1))));
+        __m256i nan = _mm256_castps_si256(_mm256_cmp_ps(a, a, _CMP_UNORD_Q));
+        r = _mm256_blendv_epi8(r, _mm256_or_si256(u, _mm256_set1_epi32(0x400000)), nan);
+        r = _mm256_srli_epi32(r, 16);  // 0 .. 0xffff: the unsigned-saturating pack keeps it
+        __m256i packed = _mm256_permute4x64_epi64(_mm256_packus_epi32(r, r), 0xD8);
+        _mm_storeu_si128((__m128i*)p, _mm256_castsi256_si128(packed));
+    }
     // the fp16 scalar at p (a GGUF block's scale), unaligned
     static inline float half(const uint8_t* p) { uint16_t h; std::memcpy(&h, p, 2); return _cvtsh_ss(h); }
     static inline V load_i8(const int8_t* p) {
         return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i*)p)));
     }
+    static inline V iota(float) { return zero(); }  // used only where NIBBLE_LUT
+    static inline void nibbles_lut(const uint8_t*, V, V&, V&) {}
     // the W low and W high nibbles of p[0..W) as floats, plus offset
     static inline void nibbles(const uint8_t* p, float offset, V& lo, V& hi) {
         __m256i b = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i*)p));
-        V o = _mm256_set1_ps(offset);
-        lo = _mm256_add_ps(_mm256_cvtepi32_ps(_mm256_and_si256(b, _mm256_set1_epi32(15))), o);
-        hi = _mm256_add_ps(_mm256_cvtepi32_ps(_mm256_srli_epi32(b, 4)), o);
+        lo = _mm256_cvtepi32_ps(_mm256_and_si256(b, _mm256_set1_epi32(15)));
+        hi = _mm256_cvtepi32_ps(_mm256_srli_epi32(b, 4));
+        if (offset != 0.0f) {  // a constant once inlined: Q4_1 (offset 0) skips the adds, which x + 0 needs in IEEE
+            lo = _mm256_add_ps(lo, _mm256_set1_ps(offset));
+            hi = _mm256_add_ps(hi, _mm256_set1_ps(offset));
+        }
     }
     // r[0..7] (8 rows of 8) := its transpose
     static inline void transpose(V* r) {
@@ -76,6 +93,8 @@ struct Vec {
         }
     }
     static inline V min(V a, V b) { return _mm256_min_ps(a, b); }
+    static inline V abs(V a) { return _mm256_andnot_ps(_mm256_set1_ps(-0.0f), a); }
+    static inline V select_neg(V x, V a, V b) { return _mm256_blendv_ps(b, a, x); }  // a where x's sign bit is set
     static inline V round(V a) { return _mm256_round_ps(a, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC); }
     // p * 2^n for integral n in [-126, 127]
     static inline V scale_pow2(V p, V n) {

@@ -37,6 +37,14 @@ struct Vec {
     static inline void store_f16(uint16_t* p, V a) {
         _mm256_storeu_si256((__m256i*)p, _mm512_cvtps_ph(a, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
     }
+    // round to nearest even, NaN stays a (quiet) NaN: f32_to_bf16 in common.h, 16 lanes at once
+    static inline void store_bf16(uint16_t* p, V a) {
+        __m512i u = _mm512_castps_si512(a);
+        __m512i r = _mm512_add_epi32(u, _mm512_add_epi32(_mm512_set1_epi32(0x7fff),
+                                                         _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1))));
+        r = _mm512_mask_mov_epi32(r, _mm512_cmp_ps_mask(a, a, _CMP_UNORD_Q), _mm512_or_si512(u, _mm512_set1_epi32(0x400000)));
+        _mm256_storeu_si256((__m256i*)p, _mm512_cvtepi32_epi16(_mm512_srli_epi32(r, 16)));
+    }
     // the fp16 scalar at p (a GGUF block's scale), unaligned
     static inline float half(const uint8_t* p) { uint16_t h; std::memcpy(&h, p, 2); return _cvtsh_ss(h); }
     static inline V load_i8(const int8_t* p) {
@@ -47,6 +55,17 @@ struct Vec {
     static inline void nibbles(const uint8_t* p, float offset, V& lo, V& hi) {
         const V table = _mm512_add_ps(_mm512_setr_ps(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
                                       _mm512_set1_ps(offset));
+        __m512i b = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i*)p));
+        lo = _mm512_permutexvar_ps(b, table);
+        hi = _mm512_permutexvar_ps(_mm512_srli_epi32(b, 4), table);
+    }
+    // a 16-entry float table indexed by nibbles is one vpermps: Q4 weights are dequantized with it
+    static const bool NIBBLE_LUT = true;
+    static inline V iota(float offset) {  // offset, offset + 1, ..., offset + 15
+        return _mm512_add_ps(_mm512_setr_ps(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15), _mm512_set1_ps(offset));
+    }
+    // the W low and W high nibbles of p[0..W), each replaced by table[nibble]
+    static inline void nibbles_lut(const uint8_t* p, V table, V& lo, V& hi) {
         __m512i b = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i*)p));
         lo = _mm512_permutexvar_ps(b, table);
         hi = _mm512_permutexvar_ps(_mm512_srli_epi32(b, 4), table);
@@ -74,6 +93,10 @@ struct Vec {
         }
     }
     static inline V min(V a, V b) { return _mm512_min_ps(a, b); }
+    static inline V abs(V a) { return _mm512_abs_ps(a); }
+    static inline V select_neg(V x, V a, V b) {  // a where x's sign bit is set, else b
+        return _mm512_mask_blend_ps(_mm512_movepi32_mask(_mm512_castps_si512(x)), b, a);
+    }
     static inline V round(V a) { return _mm512_roundscale_ps(a, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC); }
     static inline V scale_pow2(V p, V n) { return _mm512_scalef_ps(p, n); }  // p * 2^n
     static inline V zero_below(V x, float lo, V y) {  // y where x >= lo, else 0

@@ -9,6 +9,7 @@ struct Vec {
     struct V { float x[8]; };
     static const int W = 8;
     static const int GEMM_MR = 2;
+    static const bool NIBBLE_LUT = false;  // no 16-entry permute: Q4 goes through int -> float conversions
     static inline V zero() { V r; for (int i = 0; i < W; ++i) r.x[i] = 0.f; return r; }
     static inline V set1(float a) { V r; for (int i = 0; i < W; ++i) r.x[i] = a; return r; }
     static inline V load(const float* p) { V r; std::memcpy(r.x, p, sizeof(r.x)); return r; }
@@ -26,9 +27,12 @@ struct Vec {
     static inline V load_f16(const uint16_t* p) { V r; for (int i = 0; i < W; ++i) r.x[i] = f16_to_f32(p[i]); return r; }
     static inline V load_bf16(const uint16_t* p) { V r; for (int i = 0; i < W; ++i) r.x[i] = bf16_to_f32(p[i]); return r; }
     static inline void store_f16(uint16_t* p, V a) { for (int i = 0; i < W; ++i) p[i] = f32_to_f16(a.x[i]); }
+    static inline void store_bf16(uint16_t* p, V a) { for (int i = 0; i < W; ++i) p[i] = f32_to_bf16(a.x[i]); }
     // the fp16 scalar at p (a GGUF block's scale), unaligned
     static inline float half(const uint8_t* p) { uint16_t h; std::memcpy(&h, p, 2); return f16_to_f32(h); }
     static inline V load_i8(const int8_t* p) { V r; for (int i = 0; i < W; ++i) r.x[i] = (float)p[i]; return r; }
+    static inline V iota(float) { return zero(); }  // used only where NIBBLE_LUT
+    static inline void nibbles_lut(const uint8_t*, V, V&, V&) {}
     // the W low and W high nibbles of p[0..W) as floats, plus offset
     static inline void nibbles(const uint8_t* p, float offset, V& lo, V& hi) {
         for (int i = 0; i < W; ++i) { lo.x[i] = (float)(p[i] & 15) + offset; hi.x[i] = (float)(p[i] >> 4) + offset; }
@@ -36,6 +40,11 @@ struct Vec {
     static inline void transpose(V* r) {  // r[0..7] (8 rows of 8) := its transpose
         for (int i = 0; i < W; ++i)
             for (int j = i + 1; j < W; ++j) { float t = r[i].x[j]; r[i].x[j] = r[j].x[i]; r[j].x[i] = t; }
+    }
+    static inline V abs(V a) { for (int i = 0; i < W; ++i) a.x[i] = std::fabs(a.x[i]); return a; }
+    static inline V select_neg(V x, V a, V b) {  // a where x's sign bit is set, else b
+        for (int i = 0; i < W; ++i) b.x[i] = std::signbit(x.x[i]) ? a.x[i] : b.x[i];
+        return b;
     }
     static inline V min(V a, V b) { for (int i = 0; i < W; ++i) a.x[i] = a.x[i] < b.x[i] ? a.x[i] : b.x[i]; return a; }
     static inline V round(V a) { for (int i = 0; i < W; ++i) a.x[i] = std::nearbyint(a.x[i]); return a; }

@@ -14,10 +14,33 @@ void pack_dense(void* packed, const void* w, int64_t N, int64_t K, int64_t ws, i
     }
 }
 
-// out [N, H] = table [ids[n], :] (table row stride ts elements); ids already checked to be in range
+// out [N, H] = table [ids[n], :] (table row stride ts elements); ids already checked to be in range.
+// Copies of more than 64 KiB (prefill) are split into runs of rows across the pool: one core's
+// memcpy reached ~0.65x of torch's two-thread gather at 128 x 576 fp32.
+struct EmbeddingArgs {
+    char* out;
+    const int64_t* ids;
+    const char* table;
+    int64_t N, rows_per_task, row_bytes, table_row_bytes;
+};
+
+static void embedding_rows(void* ctx, int64_t task, int) {
+    const EmbeddingArgs& a = *(const EmbeddingArgs*)ctx;
+    const int64_t n1 = a.N < (task + 1) * a.rows_per_task ? a.N : (task + 1) * a.rows_per_task;
+    for (int64_t n = task * a.rows_per_task; n < n1; ++n)
+        std::memcpy(a.out + n * a.row_bytes, a.table + a.ids[n] * a.table_row_bytes, (size_t)a.row_bytes);
+}
+
 void embedding(void* out, const int64_t* ids, const void* table, int64_t N, int64_t H, int64_t ts, int64_t elem_bytes) {
-    for (int64_t n = 0; n < N; ++n)
-        std::memcpy((char*)out + n * H * elem_bytes, (const char*)table + ids[n] * ts * elem_bytes, (size_t)(H * elem_bytes));
+    const int64_t row_bytes = H * elem_bytes, threads = pool_threads();
+    EmbeddingArgs a{(char*)out, ids, (const char*)table, N, N, row_bytes, ts * elem_bytes};
+    if (N * row_bytes <= (64 << 10) || threads == 1 || N == 1) {
+        embedding_rows(&a, 0, 0);
+        return;
+    }
+    const int64_t tasks = N < 4 * threads ? N : 4 * threads;
+    a.rows_per_task = (N + tasks - 1) / tasks;
+    parallel_for((N + a.rows_per_task - 1) / a.rows_per_task, embedding_rows, &a);
 }
 
 const float* f16_table() {

@@ -2,6 +2,7 @@
 portable fallback included) against the float64 reference, the shapes the conformance
 strategies do not reach (decode attention split over keys, long K across GEMM blocks),
 thread-count independence, the environment settings, and the probe without the extension."""
+import math
 import os
 import subprocess
 import sys
@@ -35,7 +36,7 @@ def cpu():
 def test_every_simd_path_matches_the_reference(cpu, path, conformance_seed):
     cpu.set_simd(path)
     assert cpu.simd() == path and cpu.info()["simd"] == path
-    results = portinfer.check(cpu, ops=["linear", "attention", "rms_norm", "silu_mul", "rope"],
+    results = portinfer.check(cpu, ops=["linear", "attention", "rms_norm", "silu_mul", "rope", "gelu"],
                               dtypes=["fp32", "bf16"], weight_formats=["dense", "q4_0", "q4_1"], max_examples=5,
                               seed=conformance_seed)
     assert results.passed, "\n" + results.table()
@@ -81,6 +82,37 @@ def test_linear_large_shapes(cpu, path):
             y = cpu.linear(x, cpu.prepare_linear(weight, torch.float32))
             y_ref = REFERENCE.linear(x, REFERENCE.prepare_linear(weight, torch.float32))
             assert relative_error(y, y_ref) <= budget("linear", torch.float32, K), (path, M, spec.weight_format(weight))
+
+
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("fmt", ["q8_0", "q4_0", "q4_1"])
+def test_quantized_gemv_every_block_count_and_row_count(cpu, path, fmt):
+    """The GEMV over GGUF blocks (M <= 4) works U blocks at a time with a scalar tail: block counts
+    1, 3, 5 and 129 reach every tail length, M = 1..4 every unroll, N = 300 several row runs."""
+    cpu.set_simd(path)
+    gen = torch.Generator().manual_seed(11)
+    for K in (32, 96, 160, 4128):
+        w = quant.quantize(torch.randn(300, K, generator=gen) / K ** 0.5, fmt)
+        wp, wr = cpu.prepare_linear(w, torch.float32), REFERENCE.prepare_linear(w, torch.float32)
+        for M in (1, 2, 3, 4):
+            x = torch.randn(M, K, generator=gen) + 0.5  # a mean, so Q4_1's m * sum(x) term matters
+            y, y_ref = cpu.linear(x, wp), REFERENCE.linear(x, wr)
+            assert relative_error(y, y_ref) <= budget("linear", torch.float32, K), (K, M)
+
+
+@pytest.mark.parametrize("threads", [1, 2, 3])
+def test_embedding_large_enough_to_split_across_threads(cpu, threads):
+    """Over 64 KiB of rows the copy is split into runs of rows on the pool; every row must be the
+    table's row (repeated ids, a strided table, both row counts around the split)."""
+    cpu.set_num_threads(threads)
+    gen = torch.Generator().manual_seed(threads)
+    table = torch.randn(1000, 600, generator=gen)[:, :576]  # row stride 600
+    for dtype in (torch.float32, torch.bfloat16):
+        t = table.to(dtype)
+        for n in (29, 300):
+            ids = torch.randint(0, 1000, (n,), generator=gen)
+            ids[-1] = ids[0]
+            assert torch.equal(cpu.embedding(ids, t), t[ids])
 
 
 def test_results_do_not_depend_on_threads(cpu):
@@ -143,3 +175,39 @@ def test_layer_norm_of_nearly_equal_values(cpu, path):
     case = cases.Case("layer_norm", dict(M=1, H=2, eps=1e-05, scale=1.0, offset=0.0, pad=0, seed=43), torch.float32)
     y, y_ref = case.run(cpu), case.run(REFERENCE)
     assert relative_error(y, y_ref) <= budget("layer_norm", torch.float32, 2)
+
+
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("approximate", ["none", "tanh"])
+def test_gelu_pointwise_over_its_whole_range(cpu, path, approximate):
+    """The vector gelu (a polynomial erfc times exp, or x / (1 + exp(-2z))) element by element,
+    from deep in the negative tail (where 1 + erf cancels) to where it is x, a width with a
+    partial last vector: each |y - y_true| within 4 fp32 ulp of |x| (the budget is the same bound
+    taken over the norm, which a local defect could hide in)."""
+    cpu.set_simd(path)
+    x = torch.cat([torch.linspace(-16, 16, 4097), torch.logspace(-30, 1, 61), -torch.logspace(-30, 1, 61)])
+    x = x.to(torch.float32).reshape(1, -1)
+    x64 = x.double()
+    if approximate == "tanh":
+        z = math.sqrt(2.0 / math.pi) * (x64 + 0.044715 * x64 ** 3)
+        true = x64 * torch.sigmoid(2.0 * z)
+    else:
+        true = 0.5 * x64 * torch.special.erfc(-x64 / math.sqrt(2.0))
+    y = cpu.gelu(x, approximate=approximate)
+    err = (y.double() - true).abs() / x64.abs().clamp_min(2.0 ** -149)  # y(0) must be 0
+    assert float(err.max()) <= 4 * 2.0 ** -24, f"worst at x = {float(x.flatten()[err.argmax()])}"
+    assert torch.isfinite(cpu.gelu(torch.tensor([[3.0e38, -3.0e38]]), approximate=approximate)).all()
+
+
+@pytest.mark.parametrize("path", PATHS)
+def test_bf16_outputs_round_like_torch(cpu, path):
+    """A bf16 output is the fp32 result rounded to nearest even (vector store on avx2 / avx512):
+    gelu of bf16 inputs must equal the fp32 kernel's output rounded by torch, NaN included."""
+    cpu.set_simd(path)
+    x = (torch.randn(3, 1000, generator=torch.Generator().manual_seed(5)) * 4).to(torch.bfloat16)
+    x[1, 7] = float("nan")
+    for approximate in ("none", "tanh"):
+        y = cpu.gelu(x, approximate=approximate)
+        expected = cpu.gelu(x.float(), approximate=approximate).to(torch.bfloat16)
+        assert torch.equal(y.isnan(), expected.isnan()) and bool(y.isnan()[1, 7])
+        assert torch.equal(y.nan_to_num(), expected.nan_to_num())
