@@ -166,7 +166,7 @@ def _activation(name, t, rank, layout, device=None):
     _rank(name, t, rank, layout)
     if t.dtype not in ACTIVATION_DTYPES:
         raise ValueError(f"{name}: expected dtype fp32, fp16 or bf16, got {t.dtype}")
-    if any(s == 0 for s in t.shape):
+    if 0 in t.shape:
         raise ValueError(f"{name}: expected a non-empty tensor {layout}, got shape {list(t.shape)}")
     _unit_last_stride(name, t)
     _device(name, t, device)
@@ -179,7 +179,10 @@ def _unit_last_stride(name, t):
 
 
 def _device(name, t, device):
-    if device is not None and t.device.type != torch.device(device).type:
+    if device is None:
+        return
+    expected = device.type if isinstance(device, torch.device) else torch.device(device).type
+    if t.device.type != expected:
         raise ValueError(f"{name}: expected a tensor on {device}, got one on {t.device}")
 
 
@@ -206,6 +209,12 @@ def _int_tensor(name, t, dtypes, shape, device):
     _shape(name, t, shape)
     if t.device.type != "cpu":
         _device(name, t, device)
+
+
+def _min_max(t) -> tuple:
+    """(min, max) of a small index tensor ([B] of q_pos / kv_len): one host read, not two reductions."""
+    values = t.tolist()
+    return min(values), max(values)
 
 
 # ----------------------------------------------------------------------------
@@ -315,9 +324,9 @@ def validate_attention(q, k, v, q_pos, kv_len, causal, scale, device=None):
         raise ValueError(f"q: expected Hq to be a multiple of Hkv = {Hkv} (GQA), got Hq = {Hq}")
     _int_tensor("q_pos", q_pos, (torch.int32,), (B,), device)
     _int_tensor("kv_len", kv_len, (torch.int32,), (B,), device)
-    if int(q_pos.min()) < 0:
-        raise ValueError(f"q_pos: expected positions >= 0, got {int(q_pos.min())}")
-    lo, hi = int(kv_len.min()), int(kv_len.max())
+    if _min_max(q_pos)[0] < 0:
+        raise ValueError(f"q_pos: expected positions >= 0, got {_min_max(q_pos)[0]}")
+    lo, hi = _min_max(kv_len)
     if lo < 0 or hi > Sk:
         raise ValueError(f"kv_len: expected values in [0, Sk = {Sk}] (the key length), got {hi if hi > Sk else lo}")
     if not isinstance(causal, bool):

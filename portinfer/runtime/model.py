@@ -135,9 +135,7 @@ class Decoder:
         kv_max = max(s + n for s, n in zip(start, lengths))
         if cache is not None:
             # only real (unpadded) rows are written: a padded row must never overwrite a cache slot
-            valid = torch.arange(S, device=dev)[None, :] < lengths_t[:, None]  # [B, S]
-            rows_b, rows_i = valid.nonzero(as_tuple=True)
-            rows_pos = pos[rows_b, rows_i]
+            writes = [(b, s, n) for b, (s, n) in enumerate(zip(start, lengths)) if n]  # (sequence, at, rows)
 
         x = ops.embedding(ids.reshape(-1), self.embed)  # [B*S, H]
         finite = []
@@ -148,8 +146,9 @@ class Decoder:
             k = ops.rope(qkv[:, :, Hq:Hq + Hkv].transpose(1, 2), pos, self.rotary)  # [B, Hkv, S, D]
             v = qkv[:, :, Hq + Hkv:].transpose(1, 2)  # [B, Hkv, S, D]
             if cache is not None:
-                cache.k[li][rows_b, :, rows_pos] = k.transpose(1, 2)[rows_b, rows_i]
-                cache.v[li][rows_b, :, rows_pos] = v.transpose(1, 2)[rows_b, rows_i]
+                for b, at, n in writes:
+                    cache.k[li][b, :, at:at + n] = k[b, :, :n]
+                    cache.v[li][b, :, at:at + n] = v[b, :, :n]
                 k, v = cache.k[li][:, :, :kv_max], cache.v[li][:, :, :kv_max]  # [B, Hkv, kv_max, D]
             a = ops.attention(q, k, v, q_pos, kv_len, True, self.scale)  # [B, Hq, S, D]
             a = a.transpose(1, 2).reshape(B * S, Hq * D)
