@@ -154,7 +154,7 @@ def cost(case: Case, dtype: torch.dtype) -> tuple[int, int]:
         M, I = p["M"], p["I"]
         return 5 * M * I, 2 * M * I * e
     if case.op == "attention":
-        B, Hq, Hkv, Sq, Sk, D = p["B"], p["Hq"], p["Hkv"], p["Sq"], p["Sk"], p["D"]
+        B, Hq, Hkv, Sq, D = p["B"], p["Hq"], p["Hkv"], p["Sq"], p["D"]
         pairs = visible_pairs(Sq, p["q_pos"], p["kv_len"])
         keys_read = p["kv_len"]
         return 4 * B * Hq * D * pairs, (2 * B * Hq * Sq * D + 2 * B * Hkv * keys_read * D) * e + 8 * B

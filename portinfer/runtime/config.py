@@ -89,11 +89,6 @@ class ModelConfig:
             inv_freq = _llama3_inv_freq(inv_freq, scaling)
         return RotaryParams(inv_freq=inv_freq, style="neox")
 
-    def summary(self) -> str:
-        return (f"{self.architecture}: {self.num_layers} layers, hidden {self.hidden_size}, heads {self.num_heads}/"
-                f"{self.num_kv_heads} kv, head_dim {self.head_dim}, ffn {self.intermediate_size}, vocab "
-                f"{self.vocab_size}, context {self.context_length}")
-
     # ------------------------------------------------------------------ constructors
 
     @classmethod

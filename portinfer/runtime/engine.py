@@ -84,7 +84,7 @@ class Model:
         self.source_format = checkpoint.source_format
         self.generation_defaults = dict(checkpoint.generation_defaults)
         self._placement = placement
-        self.num_parameters = sum(_numel(w) for w in checkpoint.weights.values())
+        self.num_parameters = sum(math.prod(w.shape) for w in checkpoint.weights.values())
         self.decoder = Decoder(checkpoint.config, checkpoint.weights, placement)
         eos = list(self.config.eos_token_ids)
         if self.tokenizer is not None and self.tokenizer.eos_token is not None:
@@ -175,9 +175,6 @@ class Model:
                              "pass token ids instead of text")
         return self.tokenizer.encode(text)
 
-    def decode_text(self, ids) -> str:
-        return self.tokenizer.decode(ids) if self.tokenizer is not None else ""
-
     def apply_chat_template(self, messages, add_generation_prompt=True) -> str:
         if self.tokenizer is None:
             raise ValueError("chat: this model has no tokenizer")
@@ -235,9 +232,7 @@ class Model:
             raise ValueError(f"{where}: expected at least one token, got none")
         if any(isinstance(t, bool) or not isinstance(t, int) for t in ids):
             raise ValueError(f"{where}: expected token ids (int), got {[type(t).__name__ for t in ids][:3]}")
-        bad = next((t for t in ids if not 0 <= t < self.config.vocab_size), None)
-        if bad is not None:
-            raise ValueError(f"{where}: token id {bad} is outside the vocabulary [0, {self.config.vocab_size})")
+        self._check_ids(torch.tensor(ids, dtype=torch.int64), where)
         if len(ids) >= self.context_length:
             raise ValueError(f"{where}: {len(ids)} tokens do not fit the model's context of {self.context_length} "
                              f"(at least one position must remain for a new token)")
@@ -355,10 +350,6 @@ def _stream_pieces(steps):
     for _, piece in steps:
         yield piece
     return steps.results[0]
-
-
-def _numel(w) -> int:
-    return w.shape[0] * w.shape[1] if isinstance(w, spec.QuantizedWeight) else w.numel()
 
 
 def default_dtype(backend) -> torch.dtype:

@@ -41,10 +41,6 @@ class KVCache:
     def batch_size(self) -> int:
         return len(self.lengths)
 
-    @property
-    def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in self.k + self.v)
-
 
 class Decoder:
     def __init__(self, config: ModelConfig, weights: dict, placement: Placement):
@@ -55,7 +51,7 @@ class Decoder:
         self.rotary = config.rotary()
         self.scale = config.head_dim ** -0.5
         c = config
-        H, D = c.hidden_size, c.head_dim
+        H = c.hidden_size
         get = _WeightReader(weights)
 
         self.embed = self._dense(get("model.embed_tokens.weight", (c.vocab_size, H)))
@@ -65,16 +61,12 @@ class Decoder:
             q = get(p + "self_attn.q_proj.weight", (c.q_size, H))
             k = get(p + "self_attn.k_proj.weight", (c.kv_size, H))
             v = get(p + "self_attn.v_proj.weight", (c.kv_size, H))
-            qkv_bias = None
-            if c.qkv_bias:
-                qkv_bias = torch.cat([get(p + f"self_attn.{n}_proj.bias", (size,)).to(torch.float32)
-                                      for n, size in (("q", c.q_size), ("k", c.kv_size), ("v", c.kv_size))])
+            qkv_bias = _concat_rows([get(p + f"self_attn.{n}_proj.bias", (size,)) for n, size in
+                                     (("q", c.q_size), ("k", c.kv_size), ("v", c.kv_size))]) if c.qkv_bias else None
             gate = get(p + "mlp.gate_proj.weight", (c.intermediate_size, H))
             up = get(p + "mlp.up_proj.weight", (c.intermediate_size, H))
-            gate_up_bias = None
-            if c.mlp_bias:
-                gate_up_bias = torch.cat([get(p + "mlp.gate_proj.bias", (c.intermediate_size,)).float(),
-                                          get(p + "mlp.up_proj.bias", (c.intermediate_size,)).float()])
+            gate_up_bias = _concat_rows([get(p + f"mlp.{n}_proj.bias", (c.intermediate_size,))
+                                         for n in ("gate", "up")]) if c.mlp_bias else None
             self.layers.append(dict(
                 attn_norm=self._dense(get(p + "input_layernorm.weight", (H,))),
                 qkv=placement.prepare_linear(_concat_rows([q, k, v])),
@@ -209,8 +201,8 @@ class _WeightReader:
 
 
 def _concat_rows(weights: list):
-    """Stack [N_i, K] weights into one [sum N_i, K]: GGUF blocks of one format stay blocks
-    (a block never spans rows), anything else becomes one dense tensor."""
+    """Stack [N_i, K] weights (or [N_i] biases) into one [sum N_i, ...]: GGUF blocks of one format
+    stay blocks (a block never spans rows), anything else becomes one dense tensor."""
     formats = {spec.weight_format(w) for w in weights}
     if len(formats) == 1 and isinstance(weights[0], spec.QuantizedWeight):
         blocks = torch.cat([w.blocks for w in weights])

@@ -86,10 +86,6 @@ class Tokenizer:
 
     # ------------------------------------------------------------------ use
 
-    @property
-    def vocab_size(self) -> int:
-        return self.backend.get_vocab_size(with_added_tokens=True)
-
     def token_id(self, token: str):
         return self.backend.token_to_id(token)
 
