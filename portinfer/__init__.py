@@ -4,11 +4,12 @@ from . import backends
 __version__ = "0.1.0"
 
 
-def load(path=None, backend="auto", dtype=None, fallback="warn"):
-    """Load a model (a Hugging Face directory or a .gguf file; None: the embedded default)."""
+def load(path=None, backend="auto", dtype=None, fallback="warn", **options):
+    """Load a model (a Hugging Face directory or a .gguf file; None: the embedded default).
+    options: see portinfer.runtime.load (plans=True|False, device=...)."""
     from .runtime import load as _load
 
-    return _load(path, backend=backend, dtype=dtype, fallback=fallback)
+    return _load(path, backend=backend, dtype=dtype, fallback=fallback, **options)
 
 
 def check(backend, ops=None, dtypes=None, **options):

@@ -90,6 +90,8 @@ class Placement:
         self._chain = None
         self._records: dict = {}
         self._warned = set()
+        self.last_backend, self.last_copied = None, 0  # the latest op's backend and bytes (step plans record them)
+        self.plans = []  # step plans built on this placement: their runs count in report()
 
     # ------------------------------------------------------------ the fallback chain
 
@@ -124,6 +126,7 @@ class Placement:
         return missing
 
     def _record(self, op, backend, reason, copied):
+        self.last_backend, self.last_copied = backend, copied
         key = (op, backend)  # one row per op and backend instance of the chain (the hot path: no strings)
         rec = self._records.get(key)
         if rec is None:
@@ -217,7 +220,22 @@ class Placement:
 
     # ------------------------------------------------------------ report
 
+    def retire_plan(self, plan):
+        """A plan dropped from the decoder's cache: its runs stay counted in the records."""
+        for (op, backend), per_run in plan.op_counts().items():
+            rec = self._records.get((op, backend))
+            if rec is not None:
+                rec.calls += per_run * plan.runs
+                rec.bytes_copied += plan.bytes_per_run.get((op, backend), 0) * plan.runs
+        self.plans.remove(plan)
+
     def report(self) -> PlacementReport:
-        rows = sorted(self._records.values(), key=lambda r: (OPS.index(r.op) if r.op in OPS else 99, r.backend))
+        records = {key: OpRecord(**r.as_dict()) for key, r in self._records.items()}
+        for plan in self.plans:  # a plan's ops are placed once, when traced; each run counts here
+            for (op, backend), per_run in plan.op_counts().items():
+                if plan.runs and (op, backend) in records:
+                    records[(op, backend)].calls += per_run * plan.runs
+                    records[(op, backend)].bytes_copied += plan.bytes_per_run.get((op, backend), 0) * plan.runs
+        rows = sorted(records.values(), key=lambda r: (OPS.index(r.op) if r.op in OPS else 99, r.backend))
         return PlacementReport(self.primary.name, str(self.primary.device), spec.dtype_name(self.dtype), self.policy,
                                rows)

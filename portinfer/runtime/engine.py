@@ -76,7 +76,8 @@ class _Sequence:
 
 
 class Model:
-    def __init__(self, checkpoint: Checkpoint, placement: Placement):
+    def __init__(self, checkpoint: Checkpoint, placement: Placement, plans: bool = True):
+        self.plans = bool(plans)  # steps through step plans (see graph.py), or every op on the op path
         self.config = checkpoint.config
         self.tokenizer = checkpoint.tokenizer
         self.name = checkpoint.name
@@ -140,32 +141,54 @@ class Model:
         B, S = input_ids.shape
         if S > self.context_length:
             raise ValueError(f"input_ids: {S} tokens exceed the model's context of {self.context_length}")
-        return self.decoder.forward(input_ids.to(self.device), [S] * B, None, all_rows=True)
+        return self.decoder.forward(input_ids, [S] * B, None, all_rows=True, plans=self.plans)
 
     def new_cache(self, batch_size: int, max_len: int):
+        """A KV cache of `batch_size` rows of `max_len` positions, allocated once; cache.filled[b]
+        says how many positions row b holds, cache.reset(b) empties a row."""
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+            raise ValueError(f"batch_size: expected an integer >= 1, got {batch_size!r}")
         if not 1 <= max_len <= self.context_length:
             raise ValueError(f"max_len: expected 1..{self.context_length} (the context), got {max_len}")
         return self.decoder.new_cache(batch_size, max_len)
 
-    def prefill(self, input_ids: torch.Tensor, cache, lengths=None) -> torch.Tensor:
-        """Feed int64 [B, S] (right-padded; `lengths` per sequence, default S) after what `cache`
-        holds -> fp32 logits [B, V] at each sequence's last new token."""
+    def step(self, input_ids: torch.Tensor, cache, n_new=None, rows=None) -> torch.Tensor:
+        """One step over rows of a KV cache: int64 [b, S] (right-padded) -> fp32 logits [b, V] at
+        each row's last new token. rows: None (every cache row; b = cache.batch_size) or a slice of
+        contiguous rows (b = its length); n_new: new tokens per row (default S; 0 = the row idles:
+        nothing is written and its logits mean nothing). Writes the cache and advances cache.filled."""
         self._check_ids(input_ids)
+        if input_ids.dim() != 2:
+            raise ValueError(f"input_ids: expected shape [b, S], got {list(input_ids.shape)}")
         B, S = input_ids.shape
-        lengths = [S] * B if lengths is None else [int(n) for n in lengths]
-        # a length of 0 leaves that sequence idle (a finished one in a batch still decoding)
-        if len(lengths) != B or any(not 0 <= n <= S for n in lengths) or not any(lengths):
-            raise ValueError(f"lengths: expected {B} values in 0..{S}, not all 0, got {lengths}")
-        if B != cache.batch_size:
-            raise ValueError(f"input_ids: batch {B} does not match the cache's batch {cache.batch_size}")
-        full = [s + n for s, n in zip(cache.lengths, lengths)]
+        if rows is None:
+            rows = slice(0, cache.batch_size)
+        if not isinstance(rows, slice) or rows.step not in (None, 1):
+            raise ValueError(f"rows: expected a slice of contiguous cache rows (or None), got {rows!r}")
+        start, stop, _ = rows.indices(cache.batch_size)
+        if stop - start != B:
+            raise ValueError(f"input_ids: {B} rows, but rows={rows!r} selects {max(0, stop - start)} of the "
+                             f"cache's {cache.batch_size}")
+        n_new = [S] * B if n_new is None else [int(n) for n in n_new]
+        # a row of 0 new tokens idles (a finished sequence in a batch still decoding, a free slot)
+        if len(n_new) != B or any(not 0 <= n <= S for n in n_new) or not any(n_new):
+            raise ValueError(f"n_new: expected {B} values in 0..{S}, not all 0, got {n_new}")
+        full = [f + n for f, n in zip(cache.filled[start:stop], n_new)]
         if max(full) > cache.max_len:
             raise ValueError(f"cache: {max(full)} positions needed, the cache holds {cache.max_len}")
-        return self.decoder.forward(input_ids.to(self.device), lengths, cache)
+        return self.decoder.forward(input_ids, n_new, cache, rows=slice(start, stop), plans=self.plans)
+
+    def prefill(self, input_ids: torch.Tensor, cache, n_new=None) -> torch.Tensor:
+        """Feed int64 [B, S] (right-padded; `n_new` tokens per row, default S) after what `cache`
+        holds -> fp32 logits [B, V] at each row's last new token (a step over every row)."""
+        if isinstance(input_ids, torch.Tensor) and input_ids.dim() != 2:
+            raise ValueError(f"input_ids: expected shape [B, S], got {list(input_ids.shape)} "
+                             f"(one prompt is input_ids[None])")
+        return self.step(input_ids, cache, n_new)
 
     def decode(self, token_ids: torch.Tensor, cache) -> torch.Tensor:
-        """One new token per sequence: int64 [B] -> fp32 logits [B, V]."""
-        return self.prefill(token_ids.reshape(-1, 1), cache)
+        """One new token per row: int64 [B] -> fp32 logits [B, V]."""
+        return self.step(token_ids.reshape(-1, 1), cache)
 
     # ------------------------------------------------------------------ text
 
@@ -273,7 +296,7 @@ def _loop(model: Model, prompts, max_new_tokens, sampler, stops, eos):
         ids[b, :len(p)] = torch.tensor(p)
 
     t0 = time.perf_counter()
-    logits = model.prefill(ids, cache, [len(p) for p in prompts])
+    logits = model.step(ids, cache, [len(p) for p in prompts])
     _sync(model.device)
     prefill_s = time.perf_counter() - t0
     t_decode = None
@@ -299,9 +322,9 @@ def _loop(model: Model, prompts, max_new_tokens, sampler, stops, eos):
             break
         if t_decode is None:
             t_decode = time.perf_counter()
-        # a finished sequence stays in the batch idle (length 0): no cache write, its logits ignored
+        # a finished sequence stays in the batch idle (0 new tokens): no cache write, its logits ignored
         last = torch.tensor([s.generated[-1] for s in seqs], dtype=torch.int64)
-        logits = model.prefill(last[:, None], cache, [1 if b in live else 0 for b in range(B)])
+        logits = model.step(last[:, None], cache, [1 if b in live else 0 for b in range(B)])
     _sync(model.device)
     decode_s = time.perf_counter() - t_decode if t_decode is not None else 0.0
     prefill_tokens = sum(len(p) for p in prompts)
@@ -361,12 +384,13 @@ def default_dtype(backend) -> torch.dtype:
     return torch.float32 if backend.device.type == "cpu" else torch.bfloat16
 
 
-def load(path=None, backend="auto", dtype=None, fallback="warn", device=None) -> Model:
+def load(path=None, backend="auto", dtype=None, fallback="warn", device=None, plans=True) -> Model:
     """Load a model: a Hugging Face directory or a .gguf file (None: the embedded default,
-    SmolLM2-135M-Instruct Q4_1) on `backend` ("auto": the best available here)."""
+    SmolLM2-135M-Instruct Q4_1) on `backend` ("auto": the best available here). plans=False runs
+    every step on the op path (each op validated and placed per call; see runtime/graph.py)."""
     checkpoint = load_checkpoint(default_model_path() if path is None else path)
     chosen = registry.get(backend, device=device)
     dtype = default_dtype(chosen) if dtype is None else spec.parse_dtype(dtype)
     placement = Placement(chosen, dtype, fallback)
     placement.require(MODEL_OPS)
-    return Model(checkpoint, placement)
+    return Model(checkpoint, placement, plans=plans)

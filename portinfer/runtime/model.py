@@ -1,24 +1,31 @@
 """The decoder (Llama / Qwen2 / Mistral) built only from contract ops, and its KV cache.
 
-Every op goes through the Placement (never a backend directly); the glue between ops
-(residual adds, views, KV-cache writes) is plain torch on the placement's device.
+The step is written once, in `step_graph(g)`, against the op interface of graph.py: on the op
+path every op goes through the Placement (never a backend directly) and the glue between ops
+(residual adds, views, KV-cache writes) is plain torch on the placement's device; a step plan
+records the same calls once per shape class and its backend runs the record (see graph.py).
 
-One step function serves prefill, decode, chunked prefill and padded batches: sequence b
-feeds `lengths[b]` new tokens (right-padded to S), written at cache positions
-cache.lengths[b] + i; its queries attend with q_pos = cache.lengths[b] and
-kv_len = cache.lengths[b] + lengths[b] (the contract's attention semantics).
+One step function serves prefill, decode, chunked prefill and padded batches: row b of the
+cache feeds `n_new[b]` new tokens (right-padded to S), written at cache positions
+cache.filled[b] + i; its queries attend with q_pos = cache.filled[b] and
+kv_len = cache.filled[b] + n_new[b] (the contract's attention semantics).
 """
 from __future__ import annotations
 
 import contextlib
+from collections import OrderedDict
 from dataclasses import dataclass
 
 import torch
 
 from ..backends import quant, spec
 from ..backends.placement import Placement
+from . import graph
 from .config import ModelConfig
 from .loader import CheckpointError
+
+# plans kept per decoder (least recently used dropped first): decode buckets and prefill chunks
+MAX_PLANS = 16
 
 
 class NonFiniteError(RuntimeError):
@@ -31,7 +38,7 @@ class KVCache:
 
     k: list  # per layer [B, Hkv, max_len, D]
     v: list
-    lengths: list  # per sequence: positions filled so far
+    filled: list  # per row: positions filled so far
 
     @property
     def max_len(self) -> int:
@@ -39,7 +46,13 @@ class KVCache:
 
     @property
     def batch_size(self) -> int:
-        return len(self.lengths)
+        return len(self.filled)
+
+    def reset(self, row: int):
+        """Row `row` holds nothing again (a freed server slot); its old keys are never read."""
+        if not 0 <= row < self.batch_size:
+            raise ValueError(f"row: expected 0..{self.batch_size - 1}, got {row}")
+        self.filled[row] = 0
 
 
 class Decoder:
@@ -86,6 +99,7 @@ class Decoder:
         else:
             head = get("lm_head.weight", (c.vocab_size, H))
         self.lm_head = placement.prepare_linear(head)
+        self._plans = OrderedDict()  # (B, S, all_rows, with cache) -> executor of that step plan
 
     def _dense(self, t):
         """A dense tensor (or GGUF blocks, dequantized) in the activation dtype on the device."""
@@ -104,62 +118,83 @@ class Decoder:
         v = [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in range(c.num_layers)]
         return KVCache(k, v, [0] * batch_size)
 
-    # ------------------------------------------------------------------ forward
+    # ------------------------------------------------------------------ the step, written once
 
-    def forward(self, ids, lengths, cache: KVCache | None, all_rows: bool = False):
-        """ids int64 [B, S] (right-padded), lengths: new tokens per sequence -> fp32 logits:
-        [B, S, V] when all_rows, else [B, V] at each sequence's last new token.
-        Without a cache the keys are this call's own (a full forward from position 0)."""
-        with _torch_glue_threads(self.placement.primary):
-            return self._forward(ids, lengths, cache, all_rows)
-
-    def _forward(self, ids, lengths, cache, all_rows):
-        ops, c = self.placement, self.config
-        B, S = ids.shape
-        Hq, Hkv, D = c.num_heads, c.num_kv_heads, c.head_dim
-        start = cache.lengths if cache is not None else [0] * B
-        dev = self.device
-        start_t = torch.tensor(start, dtype=torch.int64, device=dev)
-        lengths_t = torch.tensor(lengths, dtype=torch.int64, device=dev)
-        pos = start_t[:, None] + torch.arange(S, device=dev)[None, :]  # [B, S]
-        q_pos = start_t.to(torch.int32)
-        kv_len = (start_t + lengths_t).to(torch.int32)
-        kv_max = max(s + n for s, n in zip(start, lengths))
-        if cache is not None:
-            # only real (unpadded) rows are written: a padded row must never overwrite a cache slot
-            writes = [(b, s, n) for b, (s, n) in enumerate(zip(start, lengths)) if n]  # (sequence, at, rows)
-
-        x = ops.embedding(ids.reshape(-1), self.embed)  # [B*S, H]
-        finite = []
+    def step_graph(self, g, all_rows=False):
+        """One step on the op interface `g` (graph.py): g's inputs are ids [B*S], pos [B, S],
+        q_pos and kv_len [B] -> logits [B, V] at each row's last new token ([B*S, V] with all_rows)."""
+        c = self.config
+        Hq, Hkv = c.num_heads, c.num_kv_heads
+        x = g.embedding(g.ids, self.embed)  # [B*S, H]
         for li, layer in enumerate(self.layers):
-            h = ops.rms_norm(x, layer["attn_norm"], c.rms_norm_eps)
-            qkv = ops.linear(h, layer["qkv"], layer["qkv_bias"]).view(B, S, Hq + 2 * Hkv, D)
-            q = ops.rope(qkv[:, :, :Hq].transpose(1, 2), pos, self.rotary)  # [B, Hq, S, D]
-            k = ops.rope(qkv[:, :, Hq:Hq + Hkv].transpose(1, 2), pos, self.rotary)  # [B, Hkv, S, D]
-            v = qkv[:, :, Hq + Hkv:].transpose(1, 2)  # [B, Hkv, S, D]
-            if cache is not None:
-                for b, at, n in writes:
-                    cache.k[li][b, :, at:at + n] = k[b, :, :n]
-                    cache.v[li][b, :, at:at + n] = v[b, :, :n]
-                k, v = cache.k[li][:, :, :kv_max], cache.v[li][:, :, :kv_max]  # [B, Hkv, kv_max, D]
-            a = ops.attention(q, k, v, q_pos, kv_len, True, self.scale)  # [B, Hq, S, D]
-            a = a.transpose(1, 2).reshape(B * S, Hq * D)
-            x = x + ops.linear(a, layer["o"], layer["o_bias"])
-            h = ops.rms_norm(x, layer["mlp_norm"], c.rms_norm_eps)
-            gate_up = ops.linear(h, layer["gate_up"], layer["gate_up_bias"])  # [B*S, 2I]
-            x = x + ops.linear(ops.silu_mul(gate_up), layer["down"], layer["down_bias"])
-            finite.append(torch.isfinite(x).all())
-        if cache is not None:
-            cache.lengths = [s + n for s, n in zip(start, lengths)]
-
-        x = x.view(B, S, -1)
+            h = g.rms_norm(x, layer["attn_norm"], c.rms_norm_eps)
+            qkv = g.linear(h, layer["qkv"], layer["qkv_bias"])  # [B*S, (Hq + 2 Hkv) D]
+            q = g.rope(g.heads(qkv, 0, Hq), g.pos, self.rotary)  # [B, Hq, S, D]
+            k = g.rope(g.heads(qkv, Hq, Hkv), g.pos, self.rotary)  # [B, Hkv, S, D]
+            v = g.heads(qkv, Hq + Hkv, Hkv)  # [B, Hkv, S, D]
+            k, v = g.kv_cache(li, k, v)  # [B, Hkv, kv, D]: the cache rows after this step's writes
+            a = g.attention(q, k, v, g.q_pos, g.kv_len, True, self.scale)  # [B, Hq, S, D]
+            x = g.add(x, g.linear(g.merge_heads(a), layer["o"], layer["o_bias"]))
+            h = g.rms_norm(x, layer["mlp_norm"], c.rms_norm_eps)
+            gate_up = g.linear(h, layer["gate_up"], layer["gate_up_bias"])  # [B*S, 2I]
+            x = g.add(x, g.linear(g.silu_mul(gate_up), layer["down"], layer["down_bias"]))
+            g.layer_done(li, x)
         if not all_rows:
-            x = x[torch.arange(B, device=dev), lengths_t - 1]  # [B, H]: each sequence's last new token
-        x = ops.rms_norm(x.reshape(-1, c.hidden_size), self.norm, c.rms_norm_eps)
-        logits = ops.linear(x, self.lm_head).float()
+            x = g.last_rows(x)  # [B, H]
+        x = g.rms_norm(x, self.norm, c.rms_norm_eps)
+        return g.linear(x, self.lm_head)
+
+    # ------------------------------------------------------------------ running it
+
+    def forward(self, ids, n_new, cache: KVCache | None, all_rows: bool = False, rows=None, plans: bool = False):
+        """ids int64 [B, S] (right-padded), n_new: new tokens per row -> fp32 logits: [B, S, V]
+        when all_rows, else [B, V] at each row's last new token. Without a cache the keys are this
+        call's own (a full forward from position 0). rows: the cache rows (a slice; None: all).
+        plans: run through the step plan of this shape class (built on first use) instead of the op path."""
+        rows = slice(None) if rows is None else rows
+        B, S = ids.shape
+        filled = cache.filled[rows] if cache is not None else [0] * B
+        inputs = graph.StepInputs.build(ids, n_new, filled, cache, rows, self.device)
+        with _torch_glue_threads(self.placement.primary):
+            if plans:
+                logits, finite = self._run_plan(inputs, all_rows)
+            else:
+                g = graph.EagerOps(self.placement, inputs, self.config.head_dim)
+                logits, finite = self.step_graph(g, all_rows), g.finite
+        if cache is not None:
+            cache.filled[rows] = [f + n for f, n in zip(filled, n_new)]
+        logits = logits.float()
         if not bool(torch.isfinite(logits).all()):
-            raise NonFiniteError(_non_finite_message(finite, self.dtype))
+            raise NonFiniteError(_non_finite_message(finite() if callable(finite) else finite, self.dtype))
         return logits.view(B, S, -1) if all_rows else logits
+
+    def plan_for(self, inputs, all_rows=False):
+        """The executor of this shape class's plan, or None when it is not built yet."""
+        key = (inputs.B, inputs.S, all_rows, inputs.cache is not None)
+        executor = self._plans.get(key)
+        if executor is not None:
+            self._plans.move_to_end(key)
+        return executor
+
+    def _run_plan(self, inputs, all_rows):
+        """-> (logits, per-layer finite flags or a function giving them)."""
+        executor = self.plan_for(inputs, all_rows)
+        if executor is not None:
+            return executor.run(inputs), getattr(executor, "layer_flags", None)
+        # first step of this shape class: run it on the op path and record it
+        tracer = graph.Tracer(self.placement, inputs, self.config.head_dim, all_rows)
+        logits = self.step_graph(tracer, all_rows)
+        plan = tracer.plan(logits)
+        compile_plan = getattr(self.placement.primary, "compile", None)
+        executor = compile_plan(plan, self) if compile_plan is not None else None
+        if executor is None:
+            executor = graph.GenericExecutor(plan, self.placement, self.config.head_dim)
+        self.placement.plans.append(plan)
+        self._plans[plan.key] = executor
+        if len(self._plans) > MAX_PLANS:
+            _, dropped = self._plans.popitem(last=False)
+            self.placement.retire_plan(dropped.plan)
+        return logits, tracer.finite
 
 
 @contextlib.contextmanager
@@ -178,9 +213,12 @@ def _torch_glue_threads(backend):
 
 
 def _non_finite_message(finite_flags, dtype):
-    flags = torch.stack(finite_flags).cpu().tolist()
-    where = (f"the first layer that produced NaN/Inf is layer {flags.index(False)} (of {len(flags)})"
-             if False in flags else "every layer was finite: the final norm or the output projection produced them")
+    if finite_flags is None:  # a step plan keeps no per-layer flags
+        where = "the step ran as a plan, which does not track layers (load with plans=False to find the layer)"
+    else:
+        flags = torch.stack(finite_flags).cpu().tolist()
+        where = (f"the first layer that produced NaN/Inf is layer {flags.index(False)} (of {len(flags)})"
+                 if False in flags else "every layer was finite: the final norm or the output projection produced them")
     return (f"non-finite logits: {where}; activations are {spec.dtype_name(dtype)} "
             f"(fp16 overflows past 65504: try dtype='bf16' or 'fp32'), or the checkpoint holds NaN/Inf weights")
 

@@ -1,0 +1,111 @@
+"""Step plans vs the op path (runtime/graph.py): the same greedy tokens and logits within the ops'
+budgets, on every backend here, for one prompt, a padded batch and rows of a cache driven one
+slice at a time (the server's slots); a plan refuses a shape it was not built for."""
+import pytest
+import torch
+
+import portinfer
+from portinfer.runtime import graph
+
+import hf_models
+from conftest import available_backends
+
+PROMPTS = [[1, 5, 9, 33, 2, 71, 100], [1, 44], [1, 7, 7, 7, 120, 3, 15, 16, 17, 150, 99, 2, 4]]
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    path = tmp_path_factory.mktemp("plans_llama")
+    hf_models.build("qwen2_bias_tied", path, layers=2)
+    return path
+
+
+def plan_backends():
+    # the triton interpreter runs a whole tiny model in a few seconds: plans are checked there too
+    return ["reference"] + available_backends()
+
+
+def _load(path, backend, plans):
+    dtype = "fp16" if backend == "npu-sim" else "fp32"
+    return portinfer.load(path, backend=backend, dtype=dtype, fallback="allow", plans=plans)
+
+
+@pytest.mark.parametrize("backend", plan_backends())
+def test_plans_give_the_op_paths_tokens(tiny, backend):
+    steps = 6 if backend == "triton" else 16
+    op_path, planned = _load(tiny, backend, False), _load(tiny, backend, True)
+    one = [m.generate(PROMPTS[0], max_new_tokens=steps, eos_token_id=[]).token_ids for m in (op_path, planned)]
+    assert one[0] == one[1], f"{backend}: one prompt"
+    batch = [[g.token_ids for g in m.generate(PROMPTS, max_new_tokens=steps, eos_token_id=[])]
+             for m in (op_path, planned)]
+    assert batch[0] == batch[1], f"{backend}: padded batch"
+    assert planned.decoder._plans, "no plan was built"
+
+
+@pytest.mark.parametrize("backend", ["reference", "torch", "cpu"])
+def test_plan_logits_match_the_op_path_step_by_step(tiny, backend):
+    """Rows of one cache driven in slices (a prefill chunk on one row, decode over all with idle
+    rows), as the server does: every step's logits equal the op path's within fp32 rounding."""
+    if backend not in plan_backends():
+        pytest.skip(f"backend {backend} is not available here")
+    models = [_load(tiny, backend, False), _load(tiny, backend, True)]
+    caches = [m.new_cache(3, 40) for m in models]
+    script = [  # (ids [b, S], n_new, rows)
+        (torch.tensor([PROMPTS[2][:8]]), None, slice(1, 2)),
+        (torch.tensor([PROMPTS[2][8:]]), None, slice(1, 2)),
+        (torch.tensor([PROMPTS[0]]), None, slice(0, 1)),
+        (torch.tensor([[3], [4], [0]]), [1, 1, 0], None),
+        (torch.tensor([[5], [6], [0]]), [1, 1, 0], None),
+        (torch.tensor([PROMPTS[1] + [0] * 3, [9] * 5]), [2, 5], slice(1, 3)),
+        (torch.tensor([[7], [8], [9]]), None, None),
+    ]
+    for i, (ids, n_new, rows) in enumerate(script):
+        out = [m.step(ids, c, n_new, rows) for m, c in zip(models, caches)]
+        live = [b for b in range(ids.shape[0]) if n_new is None or n_new[b]]
+        err = float((out[1][live] - out[0][live]).norm() / out[0][live].norm())
+        assert err <= 1e-6, f"{backend} step {i}: plan vs op path relative error {err:.2e}"
+        assert caches[0].filled == caches[1].filled
+    for layer in range(len(caches[0].k)):
+        for b, n in enumerate(caches[0].filled):
+            torch.testing.assert_close(caches[1].k[layer][b, :, :n], caches[0].k[layer][b, :, :n])
+
+
+def test_a_plan_refuses_another_shape(tiny):
+    model = _load(tiny, "torch", True)
+    cache = model.new_cache(2, 32)
+    model.step(torch.tensor([[1, 2], [3, 4]]), cache)
+    executor = next(iter(model.decoder._plans.values()))
+    other = graph.StepInputs.build(torch.tensor([[1, 2, 3], [4, 5, 6]]), [3, 3], [2, 2], cache, slice(0, 2),
+                                   model.device)
+    with pytest.raises(graph.PlanShapeError, match=r"built for 2 rows x 2 tokens.*asked to run 2 x 3"):
+        executor.run(other)
+    # through the public API a new shape gets its own plan
+    model.step(torch.tensor([[1, 2, 3], [4, 5, 6]]), cache)
+    assert len(model.decoder._plans) == 2
+
+
+def test_placement_report_counts_plan_runs(tiny):
+    model = _load(tiny, "torch", True)
+    model.generate(PROMPTS[0], max_new_tokens=5, eos_token_id=[])
+    rows = {r.op: r.calls for r in model.placement().rows}
+    # 1 prefill + 4 decode steps, 2 layers: 4 linears a layer + the head
+    assert rows["linear"] == 5 * (2 * 4 + 1)
+    assert rows["attention"] == 5 * 2
+
+
+def test_step_rejects_bad_rows_and_counts(tiny):
+    model = _load(tiny, "torch", True)
+    cache = model.new_cache(2, 16)
+    with pytest.raises(ValueError, match="rows"):
+        model.step(torch.tensor([[1, 2]]), cache, rows=[0])
+    with pytest.raises(ValueError, match=r"input_ids: 1 rows, but rows=.* selects 2"):
+        model.step(torch.tensor([[1, 2]]), cache, rows=slice(0, 2))
+    with pytest.raises(ValueError, match="n_new"):
+        model.step(torch.tensor([[1, 2], [3, 4]]), cache, n_new=[3, 1])
+    with pytest.raises(ValueError, match="cache: 18 positions needed, the cache holds 16"):
+        model.step(torch.tensor([[1] * 18, [1] * 18]), cache)
+    with pytest.raises(ValueError, match="expected shape"):
+        model.prefill(torch.tensor([1, 2, 3]), cache)
+    cache.filled[:] = [16, 3]
+    cache.reset(0)
+    assert cache.filled == [0, 3]
