@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import torch
 
-from . import spec
+from . import quant, spec
 from .base import Backend
 
 try:
@@ -60,7 +60,7 @@ class CpuBackend(Backend):
     name = "cpu"
     owns_cpu_threads = True
     default_device = "cpu"
-    native_weight_formats = spec.WEIGHT_FORMATS
+    native_weight_formats = tuple(f for f in spec.WEIGHT_FORMATS if f in _WEIGHT_CODE)
     quantizes_activations = False
 
     @classmethod
@@ -114,14 +114,18 @@ class CpuBackend(Backend):
 
     def _prepare_linear(self, weight, dtype):
         n, k = weight.shape
+        source = spec.weight_format(weight)
         if isinstance(weight, spec.QuantizedWeight):
             blocks = _on_cpu("weight blocks", weight.blocks).contiguous()
-            return spec.PreparedLinear(self.name, n, k, dtype, weight.format, weight.format, blocks)
+            if weight.format in _WEIGHT_CODE:
+                return spec.PreparedLinear(self.name, n, k, dtype, weight.format, weight.format, blocks)
+            # a block format without a kernel here: fp32, once (exact: the blocks' values are fp32 numbers)
+            weight = quant.dequantize(spec.QuantizedWeight(weight.format, blocks, weight.shape), torch.float32)
         w = _unit_rows(_on_cpu("weight", weight))
         packed = torch.zeros((n + PANEL - 1) // PANEL, k, PANEL, dtype=w.dtype)
         _cpu.pack_dense(packed.data_ptr(), w.data_ptr(), n, k, w.stride(0), w.element_size())
         fmt = spec.dtype_name(w.dtype)
-        return spec.PreparedLinear(self.name, n, k, dtype, fmt, fmt, packed)
+        return spec.PreparedLinear(self.name, n, k, dtype, fmt, source, packed)
 
     def _embedding(self, ids, table):
         ids = _index(ids, torch.int64)

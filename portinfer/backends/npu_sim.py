@@ -14,10 +14,11 @@ behaves like an Ascend-style NPU, not like torch on a CPU:
 - Vector unit: norms and activations upcast fp16/bf16 to fp32, compute, round once.
   Attention rounds its softmax probabilities to the input dtype before the PV product,
   as NPU flash-attention kernels do, and divides by the fp32 row sum afterwards.
-- GGUF block formats (q8_0, q4_0, q4_1) are computed from their blocks, as an NPU's
-  weight-only-quantized matmul does: the fractal holds the integer codes (exact in
-  fp16/bf16), the per-block scales (and q4_1 mins) sit beside it, and the result is that
-  of the quantized matrix in fp32, never of weights re-rounded to fp16/bf16.
+- GGUF block formats (q8_0, q4_0, q4_1, and the K-quants q4_k, q5_k, q6_k) are computed
+  from their blocks, as an NPU's weight-only-quantized matmul does: the fractal holds the
+  integer codes (exact in fp16/bf16), the per-block (K-quants: per-sub-block) scales and
+  mins sit beside it, and the result is that of the quantized matrix in fp32, never of
+  weights re-rounded to fp16/bf16.
 - A deliberately partial op set: no fp32 activations at all, no rope, no layer_norm, no
   gelu. Those fall back (placement.py), or are refused up front under fallback="error".
 - Its own device memory (`memory_space = "npu-sim"`): a tensor crosses into or out of
@@ -97,20 +98,27 @@ def cube_matmul(a: torch.Tensor, b_fractal: torch.Tensor, n: int, block_scales=N
 
 
 def _gguf_codes(weight: spec.QuantizedWeight):
-    """GGUF blocks -> (integer codes [N, K] fp32, scales [N, K/32] fp32, mins [N, K/32] fp32 or None).
+    """GGUF blocks -> (integer codes [N, K] fp32, scales [N, K/g] fp32, mins [N, K/g] fp32 or None, g).
 
-    The scales (and q4_1 mins) are each block's leading fp16 fields; the codes follow exactly
-    from quant.dequantize, the one decoder of the block bytes: d * q is exact in fp32."""
+    g is the group of weights that share one scale: a 32-weight block (q8_0, q4_*), a K-quant
+    sub-block (32 for q4_k/q5_k, 16 for q6_k). The scales (and q4_1 mins) are each block's leading
+    fp16 fields; a K-quant's are d * sub-block scale and -(dmin * sub-block min), exact in fp32
+    (quant.k_subblock_scales). The codes follow exactly from quant.dequantize, the one decoder of
+    the block bytes: code x scale is exact in fp32, and rounding (value - min) / scale recovers it."""
     n, k = weight.shape
-    per_block, block_bytes = spec.QUANT_FORMATS[weight.format]
-    blocks = weight.blocks.reshape(n, k // per_block, block_bytes)
-    scales = blocks[..., 0:2].contiguous().view(torch.float16).to(F32)[..., 0]  # [N, K/32]
-    mins = blocks[..., 2:4].contiguous().view(torch.float16).to(F32)[..., 0] if weight.format == "q4_1" else None
-    values = quant.dequantize(weight, F32).reshape(n, k // per_block, per_block)
+    if weight.format in spec.K_QUANT_FORMATS:
+        group, scales, offsets = quant.k_subblock_scales(weight, F32)
+        mins = None if offsets is None else -offsets
+    else:
+        group, block_bytes = spec.QUANT_FORMATS[weight.format]
+        blocks = weight.blocks.reshape(n, k // group, block_bytes)
+        scales = blocks[..., 0:2].contiguous().view(torch.float16).to(F32)[..., 0]  # [N, K/32]
+        mins = blocks[..., 2:4].contiguous().view(torch.float16).to(F32)[..., 0] if weight.format == "q4_1" else None
+    values = quant.dequantize(weight, F32).reshape(n, k // group, group)
     shifted = values if mins is None else values - mins[..., None]
     safe = torch.where(scales == 0, torch.ones_like(scales), scales)[..., None]
     codes = torch.where(scales[..., None] == 0, torch.zeros_like(values), torch.round(shifted / safe))
-    return codes.reshape(n, k), scales, mins
+    return codes.reshape(n, k), scales, mins, group
 
 
 class NpuSimBackend(Backend):
@@ -169,12 +177,13 @@ class NpuSimBackend(Backend):
             # codes in the fractal layout (exact in fp16/bf16); per-block scales and mins beside it,
             # padded along N like the fractal and repeated for the two K tiles of a block:
             # [N/16, 16, K/16, 1], which broadcasts over the fractal's tiles read back as rows
-            weight, scales, mins = _gguf_codes(weight)
+            weight, scales, mins, group = _gguf_codes(weight)
+            tiles = group // TILE  # K tiles per scale group: 2 (32 weights) or 1 (q6_k's 16)
             for name, t in (("block_scales", scales), ("block_mins", mins)):
                 if t is not None:
-                    per_tile = torch.zeros(_round_up(n), 2 * t.shape[1], 1, dtype=F32)
-                    per_tile[:n, :, 0] = t.repeat_interleave(2, dim=1)
-                    extra[name] = per_tile.view(-1, TILE, 2 * t.shape[1], 1)
+                    per_tile = torch.zeros(_round_up(n), tiles * t.shape[1], 1, dtype=F32)
+                    per_tile[:n, :, 0] = t.repeat_interleave(tiles, dim=1)
+                    extra[name] = per_tile.view(-1, TILE, tiles * t.shape[1], 1)
         fractal = to_fractal(weight.to(dtype))  # [N/16, K/16, 16, 16]
         self.weight_bytes += sum(t.numel() * t.element_size() for t in (fractal, *extra.values()))
         return spec.PreparedLinear(self.name, n, k, dtype, "fractal-" + spec.dtype_name(dtype), source, fractal, extra)

@@ -25,7 +25,17 @@ DTYPES_BY_NAME = {v: k for k, v in DTYPE_NAMES.items()}
 #   q8_0: fp16 d, int8 q[32]                      x = d * q
 #   q4_0: fp16 d, uint8 qs[16] (lo nibbles = 0..15, hi = 16..31)   x = d * (nib - 8)
 #   q4_1: fp16 d, fp16 m, uint8 qs[16] (same nibble order)          x = d * nib + m
-QUANT_FORMATS = {"q8_0": (32, 34), "q4_0": (32, 18), "q4_1": (32, 20)}
+# K-quants: super-blocks of 256 weights in sub-blocks, two-level scales (quant.py decodes them):
+#   q4_k (144 bytes): fp16 d, fp16 dmin, uint8 scales[12] (8 x 6-bit scale + 6-bit min), uint8 qs[128];
+#         sub-block s (32 weights) = nibbles of qs[32 (s/2) ..][32]: low for even s, high for odd
+#         x = d * sc[s] * nib - dmin * m[s]
+#   q5_k (176 bytes): as q4_k, plus uint8 qh[32] before qs: bit s of qh[l] is the 5th bit of weight l
+#         of sub-block s;  x = d * sc[s] * (nib | bit << 4) - dmin * m[s]
+#   q6_k (210 bytes): uint8 ql[128] (low 4 bits), uint8 qh[64] (high 2 bits), int8 scales[16], fp16 d;
+#         16 sub-blocks of 16 weights;  x = d * scales[s] * (q - 32), q in [0, 64)
+QUANT_FORMATS = {"q8_0": (32, 34), "q4_0": (32, 18), "q4_1": (32, 20),
+                 "q4_k": (256, 144), "q5_k": (256, 176), "q6_k": (256, 210)}
+K_QUANT_FORMATS = ("q4_k", "q5_k", "q6_k")
 DENSE_FORMATS = ("fp32", "fp16", "bf16")
 WEIGHT_FORMATS = DENSE_FORMATS + tuple(QUANT_FORMATS)
 
@@ -53,7 +63,8 @@ def parse_dtype(name) -> torch.dtype:
 
 @dataclass(frozen=True)
 class QuantizedWeight:
-    """A GGUF block-quantized matrix of logical shape [N, K]: `blocks` is uint8 [N, K/32 * bytes_per_block]."""
+    """A GGUF block-quantized matrix of logical shape [N, K]: `blocks` is uint8 [N, K/block * bytes_per_block]
+    (block = 32 weights, 256 for the K-quants)."""
 
     format: str
     blocks: torch.Tensor

@@ -63,11 +63,18 @@ def embedding_params(draw, profile="full"):
 @st.composite
 def linear_params(draw, profile="full", weight_format="dense"):
     lim = _LIMITS[profile]
+    if weight_format in spec.K_QUANT_FORMATS:
+        # K-quant super-blocks are 256 weights: one or two of them, and few output rows to keep it cheap
+        K = 256 * draw(st.integers(1, max(1, lim["cols"] // 256)))
+        return dict(M=draw(st.integers(1, lim["rows"])), K=K, N=draw(st.integers(1, max(2, lim["cols"] // 10))),
+                    bias=draw(st.booleans()), pad=draw(st.sampled_from((0, 0, 5))), weight_format=weight_format,
+                    seed=draw(seeds))
     if weight_format == "dense":
         K = draw(st.integers(1, lim["cols"]))
     else:
         K = 32 * draw(st.integers(1, max(1, lim["cols"] // 32)))
-    return dict(M=draw(st.integers(1, lim["rows"])), K=K, N=draw(st.integers(1, lim["cols"] // 2)),
+    N = draw(st.integers(1, lim["cols"] // 2))
+    return dict(M=draw(st.integers(1, lim["rows"])), K=K, N=N,
                 bias=draw(st.booleans()), pad=draw(st.sampled_from((0, 0, 5))), weight_format=weight_format,
                 seed=draw(seeds))
 

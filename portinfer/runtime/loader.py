@@ -2,8 +2,10 @@
 
 No pickle anywhere: safetensors and GGUF only. Weights come back under Hugging Face names
 (`model.layers.0.self_attn.q_proj.weight`, ...), as dense tensors in their stored dtype or,
-for GGUF Q8_0/Q4_0/Q4_1, as `QuantizedWeight` blocks that a backend may compute on directly.
-Other GGUF types (K-quants, ...) are dequantized to fp32 here by the `gguf` package.
+for GGUF Q8_0/Q4_0/Q4_1 and the K-quants Q4_K/Q5_K/Q6_K, as `QuantizedWeight` blocks that a
+backend may compute on directly (or dequantizes once, at prepare time). Other GGUF types
+(Q5_0, Q2_K, IQ*, ...) are dequantized to fp32 here, once, by the `gguf` package, as is a
+block-format tensor whose rows are not whole blocks (a warning names it and says why).
 
 llama.cpp stores llama Q/K projection rows permuted for interleaved rotary pairs; the GGUF
 loader undoes that permutation, so one rope convention (neox, as Hugging Face) serves both.
@@ -12,6 +14,7 @@ from __future__ import annotations
 
 import json
 import os
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -177,16 +180,23 @@ def _gguf_tensor(t):
 
     kind = gguf.GGMLQuantizationType(t.type)
     T = gguf.GGMLQuantizationType
-    if kind.name.lower() in spec.QUANT_FORMATS:
-        blocks = torch.from_numpy(np.array(t.data)).reshape(t.shape[0], -1)
-        return spec.QuantizedWeight(kind.name.lower(), blocks, t.shape)
-    if kind in (T.F32, T.F16, T.BF16):
+    fmt = kind.name.lower()
+    if fmt in spec.QUANT_FORMATS:
+        per_block = spec.QUANT_FORMATS[fmt][0]
+        if len(t.shape) == 2 and t.shape[1] % per_block == 0:
+            blocks = torch.from_numpy(np.array(t.data)).reshape(t.shape[0], -1)
+            return spec.QuantizedWeight(fmt, blocks, t.shape)
+        warnings.warn(f"GGUF tensor {t.name!r} ({fmt}, shape {list(t.shape)}): not a matrix whose rows are whole "
+                      f"blocks of {per_block} weights, so it cannot stay {fmt} blocks; dequantized to fp32 at load",
+                      stacklevel=3)
+    elif kind in (T.F32, T.F16, T.BF16):
         raw = np.array(t.data)
         if kind == T.BF16:
             return torch.from_numpy(raw.view(np.int16)).view(torch.bfloat16).reshape(t.shape)
         return torch.from_numpy(raw.view(np.float32 if kind == T.F32 else np.float16)).reshape(t.shape)
-    # any other ggml type (K-quants, ...): fp32, once, at load, by the gguf package's dequantizer
-    dense = gguf.quants.dequantize(np.array(t.data).reshape(t.shape[0] if len(t.shape) > 1 else 1, -1), kind)
+    # any other ggml type (Q5_0, Q2_K, ...): fp32, once, at load, by the gguf package's dequantizer
+    # (it decodes whole blocks of the flattened tensor, so rows need not be whole blocks)
+    dense = gguf.quants.dequantize(np.array(t.data).reshape(1, -1), kind)
     return torch.from_numpy(np.ascontiguousarray(dense, dtype=np.float32)).reshape(t.shape)
 
 
