@@ -13,11 +13,15 @@
 enum DType : int { DT_F32 = 0, DT_F16 = 1, DT_BF16 = 2 };
 enum QFormat : int { Q8_0 = 0, Q4_0 = 1, Q4_1 = 2 };
 // how linear's weights are stored: dense panels (pack_dense) of a dtype, or GGUF blocks
-enum WeightFormat : int { W_F32 = 0, W_F16 = 1, W_BF16 = 2, W_Q8_0 = 3, W_Q4_0 = 4, W_Q4_1 = 5 };
+enum WeightFormat : int { W_F32 = 0, W_F16 = 1, W_BF16 = 2, W_Q8_0 = 3, W_Q4_0 = 4, W_Q4_1 = 5,
+                          W_Q4_K = 6, W_Q5_K = 7, W_Q6_K = 8 };  // K-quants: kquant_impl.h
 
 // GGUF block sizes (spec.QUANT_FORMATS): 32 weights per block
 static const int QK = 32;
 static constexpr int64_t quant_block_bytes(int fmt) { return fmt == Q8_0 ? 34 : fmt == Q4_0 ? 18 : 20; }
+// K-quant super-blocks (spec.QUANT_FORMATS): 256 weights, 144 / 176 / 210 bytes
+static const int QK_K = 256;
+static constexpr int64_t kquant_block_bytes(int wfmt) { return wfmt == W_Q4_K ? 144 : wfmt == W_Q5_K ? 176 : 210; }
 
 // ----------------------------------------------------------------------------
 // scalar conversions (round to nearest even, NaN stays NaN)

@@ -64,6 +64,12 @@ struct Vec {
     }
     static inline V iota(float) { return zero(); }  // used only where NIBBLE_LUT
     static inline void nibbles_lut(const uint8_t*, V, V&, V&) {}
+    // float((p[i] >> shift) & mask) for i < W (K-quants' high bits: kquant_impl.h)
+    static inline V bits(const uint8_t* p, int shift, int mask) {
+        __m256i b = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i*)p));
+        b = _mm256_and_si256(_mm256_srl_epi32(b, _mm_cvtsi32_si128(shift)), _mm256_set1_epi32(mask));
+        return _mm256_cvtepi32_ps(b);
+    }
     // the W low and W high nibbles of p[0..W) as floats, plus offset
     static inline void nibbles(const uint8_t* p, float offset, V& lo, V& hi) {
         __m256i b = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i*)p));

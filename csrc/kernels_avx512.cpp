@@ -61,6 +61,12 @@ struct Vec {
     }
     // a 16-entry float table indexed by nibbles is one vpermps: Q4 weights are dequantized with it
     static const bool NIBBLE_LUT = true;
+    // float((p[i] >> shift) & mask) for i < W (K-quants' high bits: kquant_impl.h)
+    static inline V bits(const uint8_t* p, int shift, int mask) {
+        __m512i b = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i*)p));
+        b = _mm512_and_si512(_mm512_srl_epi32(b, _mm_cvtsi32_si128(shift)), _mm512_set1_epi32(mask));
+        return _mm512_cvtepi32_ps(b);
+    }
     static inline V iota(float offset) {  // offset, offset + 1, ..., offset + 15
         return _mm512_add_ps(_mm512_setr_ps(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15), _mm512_set1_ps(offset));
     }

@@ -669,6 +669,8 @@ static void linear_quant_t(void* out, const float* A, int64_t lda, const uint8_t
     gemm(out, A, lda, bias, M, N, K, adt, block);
 }
 
+#include "kquant_impl.h"  // Q4_K / Q5_K / Q6_K: linear_kquant_t
+
 // the one entry point: wfmt says how `weights` are stored (enum WeightFormat)
 static void linear(void* out, const void* x, const void* weights, const void* bias, int64_t M, int64_t N, int64_t K,
                    int64_t xs, int adt, int wfmt) {
@@ -681,6 +683,9 @@ static void linear(void* out, const void* x, const void* weights, const void* bi
         case W_BF16: linear_dense_t<DT_BF16>(out, A, lda, weights, bias, M, N, K, adt); break;
         case W_Q8_0: linear_quant_t<Q8_0>(out, A, lda, blocks, bias, M, N, K, adt); break;
         case W_Q4_0: linear_quant_t<Q4_0>(out, A, lda, blocks, bias, M, N, K, adt); break;
+        case W_Q4_K: linear_kquant_t<W_Q4_K>(out, A, lda, blocks, bias, M, N, K, adt); break;
+        case W_Q5_K: linear_kquant_t<W_Q5_K>(out, A, lda, blocks, bias, M, N, K, adt); break;
+        case W_Q6_K: linear_kquant_t<W_Q6_K>(out, A, lda, blocks, bias, M, N, K, adt); break;
         default: linear_quant_t<Q4_1>(out, A, lda, blocks, bias, M, N, K, adt); break;
     }
 }

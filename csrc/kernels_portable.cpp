@@ -33,6 +33,10 @@ struct Vec {
     static inline V load_i8(const int8_t* p) { V r; for (int i = 0; i < W; ++i) r.x[i] = (float)p[i]; return r; }
     static inline V iota(float) { return zero(); }  // used only where NIBBLE_LUT
     static inline void nibbles_lut(const uint8_t*, V, V&, V&) {}
+    // float((p[i] >> shift) & mask) for i < W (K-quants' high bits: kquant_impl.h)
+    static inline V bits(const uint8_t* p, int shift, int mask) {
+        V r; for (int i = 0; i < W; ++i) r.x[i] = (float)((p[i] >> shift) & mask); return r;
+    }
     // the W low and W high nibbles of p[0..W) as floats, plus offset
     static inline void nibbles(const uint8_t* p, float offset, V& lo, V& hi) {
         for (int i = 0; i < W; ++i) { lo.x[i] = (float)(p[i] & 15) + offset; hi.x[i] = (float)(p[i] >> 4) + offset; }

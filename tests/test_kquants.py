@@ -245,3 +245,58 @@ def test_q4_k_m_model_gives_transformers_greedy_tokens(q4_k_m_file, backend):
     err = float((ours.logits(ids).double() - ref.double()).norm() / ref.double().norm())
     assert err <= 1e-4, f"{backend}: logits relative L2 error {err:.2e}"
     assert ours.generate(PROMPT, max_new_tokens=16, eos_token_id=[]).token_ids == hf_models.hf_greedy(hf, PROMPT, 16)
+
+
+# ---------------------------------------------------------------------------- cpu kernels
+
+@pytest.fixture
+def cpu_paths():
+    from portinfer.backends.cpu import CpuBackend
+
+    if not CpuBackend.probe()[0]:
+        pytest.skip(CpuBackend.probe()[1])
+    backend = CpuBackend()
+    before = backend.simd()
+    yield backend, backend.simd_paths()
+    backend.set_simd(before)
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_cpu_kernels_match_reference_on_every_simd_path(cpu_paths, fmt):
+    """GEMV (M = 1..4, decode) and GEMM (prefill) on each instruction-set path, against float64;
+    random block bytes (every scale / min / high-bit pattern), a bias, x rows with padding."""
+    cpu, paths = cpu_paths
+    ref = portinfer.backends.get("reference")
+    qw = random_blocks(fmt, 70, 768, seed=11)  # N = 70: two full 32-row panels and a partial one
+    g = torch.Generator().manual_seed(12)
+    bias = torch.randn(70, generator=g)
+    wr = ref.prepare_linear(qw, torch.float32)
+    assert wr.source_format == fmt
+    for path in paths:
+        cpu.set_simd(path)
+        w = cpu.prepare_linear(qw, torch.float32)
+        assert w.format == fmt  # computed from the blocks, not dequantized at prepare
+        for m in (1, 2, 3, 4, 9):
+            x = torch.randn(m, 768 + 5, generator=g)[:, :768]  # row stride 773
+            y = cpu.linear(x, w, bias)
+            expected = ref.linear(x, wr, bias).double()
+            err = float((y.double() - expected).norm() / expected.norm())
+            assert err < 2e-6, f"{fmt} {path} M={m}: relative error {err:.2e}"
+        x = torch.randn(2, 768, generator=g).bfloat16()
+        y = cpu.linear(x, cpu.prepare_linear(qw, torch.bfloat16))
+        expected = ref.linear(x, ref.prepare_linear(qw, torch.bfloat16)).double()
+        assert y.dtype == torch.bfloat16
+        assert float((y.double() - expected).norm() / expected.norm()) < 8e-3
+
+
+def test_backends_command_lists_k_quants_as_native():
+    from portinfer.commands import backends as command
+
+    rows = {r["name"]: r for r in command.describe() if r["available"]}
+    for name in ("reference", "cpu", "npu-sim", "triton"):
+        if name in rows:
+            assert set(FORMATS) <= set(rows[name]["native_weight_formats"]), name
+    if "torch" in rows:  # plain torch dequantizes them at prepare time (still listed as supported)
+        assert set(FORMATS) <= set(rows["torch"]["weight_formats"])
+        assert not set(FORMATS) & set(rows["torch"]["native_weight_formats"])
+    assert "q4_k*" in command.format_table(list(rows.values()))

@@ -32,7 +32,7 @@ except Exception as exc:  # not built, or built for another Python: the backend 
 
 _DTYPE_CODE = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
 # csrc/common.h WeightFormat: how linear's payload is stored
-_WEIGHT_CODE = {"fp32": 0, "fp16": 1, "bf16": 2, "q8_0": 3, "q4_0": 4, "q4_1": 5}
+_WEIGHT_CODE = {"fp32": 0, "fp16": 1, "bf16": 2, "q8_0": 3, "q4_0": 4, "q4_1": 5, "q4_k": 6, "q5_k": 7, "q6_k": 8}
 PANEL = 32  # output features per packed panel (csrc/common.h PANEL)
 
 

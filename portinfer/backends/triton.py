@@ -12,8 +12,8 @@ reason, instead of failing to import.
 Precision: reductions accumulate in fp32. fp32 matmuls (linear, attention) are IEEE fp32 by
 default; TritonBackend(allow_tf32=True) lets them use TF32 tensor cores (about 10 bits of
 mantissa: outside the fp32 conformance budget, by design of the budget).
-Weights: dense fp32/fp16/bf16 and GGUF q8_0/q4_0 blocks are computed natively (q8_0/q4_0
-dequantized inside the kernel); q4_1 is dequantized to fp32 once, at prepare time.
+Weights: dense fp32/fp16/bf16, GGUF q8_0/q4_0 blocks and q4_k/q5_k/q6_k super-blocks are
+computed natively (dequantized inside the kernel); q4_1 is dequantized to fp32 once, at prepare time.
 """
 from __future__ import annotations
 
@@ -48,7 +48,7 @@ def _check_int32_extent(name, t):
 
 class TritonBackend(Backend):
     name = "triton"
-    native_weight_formats = spec.DENSE_FORMATS + ("q8_0", "q4_0")
+    native_weight_formats = spec.DENSE_FORMATS + ("q8_0", "q4_0") + spec.K_QUANT_FORMATS
 
     @classmethod
     def probe(cls):
@@ -87,6 +87,13 @@ class TritonBackend(Backend):
     def conformance_max_examples(self):
         # the interpreter runs the small shapes fast enough for the full profile's example count
         return 25 if self.interpreting else None
+
+    def conformance_variant_examples(self, op, variant):
+        # the interpreter runs a K-quant tile at about a second per call: a few examples per dtype
+        # (K = 256, every format's branches) keep the suite's time in bounds
+        if self.interpreting and op == "linear" and variant in spec.K_QUANT_FORMATS:
+            return 4
+        return None
 
     def info(self):
         import triton
@@ -128,7 +135,7 @@ class TritonBackend(Backend):
         _check_int32_extent("x", x)
         out = self.new_output((x.shape[0], w.out_features), x.dtype)
         _check_int32_extent("out", out)
-        if w.format in ("q8_0", "q4_0"):
+        if w.format in spec.QUANT_FORMATS:
             return _kernel("quantized_linear").quantized_linear(x, w.payload, w.format, bias, out, self.input_precision)
         return _kernel("linear").linear(x, w.payload, bias, out, self.input_precision)
 
