@@ -99,6 +99,13 @@ def dequantize(weight: QuantizedWeight, dtype=torch.float32) -> torch.Tensor:
     return x.reshape(n, k).to(dtype)
 
 
+def dequantize_rows(weight: QuantizedWeight, ids: torch.Tensor, dtype=torch.float32) -> torch.Tensor:
+    """Rows `ids` (int64 [R]) of a block-quantized [N, K] matrix, dense [R, K]: a block never spans
+    rows, so an embedding table can stay blocks and dequantize only the rows it gathers."""
+    rows = weight.blocks.index_select(0, ids.to(weight.blocks.device))
+    return dequantize(QuantizedWeight(weight.format, rows, (rows.shape[0], weight.shape[1])), dtype)
+
+
 def quantize(weight: torch.Tensor, fmt: str) -> QuantizedWeight:
     """Dense [N, K] -> QuantizedWeight: gguf's reference quantizer, or quantize_k for the K-quants."""
     if fmt in K_QUANT_FORMATS:
