@@ -1,0 +1,197 @@
+"""Decode of a Q4_K_M-style GGUF model of real shapes as a share of the bandwidth limit (issue 13).
+
+    python bench/kquant_decode.py --shape qwen2-1.5b [--shape qwen2-0.5b] [-n 16] [-r 3] [--json FILE]
+
+The file is written here with random block bytes (finite fp16 scales) in llama.cpp's Q4_K_M mix
+(llama-quant.cpp): Q6_K for the output matrix (the token embedding when tied) and for attn_v /
+ffn_down in the "use_more_bits" layers, Q4_K elsewhere. A matrix whose rows are not whole
+256-weight super-blocks gets llama.cpp's fallback type (Q4_K -> Q5_0, Q6_K -> Q8_0), as in the files
+people download: Qwen2-0.5B (hidden 896) has such rows in every attention and gate/up matrix.
+
+Figures, per shape: decode tokens/s (tg N, one token per step, mean over repetitions), the copy
+bandwidth measured in the same run (portinfer.bench.machine.copy_bandwidth: bytes read + written
+per second), and two shares of it: `share_of_file_limit` = tok/s x the bytes a decode step must read
+as the file stores them (every matrix, the embedding's one row), over the copy bandwidth;
+`share_of_read_limit` the same with the bytes the loaded model actually reads per step (its
+prepared linears: blocks, or what was dequantized at load). Provenance (CPU, load average, commit)
+as every result under bench/results/.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import statistics
+import sys
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import torch
+
+import portinfer
+from portinfer.backends import spec
+from portinfer.bench.machine import copy_bandwidth, provenance
+from portinfer.bench.model import bench_backend
+
+# name -> (hidden, intermediate, layers, heads, kv heads, vocab, tied embeddings)
+SHAPES = {
+    "qwen2-0.5b": (896, 4864, 24, 14, 2, 151936, True),
+    "qwen2-1.5b": (1536, 8960, 28, 12, 2, 151936, True),
+    "llama-3-8b-2layers": (4096, 14336, 2, 32, 8, 128256, False),
+}
+FALLBACK = {"q4_k": "q5_0", "q6_k": "q8_0"}  # llama.cpp's, for rows that are not whole super-blocks
+
+
+def use_more_bits(layer, layers):
+    return layer < layers // 8 or layer >= 7 * layers // 8 or (layer - layers // 8) % 3 == 2
+
+
+def _blocks(fmt, n, k, rng):
+    import gguf
+
+    qtype = getattr(gguf.GGMLQuantizationType, fmt.upper())
+    per_block, block_bytes = gguf.GGML_QUANT_SIZES[qtype]
+    b = rng.integers(0, 256, size=(n, k // per_block, block_bytes), dtype=np.uint8)
+    scales = {"q4_k": (0, 2), "q5_k": (0, 2), "q6_k": (208,), "q8_0": (0,), "q5_0": (0,)}[fmt]
+    for start in scales:  # finite, small fp16 scales: the model's arithmetic stays finite
+        b[..., start:start + 2] = (rng.random((n, k // per_block, 1)) * 0.002).astype(np.float16).view(np.uint8)
+    return b.reshape(n, -1), qtype
+
+
+def write_q4_k_m(path, shape):
+    """Write the file; returns {tensor name: format}."""
+    import gguf
+
+    hidden, inter, layers, heads, kv_heads, vocab, tied = SHAPES[shape]
+    rng = np.random.default_rng(0)
+    w = gguf.GGUFWriter(str(path), "qwen2" if shape.startswith("qwen2") else "llama")
+    w.add_block_count(layers)
+    w.add_context_length(4096)
+    w.add_embedding_length(hidden)
+    w.add_feed_forward_length(inter)
+    w.add_head_count(heads)
+    w.add_head_count_kv(kv_heads)
+    w.add_layer_norm_rms_eps(1e-6)
+    w.add_rope_freq_base(1e6)
+    w.add_vocab_size(vocab)
+    formats = {}
+
+    def add(name, fmt, n, k=None):
+        if fmt is None:
+            w.add_tensor(name, np.ones(n, dtype=np.float32) if k is None else np.zeros((n, k), dtype=np.float32))
+            return
+        if k % 256:
+            fmt = FALLBACK[fmt]
+        formats[name] = fmt
+        blocks, qtype = _blocks(fmt, n, k, rng)
+        w.add_tensor(name, blocks, raw_shape=blocks.shape, raw_dtype=qtype)
+
+    kv = kv_heads * hidden // heads
+    add("token_embd.weight", "q6_k" if tied else "q4_k", vocab, hidden)
+    add("output_norm.weight", None, hidden)
+    if not tied:
+        add("output.weight", "q6_k", vocab, hidden)
+    for i in range(layers):
+        more = "q6_k" if use_more_bits(i, layers) else "q4_k"
+        add(f"blk.{i}.attn_norm.weight", None, hidden)
+        add(f"blk.{i}.ffn_norm.weight", None, hidden)
+        for name, fmt, n, k in (("attn_q", "q4_k", hidden, hidden), ("attn_k", "q4_k", kv, hidden),
+                                ("attn_v", more, kv, hidden), ("attn_output", "q4_k", hidden, hidden),
+                                ("ffn_gate", "q4_k", inter, hidden), ("ffn_up", "q4_k", inter, hidden),
+                                ("ffn_down", more, hidden, inter)):
+            add(f"blk.{i}.{name}.weight", fmt, n, k)
+        if shape.startswith("qwen2"):
+            for name, n in (("attn_q", hidden), ("attn_k", kv), ("attn_v", kv)):
+                w.add_tensor(f"blk.{i}.{name}.bias", np.zeros(n, dtype=np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return formats
+
+
+def file_bytes_per_token(path, tied):
+    """Bytes one decode step reads as the file stores them: every matrix once (the tied embedding as
+    the output matrix), the embedding's one row."""
+    from portinfer.runtime.gguf_file import GGUFFile
+
+    total = 0
+    for t in GGUFFile(path).tensors:
+        if len(t.shape) != 2:
+            continue
+        if t.name == "token_embd.weight":
+            total += t.data.nbytes if tied else t.data.nbytes // t.shape[0]
+        else:
+            total += t.data.nbytes
+    return total
+
+
+def prepared_bytes(model):
+    """Bytes of every prepared linear of the loaded model (what a decode step reads), or None."""
+    seen, total = set(), 0
+
+    def visit(obj, depth=0):
+        nonlocal total
+        if id(obj) in seen or depth > 4:
+            return
+        seen.add(id(obj))
+        if isinstance(obj, spec.PreparedLinear):
+            total += obj.payload.numel() * obj.payload.element_size()
+        elif isinstance(obj, dict):
+            for v in obj.values():
+                visit(v, depth + 1)
+        elif isinstance(obj, (list, tuple)):
+            for v in obj:
+                visit(v, depth + 1)
+        elif hasattr(obj, "__dict__") and not isinstance(obj, torch.Tensor):
+            for v in vars(obj).values():
+                visit(v, depth + 1)
+
+    visit(getattr(model, "decoder", None))
+    return total or None
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--shape", action="append", choices=sorted(SHAPES), help="model shape (repeatable)")
+    p.add_argument("-n", "--n-gen", type=int, default=16, help="decode steps per repetition")
+    p.add_argument("-r", "--repetitions", type=int, default=3)
+    p.add_argument("--backend", default="cpu")
+    p.add_argument("--json", help="write the results with provenance here")
+    args = p.parse_args(argv)
+    shapes = args.shape or ["qwen2-1.5b"]
+    command = shlex.join(["python", "bench/kquant_decode.py"] + (argv if argv is not None else sys.argv[1:]))
+    prov = provenance(command)
+    bandwidth = copy_bandwidth(torch.device("cpu"), 256 << 20)["bytes_s"]
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for shape in shapes:
+            path = Path(tmp) / f"{shape}-q4_k_m.gguf"
+            formats = write_q4_k_m(path, shape)
+            model = portinfer.load(path, backend=args.backend, dtype="fp32", fallback="allow")
+            [(test, tok_s)] = bench_backend(model, 0, args.n_gen, args.repetitions)
+            mean = statistics.fmean(tok_s)
+            per_token = file_bytes_per_token(path, SHAPES[shape][6])
+            read = prepared_bytes(model)
+            counts = {f: list(formats.values()).count(f) for f in sorted(set(formats.values()))}
+            row = {"shape": shape, "backend": args.backend, "threads": model._placement.primary.info().get("threads"),
+                   "file_bytes": path.stat().st_size, "formats": counts, "test": test, "tok_s_mean": mean,
+                   "tok_s": tok_s, "copy_bytes_s": bandwidth, "file_bytes_per_token": per_token,
+                   "read_bytes_per_token": read, "share_of_file_limit": mean * per_token / bandwidth,
+                   "share_of_read_limit": mean * read / bandwidth if read else None}
+            rows.append(row)
+            print(f"{shape}: {mean:.2f} tok/s, {per_token / 1e6:.0f} MB/token as stored, "
+                  f"{(read or 0) / 1e6:.0f} MB/token as loaded, copy {bandwidth / 1e9:.1f} GB/s -> "
+                  f"{row['share_of_file_limit']:.0%} of the file's limit, "
+                  f"{row['share_of_read_limit'] or 0:.0%} of the loaded model's; formats {counts}", file=sys.stderr)
+            del model
+    prov["load_end"] = list(__import__("os").getloadavg())
+    doc = {"provenance": prov, "rows": rows}
+    if args.json:
+        Path(args.json).write_text(json.dumps(doc, indent=2))
+    return doc
+
+
+if __name__ == "__main__":
+    main()
