@@ -13,6 +13,7 @@
 #include <vector>
 
 #include "common.h"
+#include "plan.h"
 
 namespace py = pybind11;
 
@@ -67,6 +68,14 @@ const KernelTable& kernels() {
 
 template <class T>
 T* ptr(uintptr_t p) { return reinterpret_cast<T*>(p); }
+
+// a compiled step plan (plan.h): its nodes and its pointer table (the first `dynamic` slots are
+// rebound by every run: step inputs and KV-cache layers)
+struct PlanProgram {
+    std::vector<PlanNode> nodes;
+    std::vector<uintptr_t> slots;
+    size_t dynamic = 0;
+};
 
 }  // namespace
 
@@ -168,4 +177,40 @@ PYBIND11_MODULE(_cpu, m) {
         std::lock_guard<std::mutex> lock(kernel_lock);
         kt.attention(&a);
     });
+
+    py::class_<PlanProgram>(m, "Plan", "a step plan compiled for the cpu backend (portinfer/backends/cpu_plan.py)")
+        .def(py::init([](size_t dynamic, std::vector<uintptr_t> fixed) {
+            PlanProgram p;
+            p.dynamic = dynamic;
+            p.slots.assign(dynamic, 0);
+            p.slots.insert(p.slots.end(), fixed.begin(), fixed.end());
+            return p;
+        }))
+        .def("add", [](PlanProgram& p, int op, std::vector<std::vector<int64_t>> refs, std::vector<int64_t> ints,
+                       float f) {
+            if (op < P_EMBEDDING || op > P_LAYER_NORM) throw py::value_error("plan node: unknown op " + std::to_string(op));
+            if (refs.size() > 6 || ints.size() > 20) throw py::value_error("plan node: at most 6 refs and 20 ints");
+            PlanNode n;
+            n.op = op;
+            for (size_t r = 0; r < refs.size(); ++r) {
+                if (refs[r].size() != 3) throw py::value_error("plan node: a ref is (slot, offset, cache row bytes)");
+                if (refs[r][0] < -1 || refs[r][0] >= (int64_t)p.slots.size())
+                    throw py::value_error("plan node: slot " + std::to_string(refs[r][0]) + " out of range");
+                n.r[r] = PlanRef{refs[r][0], refs[r][1], refs[r][2]};
+            }
+            for (size_t j = 0; j < ints.size(); ++j) n.i[j] = ints[j];
+            n.f = f;
+            p.nodes.push_back(n);
+        })
+        .def("run", [](PlanProgram& p, std::vector<uintptr_t> dynamic, int64_t row0, int64_t T) {
+            if (dynamic.size() != p.dynamic)
+                throw py::value_error("plan run: expected " + std::to_string(p.dynamic) + " step pointers, got " +
+                                      std::to_string(dynamic.size()));
+            for (size_t j = 0; j < dynamic.size(); ++j) p.slots[j] = dynamic[j];
+            PlanRun run{p.slots, row0, T};
+            const KernelTable& k = kernels();
+            py::gil_scoped_release release;  // once for the whole step
+            std::lock_guard<std::mutex> lock(kernel_lock);
+            plan_run(p.nodes, run, k);
+        });
 }

@@ -109,3 +109,41 @@ def test_step_rejects_bad_rows_and_counts(tiny):
     cache.filled[:] = [16, 3]
     cache.reset(0)
     assert cache.filled == [0, 3]
+
+
+def test_cpu_backend_compiles_plans_natively(tiny):
+    if "cpu" not in available_backends():
+        pytest.skip("the cpu backend's extension is not built here")
+    from portinfer.backends.cpu_plan import CpuPlanExecutor
+    model = _load(tiny, "cpu", True)
+    model.generate(PROMPTS, max_new_tokens=3, eos_token_id=[])
+    kinds = {type(e).__name__ for e in model.decoder._plans.values()}
+    assert kinds == {CpuPlanExecutor.__name__}, kinds
+
+
+def test_a_plan_refuses_a_cache_of_another_model(tiny, tmp_path):
+    if "cpu" not in available_backends():
+        pytest.skip("the cpu backend's extension is not built here")
+    other_path = tmp_path / "other"
+    hf_models.build("llama_head_dim", other_path, layers=3)
+    model, other = _load(tiny, "cpu", True), _load(other_path, "cpu", True)
+    cache = model.new_cache(1, 16)
+    model.step(torch.tensor([[1, 2]]), cache)
+    executor = next(iter(model.decoder._plans.values()))
+    inputs = graph.StepInputs.build(torch.tensor([[1, 2]]), [2], [0], other.new_cache(1, 16), slice(0, 1),
+                                    model.device)
+    with pytest.raises(graph.PlanShapeError, match="cache: expected 2 layers"):
+        executor.run(inputs)
+
+
+def test_graph_executor_replays_static_buffers(tiny, monkeypatch):
+    """The CUDA-graph executor's logic without a GPU: capture = run on static buffers, replay =
+    the same run again after the step's inputs were copied in (what a graph replay does)."""
+    from portinfer.backends.torch_backend import TorchBackend
+    monkeypatch.setattr(TorchBackend, "compile",
+                        lambda self, plan: graph.GraphExecutor(plan, graph_factory=graph._ReplayByRerun))
+    op_path, replayed = _load(tiny, "torch", False), _load(tiny, "torch", True)
+    expected = [g.token_ids for g in op_path.generate(PROMPTS, max_new_tokens=10, eos_token_id=[])]
+    assert [g.token_ids for g in replayed.generate(PROMPTS, max_new_tokens=10, eos_token_id=[])] == expected
+    executors = list(replayed.decoder._plans.values())
+    assert any(isinstance(e, graph.GraphExecutor) and e.graphs for e in executors)

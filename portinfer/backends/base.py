@@ -9,7 +9,8 @@ written for. Implementations allocate outputs with `new_output`, which the
 conformance suite poisons (NaN) to catch elements a kernel never writes.
 
 Optional: `probe()` (is it usable here, and if not why), `info()` (extra facts for
-`portinfer backends`, e.g. the SIMD path chosen), and fused ops later.
+`portinfer backends`, e.g. the SIMD path chosen), `compile(plan)` (run a whole step plan its own
+way: see runtime/graph.py), and fused ops later.
 
 Memory: a backend's tensors live in its `memory` (by default its torch device). A backend
 whose memory torch cannot address directly (a vendor device behind a torch device, the
@@ -76,6 +77,19 @@ class Backend:
 
     def __repr__(self):
         return f"<{type(self).__name__} {self.name!r} on {self.device}>"
+
+    # ---------------------------------------------------------------- step plans (optional hook)
+
+    def compile(self, plan):
+        """Optional: take a traced step plan (runtime/graph.Plan: nodes over numbered values, each
+        contract op with the backend that ran it when traced) and return an executor with
+        `run(inputs: graph.StepInputs) -> logits` that computes the same function (one native call,
+        a CUDA graph...), or None: the generic executor then runs the plan's pre-bound kernel calls.
+        The default: decode steps replayed from CUDA graphs on a CUDA device, else None."""
+        if self.device.type == "cuda":
+            from ..runtime.graph import GraphExecutor
+            return GraphExecutor(plan)
+        return None
 
     # ---------------------------------------------------------------- memory (optional hooks)
 

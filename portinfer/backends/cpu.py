@@ -110,6 +110,13 @@ class CpuBackend(Backend):
     def info(self):
         return {"simd": self.simd(), "simd_usable": "/".join(self.simd_paths()), "threads": self.num_threads()}
 
+    # ---------------------------------------------------------------- step plans
+
+    def compile(self, plan):
+        """A step plan as one native call per step (see cpu_plan.py); None: the generic executor runs it."""
+        from .cpu_plan import compile_plan
+        return compile_plan(plan, self, _cpu, _DTYPE_CODE, _WEIGHT_CODE)
+
     # ---------------------------------------------------------------- ops
 
     def _prepare_linear(self, weight, dtype):

@@ -37,17 +37,18 @@ def _timed(model, fn):
     return time.perf_counter() - t0
 
 
-def bench_backend(model, prompt_tokens, gen_tokens, repetitions, seed=0):
-    """[(test name, [tok/s per repetition])] for one loaded model."""
+def bench_backend(model, prompt_tokens, gen_tokens, repetitions, seed=0, batch=1):
+    """[(test name, [tok/s per repetition], step breakdown or None)] for one loaded model. tg with
+    batch B decodes B sequences at once (one step = B tokens; tok/s counts all of them)."""
     g = torch.Generator().manual_seed(seed)
-    ids = torch.randint(0, model.config.vocab_size, (1, max(prompt_tokens, 1)), generator=g)
+    ids = torch.randint(0, model.config.vocab_size, (batch, max(prompt_tokens, 1)), generator=g)
 
     def pp():
-        model.prefill(ids, model.new_cache(1, prompt_tokens))
+        model.prefill(ids[:1], model.new_cache(1, prompt_tokens))
 
     def tg():
-        cache = model.new_cache(1, gen_tokens)
-        token = ids[0, :1]
+        cache = model.new_cache(batch, gen_tokens)
+        token = ids[:, 0]
         for _ in range(gen_tokens):
             token = model.decode(token, cache).argmax(-1)
 
@@ -55,16 +56,37 @@ def bench_backend(model, prompt_tokens, gen_tokens, repetitions, seed=0):
     if prompt_tokens:
         tests.append((f"pp{prompt_tokens}", pp, prompt_tokens))
     if gen_tokens:
-        tests.append((f"tg{gen_tokens}", tg, gen_tokens))
+        tests.append((f"tg{gen_tokens}" + (f" x{batch}" if batch > 1 else ""), tg, gen_tokens * batch))
     results = []
     for name, fn, tokens in tests:
-        fn()  # warm-up: first-call allocations, kernel compilation, autotuning
-        results.append((name, [tokens / _timed(model, fn) for _ in range(repetitions)]))
+        fn()  # warm-up: first-call allocations, plan building, kernel compilation, autotuning
+        rates = [tokens / _timed(model, fn) for _ in range(repetitions)]
+        breakdown = step_breakdown(model, fn, gen_tokens) if name.startswith("tg") else None
+        results.append((name, rates, breakdown))
     return results
 
 
+def step_breakdown(model, fn, steps):
+    """One more run of a decode test with the plan executors' kernel clocks on: per step, the wall
+    time, the time inside kernels (a compiled plan's native call counts whole: its glue is native
+    too) and the rest (validation, inputs, Python: the host). None on the op path (no plans)."""
+    executors = list(model.decoder._plans.values())
+    if not model.plans or not executors or model.device.type != "cpu":
+        return None
+    for e in executors:
+        e.profile, e.kernel_s = True, 0.0
+    wall = _timed(model, fn)
+    kernel = sum(e.kernel_s for e in executors)
+    for e in executors:
+        e.profile = False
+    step_ms, kernel_ms = 1e3 * wall / steps, 1e3 * kernel / steps
+    return {"step_ms": step_ms, "kernel_ms": kernel_ms, "host_ms": step_ms - kernel_ms,
+            "host_pct": 100.0 * (step_ms - kernel_ms) / step_ms,
+            "executor": type(executors[0]).__name__}
+
+
 def run(model_path, backends, prompt_tokens=128, gen_tokens=64, repetitions=5, dtype=None, command="",
-        log=None) -> dict:
+        log=None, batch=1, plans=(True,)) -> dict:
     import portinfer
     from portinfer.backends import registry, spec
 
@@ -74,38 +96,48 @@ def run(model_path, backends, prompt_tokens=128, gen_tokens=64, repetitions=5, d
                     and registry.entry(n).cls.auto_eligible()]
     rows = []
     for name in backends:
-        if log:
-            log(f"bench model: loading on {name}")
-        model = portinfer.load(model_path, backend=name, dtype=dtype, fallback="allow")
-        for test, tok_s in bench_backend(model, prompt_tokens, gen_tokens, repetitions):
-            rows.append({
-                "model": model.name, "size_bytes": model.file_bytes, "params": model.num_parameters,
-                "backend": name, "device": str(model.device), "dtype": spec.dtype_name(model.dtype),
-                "threads": _model_threads(model), "test": test, "tok_s_mean": statistics.fmean(tok_s),
-                "tok_s_sd": statistics.stdev(tok_s) if len(tok_s) > 1 else 0.0, "tok_s": tok_s,
-                "fell_back": sorted({r.op for r in model.placement().fell_back}),
-            })
-        del model
+        for use_plans in plans:
+            if log:
+                log(f"bench model: loading on {name}" + ("" if use_plans else " (op path)"))
+            model = portinfer.load(model_path, backend=name, dtype=dtype, fallback="allow", plans=use_plans)
+            for test, tok_s, breakdown in bench_backend(model, prompt_tokens, gen_tokens, repetitions, batch=batch):
+                rows.append({
+                    "model": model.name, "size_bytes": model.file_bytes, "params": model.num_parameters,
+                    "backend": name, "device": str(model.device), "dtype": spec.dtype_name(model.dtype),
+                    "threads": _model_threads(model), "plans": use_plans, "test": test,
+                    "tok_s_mean": statistics.fmean(tok_s),
+                    "tok_s_sd": statistics.stdev(tok_s) if len(tok_s) > 1 else 0.0, "tok_s": tok_s,
+                    "step_breakdown": breakdown,
+                    "fell_back": sorted({r.op for r in model.placement().fell_back}),
+                })
+            del model
     return {"provenance": prov, "rows": rows}
 
 
 def format_table(doc) -> str:
-    head = f"| {'model':<32} | {'size':>9} | {'params':>8} | {'backend':<10} | {'threads':>7} | {'test':>6} | {'t/s':>16} |"
+    head = (f"| {'model':<32} | {'size':>9} | {'params':>8} | {'backend':<13} | {'threads':>7} | {'test':>9} | "
+            f"{'t/s':>16} | {'step: kernels / host':>22} |")
     lines = [head, "|" + "|".join("-" * (len(c)) for c in head.split("|")[1:-1]) + "|"]
     for r in doc["rows"]:
         size = f"{r['size_bytes'] / 2 ** 20:.2f} MiB"
         params = f"{r['params'] / 1e6:.2f} M"
         ts = f"{r['tok_s_mean']:.2f} ± {r['tok_s_sd']:.2f}"
-        lines.append(f"| {r['model'][:32]:<32} | {size:>9} | {params:>8} | {r['backend']:<10} | "
-                     f"{str(r['threads'] or '-'):>7} | {r['test']:>6} | {ts:>16} |")
+        b = r.get("step_breakdown")
+        split = f"{b['kernel_ms']:.2f} / {b['host_ms']:.2f} ms ({b['host_pct']:.0f}%)" if b else "-"
+        lines.append(f"| {r['model'][:32]:<32} | {size:>9} | {params:>8} | {_label(r):<13} | "
+                     f"{str(r['threads'] or '-'):>7} | {r['test']:>9} | {ts:>16} | {split:>22} |")
     by_test = {}
     for r in doc["rows"]:
-        by_test.setdefault(r["test"], {})[r["backend"]] = r["tok_s_mean"]
+        by_test.setdefault(r["test"], {})[_label(r)] = r["tok_s_mean"]
     for test, speeds in by_test.items():
         if "torch" in speeds and len(speeds) > 1:
             ratios = ", ".join(f"{b} {v / speeds['torch']:.2f}x" for b, v in speeds.items() if b != "torch")
             lines.append(f"{test} vs torch (same run): {ratios}")
     return "\n".join(lines)
+
+
+def _label(row):
+    return row["backend"] + ("" if row.get("plans", True) else " (op)")
 
 
 def _nonnegative_int(text):
@@ -129,8 +161,15 @@ def run_command(args) -> int:
         parts += ["--backends", *args.backends]
     if args.dtype:
         parts += ["--dtype", args.dtype]
+    if args.batch != 1:
+        parts += ["--batch", str(args.batch)]
+    if args.op_path:
+        parts += ["--op-path"]
+    if args.batch < 1:
+        raise ValueError(f"--batch: expected an integer >= 1, got {args.batch}")
+    plans = (True, False) if args.op_path else (True,)
     doc = run(args.model, args.backends, args.n_prompt, args.n_gen, args.repetitions, args.dtype,
-              command=shlex.join(parts), log=lambda m: print(m, file=sys.stderr))
+              command=shlex.join(parts), log=lambda m: print(m, file=sys.stderr), batch=args.batch, plans=plans)
     print(format_table(doc))
     if args.json:
         with open(args.json, "w") as f:
@@ -147,5 +186,8 @@ def add_model(bench_sub):
     p.add_argument("-r", "--repetitions", type=int, default=5, help="repetitions of each test")
     p.add_argument("--backends", nargs="+", help="backends (default: every available one auto may pick)")
     p.add_argument("--dtype", choices=("fp32", "fp16", "bf16"), help="activation dtype (default: the backend's)")
+    p.add_argument("-b", "--batch", type=int, default=1, help="sequences decoded at once in the tg test")
+    p.add_argument("--op-path", action="store_true",
+                   help="also measure every backend on the op path (plans=False), side by side")
     p.add_argument("--json", metavar="FILE", help="also write the results with their provenance as JSON")
     p.set_defaults(func=run_command)

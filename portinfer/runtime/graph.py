@@ -21,6 +21,7 @@ refuses any other (`PlanShapeError`), so it never computes on buffers of another
 """
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 
 import torch
@@ -212,8 +213,10 @@ class Plan:
     nodes: list
     output: int
     num_values: int
-    primary: object  # the chosen backend
+    placement: object  # the Placement it was traced on (its primary: the chosen backend)
+    head_dim: int
     layer_outputs: list = field(default_factory=list)  # value numbers of each layer's residual stream
+    input_meta: list = field(default_factory=list)  # _describe of the step inputs (values 0..3)
     runs: int = 0
 
     @property
@@ -252,6 +255,11 @@ def _describe(t):
     return {}
 
 
+def describe_inputs(inputs: StepInputs):
+    """The meta (_describe) of the step inputs, values 0..3 of every plan."""
+    return [_describe(getattr(inputs, name)) for name in INPUTS]
+
+
 class Tracer(EagerOps):
     """Runs a step on the op path and records it as a Plan."""
 
@@ -278,6 +286,10 @@ class Tracer(EagerOps):
 
     def _record(self, op, args, out, backend=None):
         node = Node(op, tuple(self._arg(a) for a in args), self._define(out), backend, _describe(out))
+        if backend is None:  # glue: say which argument the output is a view of, if any (compilers alias it)
+            storage = out.untyped_storage().data_ptr()
+            node.meta["view_of"] = next((i for i, a in enumerate(args) if isinstance(a, torch.Tensor)
+                                         and a.untyped_storage().data_ptr() == storage), None)
         self.nodes.append(node)
         return out
 
@@ -338,18 +350,22 @@ class Tracer(EagerOps):
     def plan(self, output) -> Plan:
         inp = self.inp
         return Plan(inp.B, inp.S, self.all_rows, inp.cache is not None, self.nodes, self.values[id(output)],
-                    len(self.keep), self.placement.primary, self.layer_outputs)
+                    len(self.keep), self.placement, self.D, self.layer_outputs, describe_inputs(inp))
 
 
 class GenericExecutor:
     """Runs a Plan with pre-bound calls: each contract op straight into the backend's `_op`
     implementation (validated once, when the plan was traced), glue as plain torch."""
 
-    def __init__(self, plan: Plan, placement, head_dim: int):
+    def __init__(self, plan: Plan):
         self.plan = plan
-        self.placement = placement
-        self.D = head_dim
+        self.placement = plan.placement
+        self.D = plan.head_dim
         self.steps = [self._bind(n) for n in plan.nodes]
+        # profiling (bench model's step breakdown): seconds inside contract-op kernels, when on
+        self.profile = False
+        self.kernel_s = 0.0
+        self._is_op = [n.backend is not None for n in plan.nodes]
 
     def _bind(self, node: Node):
         slots = tuple(a if isinstance(a, int) else None for a in node.args)
@@ -390,7 +406,7 @@ class GenericExecutor:
         if inp.cache is None:
             return k, v
         ck, cv = inp.cache.k[layer][inp.rows], inp.cache.v[layer][inp.rows]
-        if inp.S == 1 and all(inp.n_new):
+        if inp.S == 1 and all(inp.n_new):  # (a captured graph always takes this branch: n_new is all 1)
             # decode: one indexed write per tensor instead of one per row
             ck[self._rows_index, :, self._at_index] = k[:, :, 0]
             cv[self._rows_index, :, self._at_index] = v[:, :, 0]
@@ -404,9 +420,12 @@ class GenericExecutor:
         if inputs.cache is not None and inputs.S == 1:
             device = inputs.ids.device
             self._rows_index = torch.arange(inputs.B, device=device)
-            self._at_index = inputs.q_pos.to(torch.int64)
+            # an idle row of a captured graph writes at its next position; a full row never decodes
+            self._at_index = inputs.q_pos.to(torch.int64).clamp(max=inputs.cache.max_len - 1)
         env = [None] * self.plan.num_values
         env[0], env[1], env[2], env[3] = inputs.ids, inputs.pos, inputs.q_pos, inputs.kv_len
+        if self.profile:
+            return self._run_profiled(env)
         for fn, slots, consts, out, pair in self.steps:
             result = fn(*[env[s] if s is not None else c for s, c in zip(slots, consts)])
             if pair:
@@ -417,6 +436,95 @@ class GenericExecutor:
         self._env = env  # kept until the next run: layer_flags reads it when the logits are not finite
         return env[self.plan.output]
 
+    def _run_profiled(self, env):
+        sync = torch.cuda.synchronize if self.placement.device.type == "cuda" else (lambda: None)
+        for (fn, slots, consts, out, pair), is_op in zip(self.steps, self._is_op):
+            args = [env[s] if s is not None else c for s, c in zip(slots, consts)]
+            t0 = time.perf_counter()
+            result = fn(*args)
+            if is_op:
+                sync()
+                self.kernel_s += time.perf_counter() - t0
+            if pair:
+                env[out], env[out + 1] = result
+            else:
+                env[out] = result
+        self.plan.runs += 1
+        self._env = env
+        return env[self.plan.output]
+
     def layer_flags(self):
         """Per layer of the last run: is the residual stream finite? (0-d bool tensors)"""
         return [torch.isfinite(self._env[i]).all() for i in self.plan.layer_outputs]
+
+
+class _ReplayByRerun:
+    """Stands in for torch.cuda.CUDAGraph where there is no GPU (tests): `capture` remembers the
+    function, `replay` runs it again on the same static buffers, which is what a graph replay does."""
+
+    def __init__(self):
+        self.fn = None
+
+    def capture(self, fn):
+        self.fn = fn
+        return fn()
+
+    def replay(self):
+        self.fn()
+
+
+class _CudaGraph:
+    def __init__(self):
+        self.graph = torch.cuda.CUDAGraph()
+
+    def capture(self, fn):
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):  # warm-up outside the graph: autotuning, allocator pools
+            fn()
+        torch.cuda.current_stream().wait_stream(side)
+        with torch.cuda.graph(self.graph):
+            out = fn()
+        return out
+
+    def replay(self):
+        self.graph.replay()
+
+
+class GraphExecutor:
+    """Decode steps (S = 1, with a cache) replayed from a captured CUDA graph, one per cache and
+    first row; other shapes run on the generic executor. A graph needs static buffers: the step
+    inputs are copied into buffers captured once, keys are read up to the cache's full length
+    (kv_len masks the rest, so the result is the same), and every row writes its key slot (an
+    idle row writes at its own next position, which no query sees before a real write replaces it)."""
+
+    def __init__(self, plan: Plan, graph_factory=None):
+        self.plan = plan
+        self.generic = GenericExecutor(plan)
+        self.graph_factory = graph_factory or _CudaGraph
+        self.graphs = {}  # (cache id, first row) -> (cache, graph, static inputs, output)
+        self.profile, self.kernel_s = False, 0.0
+
+    def run(self, inputs: StepInputs):
+        self.plan.check(inputs)
+        if inputs.S != 1 or inputs.cache is None:
+            return self.generic.run(inputs)
+        key = (id(inputs.cache), inputs.rows.start)
+        entry = self.graphs.get(key)
+        if entry is None or entry[0] is not inputs.cache:
+            static = StepInputs(inputs.B, 1, inputs.ids.clone(), inputs.pos.clone(), inputs.q_pos.clone(),
+                                inputs.kv_len.clone(), [1] * inputs.B, list(inputs.filled), inputs.cache,
+                                inputs.rows, inputs.cache.max_len)
+            graph = self.graph_factory()
+            out = graph.capture(lambda: self.generic.run(static))
+            entry = self.graphs[key] = (inputs.cache, graph, static, out)
+            self.plan.runs += 1
+            return out.clone()
+        _, graph, static, out = entry
+        static.ids.copy_(inputs.ids)
+        static.pos.copy_(inputs.pos)
+        static.q_pos.copy_(inputs.q_pos)
+        static.kv_len.copy_(inputs.kv_len)
+        graph.replay()
+        self.plan.runs += 1
+        return out.clone()

@@ -186,9 +186,9 @@ class Decoder:
         logits = self.step_graph(tracer, all_rows)
         plan = tracer.plan(logits)
         compile_plan = getattr(self.placement.primary, "compile", None)
-        executor = compile_plan(plan, self) if compile_plan is not None else None
+        executor = compile_plan(plan) if compile_plan is not None else None
         if executor is None:
-            executor = graph.GenericExecutor(plan, self.placement, self.config.head_dim)
+            executor = graph.GenericExecutor(plan)
         self.placement.plans.append(plan)
         self._plans[plan.key] = executor
         if len(self._plans) > MAX_PLANS:

@@ -1,0 +1,244 @@
+"""The cpu backend's `compile(plan)`: a traced step plan (runtime/graph.py) as one native call.
+
+Every value of the plan gets a place: the step inputs and the KV-cache layers are slots rebound
+on every run; each op's output gets a buffer of its own, allocated once here (the plan's shape
+class is fixed); views (heads of the fused qkv, a merge of heads that is a view) are offsets
+into the buffer they view. The nodes become csrc/plan.h nodes calling the same kernels as the
+op path, run in order by `_cpu.Plan.run`: the GIL released once per step, the thread pool hot
+across nodes, and the glue (residual adds, KV-cache writes, head merges, last-row gathers)
+done natively. A plan with a node this compiler does not know, or one that fell back to another
+backend, is left to the generic executor (compile returns None).
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import torch
+
+from ..runtime.graph import Const, PlanShapeError
+from . import spec
+
+# csrc/plan.h PlanOp
+P_EMBEDDING, P_RMS_NORM, P_LINEAR, P_ROPE, P_SILU_MUL, P_ATTENTION, P_ADD, P_KV_WRITE, P_MERGE_HEADS, \
+    P_LAST_ROWS, P_GELU, P_LAYER_NORM = range(12)
+
+NONE_REF = (-1, 0, 0)
+
+
+class _Unsupported(Exception):
+    pass
+
+
+@dataclass
+class Loc:
+    """Where a value lives: slot + byte offset (+ cache: bytes per position of a cache row), and its
+    shape/strides in elements."""
+
+    slot: int
+    offset: int
+    shape: tuple
+    stride: tuple
+    dtype: torch.dtype
+    storage_offset: int = 0
+    cache: int = 0
+
+    @property
+    def ref(self):
+        return (self.slot, self.offset, self.cache)
+
+    @property
+    def elem(self):
+        return torch.empty((), dtype=self.dtype).element_size()
+
+    def contiguous(self):
+        expected, size = [], 1
+        for n in reversed(self.shape):
+            expected.append(size)
+            size *= n
+        return self.cache == 0 and all(st == e or n == 1 for st, e, n in zip(self.stride, reversed(expected), self.shape))
+
+
+def compile_plan(plan, backend, cpu_module, dtype_code, weight_code):
+    try:
+        return CpuPlanExecutor(plan, backend, cpu_module, dtype_code, weight_code)
+    except _Unsupported:
+        return None
+
+
+class CpuPlanExecutor:
+    def __init__(self, plan, backend, cpu_module, dtype_code, weight_code):
+        self.plan = plan
+        self._dt, self._wf = dtype_code, weight_code
+        self.layers = sum(1 for n in plan.nodes if n.op == "kv_cache") if plan.with_cache else 0
+        self.dynamic = 4 + 2 * self.layers
+        self._fixed = []  # tensors whose pointers the program holds (kept alive here)
+        self._fixed_slot = {}  # id(tensor) -> slot
+        self.loc = {}
+        for v, meta in enumerate(plan.input_meta):
+            self.loc[v] = Loc(v, 0, meta["shape"], meta["stride"], meta["dtype"])
+        self.cache_meta = None
+        pending = []  # (op, refs, ints, f)
+        for node in plan.nodes:
+            if node.backend is not None and node.backend is not backend:
+                raise _Unsupported(f"{node.op} runs on {node.backend.name}")
+            pending.extend(self._node(node))
+        self.out = self._buffer_of(plan.output)
+        self.kernel_s = 0.0
+        self.profile = False  # always measured: one clock read per step
+        self.program = cpu_module.Plan(self.dynamic, [t.data_ptr() for t in self._fixed])
+        for op, refs, ints, f in pending:
+            self.program.add(op, [list(r) for r in refs], [int(i) for i in ints], float(f))
+
+    # ------------------------------------------------------------ places
+
+    def _fix(self, t: torch.Tensor) -> int:
+        if id(t) not in self._fixed_slot:
+            self._fixed_slot[id(t)] = self.dynamic + len(self._fixed)
+            self._fixed.append(t)
+        return self._fixed_slot[id(t)]
+
+    def _const(self, a) -> Loc:
+        t = a.value
+        if not isinstance(t, torch.Tensor):
+            raise _Unsupported(f"constant {type(t).__name__}")
+        if t.device.type != "cpu":
+            raise _Unsupported("a constant off the CPU")
+        return Loc(self._fix(t), 0, tuple(t.shape), tuple(t.stride()), t.dtype)
+
+    def _arg(self, a) -> Loc:
+        return self._const(a) if isinstance(a, Const) else self.loc[a]
+
+    def _new_buffer(self, meta) -> Loc:
+        t = torch.empty(meta["shape"], dtype=meta["dtype"])
+        return Loc(self._fix(t), 0, tuple(t.shape), tuple(t.stride()), t.dtype)
+
+    def _buffer_of(self, value):
+        loc = self.loc[value]
+        if loc.slot < self.dynamic or loc.offset or not loc.contiguous():
+            raise _Unsupported("the plan's output is not a buffer of its own")
+        return self._fixed[loc.slot - self.dynamic]
+
+    def _view(self, node, base: Loc):
+        m = node.meta
+        eb = base.elem
+        return Loc(base.slot, base.offset + (m["storage_offset"] - base.storage_offset) * eb, m["shape"], m["stride"],
+                   m["dtype"], m["storage_offset"], base.cache)
+
+    # ------------------------------------------------------------ nodes
+
+    def _node(self, node):
+        op, m, a = node.op, node.meta, node.args
+        dt = self._dt.get(m.get("dtype"))
+        if op in ("heads",) or (op in ("merge_heads", "last_rows") and m.get("view_of") == 0):
+            self.loc[node.out] = self._view(node, self.loc[a[0]])
+            return []
+        if op == "kv_cache":
+            return self._kv_cache(node)
+        out = self.loc[node.out] = self._new_buffer(m)
+        if op == "embedding":
+            ids, table = self._arg(a[0]), self._arg(a[1])
+            return [(P_EMBEDDING, [out.ref, ids.ref, table.ref], [ids.shape[0], table.shape[1], table.stride[0],
+                                                                   table.elem], 0.0)]
+        if op == "rms_norm":
+            x, w = self._rows(a[0]), self._arg(a[1])
+            return [(P_RMS_NORM, [out.ref, x.ref, w.ref], [x.shape[0], x.shape[1], x.stride[0], dt], a[2].value)]
+        if op == "layer_norm":
+            x, w, b = self._rows(a[0]), self._arg(a[1]), self._arg(a[2])
+            return [(P_LAYER_NORM, [out.ref, x.ref, w.ref, b.ref], [x.shape[0], x.shape[1], x.stride[0], dt],
+                     a[3].value)]
+        if op == "linear":
+            x, w = self._rows(a[0]), a[1].value
+            bias = NONE_REF if a[2].value is None else self._arg(a[2]).ref
+            payload = self._const(Const(w.payload))
+            return [(P_LINEAR, [out.ref, x.ref, payload.ref, bias],
+                     [x.shape[0], w.out_features, x.shape[1], x.stride[0], dt, self._wf[w.format]], 0.0)]
+        if op == "rope":
+            x, pos, rotary = self._arg(a[0]), self._arg(a[1]), a[2].value
+            inv_freq = self._const(Const(rotary.inv_freq.to(device="cpu", dtype=torch.float64).contiguous()))
+            B, H, S, D = x.shape
+            if x.cache:
+                raise _Unsupported("rope of cache rows")
+            return [(P_ROPE, [out.ref, x.ref, pos.ref, inv_freq.ref],
+                     [B, H, S, D, rotary.rotary_dim, x.stride[0], x.stride[1], x.stride[2],
+                      int(rotary.style == "interleaved"), dt], 0.0)]
+        if op == "silu_mul":
+            x = self._rows(a[0])
+            return [(P_SILU_MUL, [out.ref, x.ref], [x.shape[0], x.shape[1] // 2, x.stride[0], dt], 0.0)]
+        if op == "gelu":
+            x = self._arg(a[0])
+            if len(x.shape) != 2 or x.cache:
+                raise _Unsupported("gelu of a non-2-D value")
+            return [(P_GELU, [out.ref, x.ref], [x.shape[0], x.shape[1], x.stride[0], int(a[1].value == "tanh"), dt],
+                     0.0)]
+        if op == "attention":
+            q, k, v, q_pos, kv_len = (self._arg(x) for x in a[:5])
+            causal, scale = a[5].value, a[6].value
+            B, Hq, Sq, D = q.shape
+            return [(P_ATTENTION, [out.ref, q.ref, k.ref, v.ref, q_pos.ref, kv_len.ref],
+                     [B, Hq, k.shape[1], Sq, k.shape[2], D, *q.stride[:3], *k.stride[:3], *v.stride[:3], int(causal), dt],
+                     scale)]
+        if op == "add":
+            x, y = self._arg(a[0]), self._arg(a[1])
+            if not (x.contiguous() and y.contiguous() and x.shape == y.shape == out.shape):
+                raise _Unsupported("add of non-contiguous values")
+            return [(P_ADD, [out.ref, x.ref, y.ref], [out.shape[0] * out.shape[1], dt], 0.0)]
+        if op == "merge_heads":
+            x = self._arg(a[0])
+            if not x.contiguous():
+                raise _Unsupported("merge_heads of a non-contiguous value")
+            B, H, S, D = x.shape
+            return [(P_MERGE_HEADS, [out.ref, x.ref], [B, H, S, D, x.elem], 0.0)]
+        if op == "last_rows":
+            x = self._arg(a[0])
+            if not x.contiguous():
+                raise _Unsupported("last_rows of a non-contiguous value")
+            return [(P_LAST_ROWS, [out.ref, x.ref, self.loc[2].ref, self.loc[3].ref],
+                     [self.plan.B, self.plan.S, x.shape[1], x.elem], 0.0)]
+        raise _Unsupported(f"node {op}")
+
+    def _rows(self, a) -> Loc:
+        x = self._arg(a)
+        if len(x.shape) != 2 or x.cache or (x.shape[1] > 1 and x.stride[1] != 1):
+            raise _Unsupported("a 2-D operand without unit-stride rows")
+        return x
+
+    def _kv_cache(self, node):
+        layer, k, v = node.args[0].value, self.loc[node.args[1]], self.loc[node.args[2]]
+        if not self.plan.with_cache:  # a full forward: the keys are the step's own
+            self.loc[node.out], self.loc[node.out + 1] = k, v
+            return []
+        B, Hkv, S, D = k.shape
+        eb = k.elem
+        self.cache_meta = (Hkv, D, k.dtype)
+        row_bytes = Hkv * D * eb  # per position; x T for one cache row
+        shape = (B, Hkv, 0, D)  # the key count is the run's T (csrc/plan.cpp sets strides from it)
+        ck = Loc(4 + layer, 0, shape, (0, 0, D, 1), k.dtype, 0, row_bytes)
+        cv = Loc(4 + self.layers + layer, 0, shape, (0, 0, D, 1), k.dtype, 0, row_bytes)
+        self.loc[node.out], self.loc[node.out + 1] = ck, cv
+        if v.cache or k.cache:
+            raise _Unsupported("kv write from cache rows")
+        return [(P_KV_WRITE, [ck.ref, cv.ref, k.ref, v.ref, self.loc[2].ref, self.loc[3].ref],
+                 [B, Hkv, S, D, *k.stride[:3], *v.stride[:3], eb], 0.0)]
+
+    # ------------------------------------------------------------ running
+
+    def run(self, inputs):
+        self.plan.check(inputs)
+        ptrs = [inputs.ids.data_ptr(), inputs.pos.data_ptr(), inputs.q_pos.data_ptr(), inputs.kv_len.data_ptr()]
+        row0, T = 0, 0
+        cache = inputs.cache
+        if cache is not None:
+            Hkv, D, dtype = self.cache_meta
+            k0 = cache.k[0]
+            if (len(cache.k) != self.layers or len(cache.v) != self.layers or k0.dtype != dtype
+                    or tuple(k0.shape[1:2]) + tuple(k0.shape[3:]) != (Hkv, D) or not k0.is_contiguous()):
+                raise PlanShapeError(f"cache: expected {self.layers} layers of contiguous {spec.dtype_name(dtype)} "
+                                     f"[rows, {Hkv}, T, {D}], got {len(cache.k)} of {k0.dtype} {list(k0.shape)}")
+            ptrs += [t.data_ptr() for t in cache.k] + [t.data_ptr() for t in cache.v]
+            row0, T = inputs.rows.start or 0, cache.max_len
+        t0 = time.perf_counter()
+        self.program.run(ptrs, row0, T)
+        self.kernel_s += time.perf_counter() - t0  # the whole native step (bench model's breakdown)
+        self.plan.runs += 1
+        return self.out.clone()
