@@ -11,6 +11,7 @@ COMMAND_MODULES = (
     "portinfer.commands.backends",  # portinfer backends
     "portinfer.conformance.cli",  # portinfer check
     "portinfer.commands.generate",  # portinfer generate, portinfer chat
+    "portinfer.commands.embed",  # portinfer embed
     "portinfer.bench.cli",  # portinfer bench ops
 )
 

@@ -261,6 +261,21 @@ class Model:
                              f"(at least one position must remain for a new token)")
         return ids
 
+    # ------------------------------------------------------------------ encoders (issue 15: runtime/encoder.py)
+    # A decoder answers these; encoder.EncoderModel (what load() returns for BERT-family directories)
+    # overrides them and refuses the decoder methods above.
+    is_encoder = False
+
+    @property
+    def embedding_dim(self):
+        """Width of embed()'s vectors; None for a decoder (it has no embed)."""
+        return None
+
+    def embed(self, inputs, batch_size=32, normalize=None, truncate=True, return_info=False, progress=None):
+        raise ValueError(f"embed: {self.name!r} is a decoder ({self.config.architecture}): embeddings come from "
+                         f"encoder models (BERT, RoBERTa, XLM-RoBERTa: all-MiniLM, bge, e5), e.g. "
+                         f"`portinfer embed` without a model uses all-MiniLM-L6-v2")
+
 
 def _is_batch(p) -> bool:
     if isinstance(p, torch.Tensor):
@@ -391,6 +406,10 @@ def load(path=None, backend="auto", dtype=None, fallback="warn", device=None, pl
     checkpoint = load_checkpoint(default_model_path() if path is None else path)
     chosen = registry.get(backend, device=device)
     dtype = default_dtype(chosen) if dtype is None else spec.parse_dtype(dtype)
+    if getattr(checkpoint.config, "is_encoder", False):  # BERT-family encoders (issue 15): runtime/encoder.py
+        from .encoder import load_encoder
+
+        return load_encoder(checkpoint, chosen, dtype, fallback, path)
     placement = Placement(chosen, dtype, fallback)
     placement.require(MODEL_OPS)
     return Model(checkpoint, placement, plans=plans)

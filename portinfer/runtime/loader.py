@@ -69,7 +69,9 @@ def _read_json(path: Path, required=True):
 def load_hf_dir(path: Path) -> Checkpoint:
     cfg = _read_json(path / "config.json")
     generation = _read_json(path / "generation_config.json", required=False) or {}
-    config = ModelConfig.from_hf(cfg, generation)
+    from .encoder import EncoderConfig, is_encoder_config  # BERT-family encoders (issue 15)
+
+    config = EncoderConfig.from_hf(cfg) if is_encoder_config(cfg) else ModelConfig.from_hf(cfg, generation)
     index = path / "model.safetensors.index.json"
     if index.exists():
         weight_map = _read_json(index).get("weight_map") or {}
