@@ -28,6 +28,8 @@ def _add_model_args(p):
     p.add_argument("--stop", action="append", help="stop string (repeatable)")
     p.add_argument("--placement", action="store_true", help="print where each op ran (and any fallback) at the end")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of streamed text")
+    p.add_argument("--tensor-parallel", type=int, metavar="N",
+                   help="split the model over N ranks on this host (launched here; rank 0 answers)")
 
 
 def _sampling(args) -> dict:
@@ -46,7 +48,21 @@ def _load(args):
     SamplingParams(temperature=args.temperature or 0.0, top_k=args.top_k, top_p=args.top_p, min_p=args.min_p,
                    repetition_penalty=1.0 if args.repetition_penalty is None else args.repetition_penalty,
                    seed=args.seed)
-    return portinfer.load(args.model, backend=args.backend, dtype=args.dtype, fallback=args.fallback)
+    return portinfer.load(args.model, backend=args.backend, dtype=args.dtype, fallback=args.fallback,
+                          tensor_parallel=args.tensor_parallel)
+
+
+def _launch_ranks(args, prompt=None):
+    """--tensor-parallel N outside a launcher: check the split, then run this command as N ranks
+    (their exit status); None when this process already is a rank (or no split was asked for)."""
+    from ..runtime import parallel
+    from ..runtime.loader import default_model_path
+
+    if args.tensor_parallel is None or parallel.launched_rank() is not None:
+        return None
+    parallel.check_split(args.model or default_model_path(), args.tensor_parallel)
+    argv = list(args.argv) + (["--prompt", prompt] if prompt is not None else [])
+    return parallel.launch(["-m", "portinfer.cli", *argv], args.tensor_parallel)
 
 
 def _stats(model, result) -> str:
@@ -74,6 +90,9 @@ def run_generate(args) -> int:
         if sys.stdin.isatty():
             raise ValueError("--prompt: expected a prompt (or text on standard input)")
         prompt = sys.stdin.read()
+    launched = _launch_ranks(args, prompt if args.prompt is None else None)
+    if launched is not None:
+        return launched
     model = _load(args)
     text = model.apply_chat_template([{"role": "user", "content": prompt}]) if args.chat else prompt
     if args.json:
@@ -92,6 +111,9 @@ def run_generate(args) -> int:
 def run_chat(args) -> int:
     if args.json and args.prompt is None:
         raise ValueError("--json: expected --prompt too (an interactive chat streams text)")
+    launched = _launch_ranks(args)
+    if launched is not None:
+        return launched
     model = _load(args)
     messages = [{"role": "system", "content": args.system}] if args.system else []
     turns = [args.prompt] if args.prompt is not None else None

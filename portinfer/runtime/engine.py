@@ -76,7 +76,7 @@ class _Sequence:
 
 
 class Model:
-    def __init__(self, checkpoint: Checkpoint, placement: Placement, plans: bool = True):
+    def __init__(self, checkpoint: Checkpoint, placement: Placement, plans: bool = True, decoder=None):
         self.plans = bool(plans)  # steps through step plans (see graph.py), or every op on the op path
         self.config = checkpoint.config
         self.tokenizer = checkpoint.tokenizer
@@ -86,7 +86,7 @@ class Model:
         self.generation_defaults = dict(checkpoint.generation_defaults)
         self._placement = placement
         self.num_parameters = sum(math.prod(w.shape) for w in checkpoint.weights.values())
-        self.decoder = Decoder(checkpoint.config, checkpoint.weights, placement)
+        self.decoder = decoder or Decoder(checkpoint.config, checkpoint.weights, placement)
         eos = list(self.config.eos_token_ids)
         if self.tokenizer is not None and self.tokenizer.eos_token is not None:
             tid = self.tokenizer.token_id(self.tokenizer.eos_token)
@@ -399,10 +399,19 @@ def default_dtype(backend) -> torch.dtype:
     return torch.float32 if backend.device.type == "cpu" else torch.bfloat16
 
 
-def load(path=None, backend="auto", dtype=None, fallback="warn", device=None, plans=True) -> Model:
+def load(path=None, backend="auto", dtype=None, fallback="warn", device=None, plans=True,
+         tensor_parallel=None) -> Model:
     """Load a model: a Hugging Face directory or a .gguf file (None: the embedded default,
     SmolLM2-135M-Instruct Q4_1) on `backend` ("auto": the best available here). plans=False runs
-    every step on the op path (each op validated and placed per call; see runtime/graph.py)."""
+    every step on the op path (each op validated and placed per call; see runtime/graph.py).
+
+    tensor_parallel=N: this process is one of N ranks (torchrun --nproc-per-node N, or
+    `portinfer generate --tensor-parallel N`) and loads only its shard (see runtime/parallel.py).
+    Rank 0 returns the Model; on the other ranks this call serves rank 0's steps and then exits
+    the process (status 0) when rank 0 is done."""
+    if tensor_parallel is not None:
+        return _load_parallel(default_model_path() if path is None else path, backend, dtype, fallback, device,
+                              plans, tensor_parallel)
     checkpoint = load_checkpoint(default_model_path() if path is None else path)
     chosen = registry.get(backend, device=device)
     dtype = default_dtype(chosen) if dtype is None else spec.parse_dtype(dtype)
@@ -413,3 +422,41 @@ def load(path=None, backend="auto", dtype=None, fallback="warn", device=None, pl
     placement = Placement(chosen, dtype, fallback)
     placement.require(MODEL_OPS)
     return Model(checkpoint, placement, plans=plans)
+
+
+def _load_parallel(path, backend, dtype, fallback, device, plans, world_size) -> Model:
+    import atexit
+
+    from . import parallel
+
+    if isinstance(world_size, bool) or not isinstance(world_size, int) or world_size < 1:
+        raise ValueError(f"tensor_parallel: expected an integer >= 1, got {world_size!r}")
+    parallel.check_split(path, world_size)  # a model N ranks cannot split is refused before any rank waits
+    parallel.share_cpu_threads()
+    chosen = registry.get(backend, device=device)
+    if device is None and chosen.device.type != "cpu":  # one accelerator per rank: the local rank's
+        chosen = registry.get(backend, device=parallel.default_device(chosen.device.type))
+    group = parallel.Group(world_size, chosen.device)
+    parallel.check_same_model(group, path)
+    checkpoint, shard = parallel.load_sharded_checkpoint(
+        path, lambda config: parallel.ShardSpec.for_rank(config, group.rank, group.world_size),
+        with_tokenizer=group.is_leader)
+    dtype = default_dtype(chosen) if dtype is None else spec.parse_dtype(dtype)
+    placement = Placement(chosen, dtype, fallback)
+    placement.require(MODEL_OPS)
+    decoder = Decoder(checkpoint.config, checkpoint.weights, placement, shard, group)
+    # only rank 0 builds a Model (num_parameters: this rank's shard)
+    model = Model(checkpoint, placement, plans, parallel.LeaderDecoder(decoder, group)) if group.is_leader else None
+    checkpoint.weights.clear()  # the backends' prepared copies are what the decoder keeps
+    if not group.is_leader:
+        parallel.follow(decoder, group)
+        group.close()
+        raise SystemExit(0)
+
+    def stop():
+        model.decoder.stop()
+        group.close()
+
+    atexit.register(stop)
+    model.tensor_parallel = group.world_size
+    return model

@@ -2,7 +2,9 @@
 
 The decoder writes its step against an op interface `g` (`Decoder.step_graph(g)`): the contract's
 ops (g.embedding, g.rms_norm, g.linear, g.rope, g.attention, g.silu_mul, ...) plus a few glue
-calls (g.add, g.heads, g.merge_heads, g.kv_cache, g.last_rows). Two implementations:
+calls (g.add, g.heads, g.merge_heads, g.kv_cache, g.last_rows; and, for a model split over ranks
+(runtime/parallel.py), g.vocab_ids, g.all_reduce and g.all_gather_vocab around the collectives of its
+parallel.Group: glue nodes in a plan like any other). Two implementations:
 
 - `EagerOps`: the op path. Every contract op goes through the Placement now (validated, placed,
   recorded); glue is plain torch. The reference execution.
@@ -86,6 +88,13 @@ def write_cache(cache_k, cache_v, k, v, n_new, filled):
         if n:
             cache_k[b, :, at:at + n] = k[b, :, :n]
             cache_v[b, :, at:at + n] = v[b, :, :n]
+
+
+def vocab_ids(ids, shard):
+    """Token ids -> row numbers in this rank's vocabulary slice; ids of other ranks' slices -> the
+    extra zero row after it (so their embedding here is zeros, and the all-reduce sums one row)."""
+    local = ids - shard.vocab_start
+    return torch.where((local >= 0) & (local < shard.local_vocab), local, shard.local_vocab)
 
 
 def last_rows(x, B, S, n_new, device):
@@ -175,6 +184,18 @@ class EagerOps:
 
     def layer_done(self, layer, x):
         self.finite.append(torch.isfinite(x).all())
+
+    # tensor parallelism (runtime/parallel.py): glue around the collectives of a parallel.Group
+    def vocab_ids(self, ids, shard):
+        return vocab_ids(ids, shard)
+
+    def all_reduce(self, x, group):
+        """Sum x over the ranks (in place: returns x)."""
+        return group.all_reduce(x)
+
+    def all_gather_vocab(self, logits, group, shard):
+        """[M, this rank's vocabulary] -> [M, V]."""
+        return group.all_gather_vocab(logits, shard)
 
 
 # ---------------------------------------------------------------------------- plans
@@ -343,6 +364,15 @@ class Tracer(EagerOps):
     def last_rows(self, x):
         return self._record("last_rows", (x,), super().last_rows(x))
 
+    def vocab_ids(self, ids, shard):
+        return self._record("vocab_ids", (ids, shard), super().vocab_ids(ids, shard))
+
+    def all_reduce(self, x, group):
+        return self._record("all_reduce", (x, group), super().all_reduce(x, group))
+
+    def all_gather_vocab(self, logits, group, shard):
+        return self._record("all_gather_vocab", (logits, group, shard), super().all_gather_vocab(logits, group, shard))
+
     def layer_done(self, layer, x):
         super().layer_done(layer, x)
         self.layer_outputs.append(self.values[id(x)])
@@ -400,6 +430,15 @@ class GenericExecutor:
 
     def _glue_last_rows(self, x):
         return last_rows(x, self.inp.B, self.inp.S, self.inp.n_new, x.device)
+
+    def _glue_vocab_ids(self, ids, shard):
+        return vocab_ids(ids, shard)
+
+    def _glue_all_reduce(self, x, group):
+        return group.all_reduce(x)
+
+    def _glue_all_gather_vocab(self, logits, group, shard):
+        return group.all_gather_vocab(logits, shard)
 
     def _kv_cache(self, layer, k, v):
         inp = self.inp

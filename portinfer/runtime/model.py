@@ -56,48 +56,61 @@ class KVCache:
 
 
 class Decoder:
-    def __init__(self, config: ModelConfig, weights: dict, placement: Placement):
+    def __init__(self, config: ModelConfig, weights: dict, placement: Placement, shard=None, group=None):
+        """shard (parallel.ShardSpec): the heads, MLP columns and vocabulary rows this rank holds
+        (default: all of them, one process); group (parallel.Group): the collectives between ranks."""
+        from .parallel import ShardSpec
+
         self.config = config
         self.placement = placement
         self.dtype = placement.dtype
         self.device = placement.device
         self.rotary = config.rotary()
         self.scale = config.head_dim ** -0.5
+        self.shard = shard = shard or ShardSpec.single(config)
+        self.group = group
         c = config
         H = c.hidden_size
+        q_size, kv_size = shard.num_heads * c.head_dim, shard.num_kv_heads * c.head_dim
+        inter, vocab = shard.intermediate_size, shard.local_vocab
         get = _WeightReader(weights)
 
-        self.embed = self._dense(get("model.embed_tokens.weight", (c.vocab_size, H)))
+        self.embed = self._dense(get("model.embed_tokens.weight", (vocab, H)))
+        if shard.sharded:  # one zero row more: ids of other ranks' vocabulary embed to zeros here
+            self.embed = torch.cat([self.embed, self.embed.new_zeros(1, H)])
         self.layers = []
         for i in range(c.num_layers):
             p = f"model.layers.{i}."
-            q = get(p + "self_attn.q_proj.weight", (c.q_size, H))
-            k = get(p + "self_attn.k_proj.weight", (c.kv_size, H))
-            v = get(p + "self_attn.v_proj.weight", (c.kv_size, H))
+            q = get(p + "self_attn.q_proj.weight", (q_size, H))
+            k = get(p + "self_attn.k_proj.weight", (kv_size, H))
+            v = get(p + "self_attn.v_proj.weight", (kv_size, H))
             qkv_bias = _concat_rows([get(p + f"self_attn.{n}_proj.bias", (size,)) for n, size in
-                                     (("q", c.q_size), ("k", c.kv_size), ("v", c.kv_size))]) if c.qkv_bias else None
-            gate = get(p + "mlp.gate_proj.weight", (c.intermediate_size, H))
-            up = get(p + "mlp.up_proj.weight", (c.intermediate_size, H))
-            gate_up_bias = _concat_rows([get(p + f"mlp.{n}_proj.bias", (c.intermediate_size,))
+                                     (("q", q_size), ("k", kv_size), ("v", kv_size))]) if c.qkv_bias else None
+            gate = get(p + "mlp.gate_proj.weight", (inter, H))
+            up = get(p + "mlp.up_proj.weight", (inter, H))
+            gate_up_bias = _concat_rows([get(p + f"mlp.{n}_proj.bias", (inter,))
                                          for n in ("gate", "up")]) if c.mlp_bias else None
+            # o_proj and down_proj are split by columns (partial sums, all-reduced): one rank adds the bias
+            o_bias = get(p + "self_attn.o_proj.bias", (H,)) if c.o_bias and shard.adds_row_bias else None
+            down_bias = get(p + "mlp.down_proj.bias", (H,)) if c.mlp_bias and shard.adds_row_bias else None
             self.layers.append(dict(
                 attn_norm=self._dense(get(p + "input_layernorm.weight", (H,))),
                 qkv=placement.prepare_linear(_concat_rows([q, k, v])),
                 qkv_bias=self._dense(qkv_bias),
-                o=placement.prepare_linear(get(p + "self_attn.o_proj.weight", (H, c.q_size))),
-                o_bias=self._dense(get(p + "self_attn.o_proj.bias", (H,)) if c.o_bias else None),
+                o=placement.prepare_linear(get(p + "self_attn.o_proj.weight", (H, q_size))),
+                o_bias=self._dense(o_bias),
                 mlp_norm=self._dense(get(p + "post_attention_layernorm.weight", (H,))),
                 # gate and up fused in one linear: silu_mul takes [M, 2I] = [gate | up]
                 gate_up=placement.prepare_linear(_concat_rows([gate, up])),
                 gate_up_bias=self._dense(gate_up_bias),
-                down=placement.prepare_linear(get(p + "mlp.down_proj.weight", (H, c.intermediate_size))),
-                down_bias=self._dense(get(p + "mlp.down_proj.bias", (H,)) if c.mlp_bias else None),
+                down=placement.prepare_linear(get(p + "mlp.down_proj.weight", (H, inter))),
+                down_bias=self._dense(down_bias),
             ))
         self.norm = self._dense(get("model.norm.weight", (H,)))
         if c.tie_word_embeddings or "lm_head.weight" not in weights:
-            head = get("model.embed_tokens.weight", (c.vocab_size, H))
+            head = get("model.embed_tokens.weight", (vocab, H))
         else:
-            head = get("lm_head.weight", (c.vocab_size, H))
+            head = get("lm_head.weight", (vocab, H))
         self.lm_head = placement.prepare_linear(head)
         self._plans = OrderedDict()  # (B, S, all_rows, with cache) -> executor of that step plan
 
@@ -113,7 +126,7 @@ class Decoder:
 
     def new_cache(self, batch_size: int, max_len: int) -> KVCache:
         c = self.config
-        shape = (batch_size, c.num_kv_heads, max_len, c.head_dim)
+        shape = (batch_size, self.shard.num_kv_heads, max_len, c.head_dim)
         k = [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in range(c.num_layers)]
         v = [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in range(c.num_layers)]
         return KVCache(k, v, [0] * batch_size)
@@ -123,9 +136,12 @@ class Decoder:
     def step_graph(self, g, all_rows=False):
         """One step on the op interface `g` (graph.py): g's inputs are ids [B*S], pos [B, S],
         q_pos and kv_len [B] -> logits [B, V] at each row's last new token ([B*S, V] with all_rows)."""
-        c = self.config
-        Hq, Hkv = c.num_heads, c.num_kv_heads
-        x = g.embedding(g.ids, self.embed)  # [B*S, H]
+        c, shard = self.config, self.shard
+        Hq, Hkv = shard.num_heads, shard.num_kv_heads  # this rank's heads (all of them in one process)
+        if shard.sharded:  # vocabulary-parallel: this rank's rows, zeros for the others', summed over ranks
+            x = g.all_reduce(g.embedding(g.vocab_ids(g.ids, shard), self.embed), self.group)  # [B*S, H]
+        else:
+            x = g.embedding(g.ids, self.embed)  # [B*S, H]
         for li, layer in enumerate(self.layers):
             h = g.rms_norm(x, layer["attn_norm"], c.rms_norm_eps)
             qkv = g.linear(h, layer["qkv"], layer["qkv_bias"])  # [B*S, (Hq + 2 Hkv) D]
@@ -134,15 +150,20 @@ class Decoder:
             v = g.heads(qkv, Hq + Hkv, Hkv)  # [B, Hkv, S, D]
             k, v = g.kv_cache(li, k, v)  # [B, Hkv, kv, D]: the cache rows after this step's writes
             a = g.attention(q, k, v, g.q_pos, g.kv_len, True, self.scale)  # [B, Hq, S, D]
-            x = g.add(x, g.linear(g.merge_heads(a), layer["o"], layer["o_bias"]))
+            x = g.add(x, self._reduce(g, g.linear(g.merge_heads(a), layer["o"], layer["o_bias"])))
             h = g.rms_norm(x, layer["mlp_norm"], c.rms_norm_eps)
             gate_up = g.linear(h, layer["gate_up"], layer["gate_up_bias"])  # [B*S, 2I]
-            x = g.add(x, g.linear(g.silu_mul(gate_up), layer["down"], layer["down_bias"]))
+            x = g.add(x, self._reduce(g, g.linear(g.silu_mul(gate_up), layer["down"], layer["down_bias"])))
             g.layer_done(li, x)
         if not all_rows:
             x = g.last_rows(x)  # [B, H]
         x = g.rms_norm(x, self.norm, c.rms_norm_eps)
-        return g.linear(x, self.lm_head)
+        logits = g.linear(x, self.lm_head)  # [B, V] (this rank's vocabulary slice when sharded)
+        return g.all_gather_vocab(logits, self.group, shard) if shard.sharded else logits
+
+    def _reduce(self, g, partial):
+        """A column-split linear's partial sums -> the whole sum (one all-reduce over the ranks)."""
+        return g.all_reduce(partial, self.group) if self.shard.sharded else partial
 
     # ------------------------------------------------------------------ running it
 
@@ -185,7 +206,8 @@ class Decoder:
         tracer = graph.Tracer(self.placement, inputs, self.config.head_dim, all_rows)
         logits = self.step_graph(tracer, all_rows)
         plan = tracer.plan(logits)
-        compile_plan = getattr(self.placement.primary, "compile", None)
+        # a sharded step's collectives run in Python: the generic executor, not a backend's compiled plan
+        compile_plan = None if self.shard.sharded else getattr(self.placement.primary, "compile", None)
         executor = compile_plan(plan) if compile_plan is not None else None
         if executor is None:
             executor = graph.GenericExecutor(plan)
