@@ -315,8 +315,14 @@ def check_split(path, world_size: int) -> ModelConfig:
 
     path = Path(path)
     if path.is_dir():
+        from .encoder import is_encoder_config
+
         generation = loader._read_json(path / "generation_config.json", required=False) or {}
-        config = ModelConfig.from_hf(loader._read_json(path / "config.json"), generation)
+        raw = loader._read_json(path / "config.json")
+        if is_encoder_config(raw):
+            raise ParallelError(f"tensor_parallel={world_size}: {path} is an encoder ({raw.get('model_type')}); "
+                                f"encoders run in one process (drop tensor_parallel)")
+        config = ModelConfig.from_hf(raw, generation)
         for r in range(world_size):
             ShardSpec.for_rank(config, r, world_size)
         return config
