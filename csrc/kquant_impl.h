@@ -18,18 +18,28 @@
 // per-call sums of x. Threads take contiguous runs of output rows.
 // GEMM (prefill): the shared panel GEMM, each [32 rows][256] tile dequantized to fp32 once.
 
-// d * sc[s] and dmin * m[s] of a Q4_K / Q5_K super-block's 8 sub-blocks (exact in fp32)
+// d * sc[s] and dmin * m[s] of a Q4_K / Q5_K super-block's 8 sub-blocks (exact in fp32). The 12
+// packed bytes are unpacked four at a time in 32-bit words (as ggml does): afterwards the bytes of
+// u[0], u[1] are sc[0..7] and those of u[2], u[3] are m[0..7].
 static inline void kq_scales_mins(float* dsc, float* dmn, const uint8_t* b, const float* f16) {
     uint16_t hd, hm;
     std::memcpy(&hd, b, 2);
     std::memcpy(&hm, b + 2, 2);
     const float d = f16[hd], dmin = f16[hm];
-    const uint8_t* s = b + 4;
-    for (int j = 0; j < 4; ++j) {
-        dsc[j] = d * (float)(s[j] & 63);
-        dmn[j] = dmin * (float)(s[j + 4] & 63);
-        dsc[j + 4] = d * (float)((s[j + 8] & 15) | ((s[j] >> 6) << 4));
-        dmn[j + 4] = dmin * (float)((s[j + 8] >> 4) | ((s[j + 4] >> 6) << 4));
+    uint32_t u[4];
+    std::memcpy(u, b + 4, 12);
+    const uint32_t low6 = 0x3f3f3f3fu, low4 = 0x0f0f0f0fu, low2 = 0x03030303u;
+    u[3] = ((u[2] >> 4) & low4) | (((u[1] >> 6) & low2) << 4);  // m[4..7]
+    const uint32_t mins_low = u[1] & low6;                        // m[0..3]
+    u[1] = (u[2] & low4) | (((u[0] >> 6) & low2) << 4);          // sc[4..7]
+    u[2] = mins_low;
+    u[0] &= low6;                                                 // sc[0..3]
+    uint8_t v[16];
+    std::memcpy(v, u, 16);
+#pragma GCC unroll 8
+    for (int s = 0; s < 8; ++s) {
+        dsc[s] = d * (float)v[s];
+        dmn[s] = dmin * (float)v[8 + s];
     }
 }
 
