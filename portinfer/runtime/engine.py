@@ -15,6 +15,7 @@ import torch
 
 from ..backends import registry, spec
 from ..backends.placement import Placement
+from .detokenize import IncrementalDetokenizer
 from .loader import Checkpoint, default_model_path, load_checkpoint
 from .model import Decoder
 from .sampling import Sampler, SamplingParams
@@ -71,8 +72,12 @@ class Stream:
 class _Sequence:
     prompt: list
     generated: list = field(default_factory=list)
-    text: str = ""
     finish_reason: str = ""
+    detokenizer: IncrementalDetokenizer | None = None  # made at the first token (see _advance)
+
+    @property
+    def text(self) -> str:
+        return self.detokenizer.text if self.detokenizer is not None else ""
 
 
 class Model:
@@ -349,39 +354,24 @@ def _loop(model: Model, prompts, max_new_tokens, sampler, stops, eos):
 
 
 def _advance(model, s: _Sequence, token, stops, eos) -> str:
-    """Account for a new token: finish on eos or a stop string; return the text that became final."""
+    """Account for a new token: finish on eos or a stop string; return the text that became final
+    (incremental: the work per token does not grow with the text, see detokenize.py)."""
     if token in eos:
         s.finish_reason = "eos"
         return ""
     if model.tokenizer is None:
         return ""
-    text = model.tokenizer.decode(s.generated)
-    for stop in stops:
-        at = text.find(stop, max(0, len(s.text) - len(stop)))
-        if at >= 0:
-            s.finish_reason = "stop"
-            piece, s.text = text[len(s.text):at], text[:at]
-            return piece
-    # hold back an incomplete UTF-8 character and anything that could still become a stop string
-    safe = len(text.rstrip("\ufffd"))
-    for stop in stops:
-        for n in range(min(len(stop) - 1, safe), 0, -1):
-            if text[:safe].endswith(stop[:n]):
-                safe -= n
-                break
-    if safe <= len(s.text):
-        return ""
-    piece, s.text = text[len(s.text):safe], text[:safe]
+    if s.detokenizer is None:
+        s.detokenizer = IncrementalDetokenizer(model.tokenizer, stops)
+    piece = s.detokenizer.add(token)
+    if s.detokenizer.finished:
+        s.finish_reason = "stop"
     return piece
 
 
 def _flush(model, s: _Sequence) -> str:
     """The text held back so far, now final (the sequence ended without a stop string)."""
-    if model.tokenizer is None:
-        return ""
-    text = model.tokenizer.decode(s.generated)
-    piece, s.text = text[len(s.text):], text
-    return piece
+    return s.detokenizer.flush() if s.detokenizer is not None else ""
 
 
 def _stream_pieces(steps):
