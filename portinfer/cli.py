@@ -12,6 +12,7 @@ COMMAND_MODULES = (
     "portinfer.conformance.cli",  # portinfer check
     "portinfer.commands.generate",  # portinfer generate, portinfer chat
     "portinfer.commands.embed",  # portinfer embed
+    "portinfer.commands.serve",  # portinfer serve
     "portinfer.bench.cli",  # portinfer bench ops
 )
 

@@ -1,0 +1,406 @@
+"""The engine loop: one thread owns the model; requests join and leave a running batch through slots.
+
+    waiting (FIFO, bounded) --admit--> slot PREFILL --last chunk--> slot DECODE --finish/cancel--> FREE
+
+One KV cache of `max_batch` rows x `max_context` positions is allocated once; slot s is cache
+row s (llama.cpp's server slots). Each turn of the loop, at a step boundary:
+  1. cancelled jobs leave (their slot is free for this very turn), waiting jobs take free slots
+     (the lowest first, so running rows stay packed at the top of the cache);
+  2. one prefill chunk of at most `prefill_chunk` prompt tokens runs on one new job's row
+     (model.step(ids[1, C], cache, rows=slice(s, s + 1))): a long prompt is read over several
+     turns, and running streams keep getting a token every turn;
+  3. one decode step runs every decoding slot at once (model.step(ids[b, 1], cache, n_new=1 or 0
+     per row, rows=slice(0, b))): the weights are read once per step for the whole batch.
+A step that fails (NaN logits, say) is retried row by row, so only the failing job fails.
+
+Jobs are single sequences; a request with n choices submits n jobs. Results go back through
+each job's `sink(event)`, called on this thread (the HTTP layer hands them to its event loop).
+"""
+from __future__ import annotations
+
+import collections
+import concurrent.futures
+import enum
+import threading
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from ..runtime.detokenize import IncrementalDetokenizer
+from ..runtime.sampling import Sampler, SamplingParams
+from .protocol import APIError
+
+
+class SlotState(enum.Enum):
+    FREE = "free"
+    PREFILL = "prefill"
+    DECODE = "decode"
+
+
+@dataclass
+class Event:
+    """What a job reports: a token ("token"), its end ("done"), or its failure ("error")."""
+
+    kind: str
+    index: int
+    text: str = ""
+    token_id: int | None = None
+    logprobs: tuple | None = None  # (token text, logprob, [(alternative text, logprob), ...])
+    finish_reason: str | None = None
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    error: APIError | None = None
+
+
+@dataclass
+class Job:
+    """One sequence to generate (one choice of one request)."""
+
+    prompt: list
+    max_new_tokens: int
+    sampling: SamplingParams  # temperature, top_k, top_p, min_p, seed (repetition penalty applied here)
+    sink: object  # callable(Event), called on the engine thread
+    index: int = 0
+    stops: list = field(default_factory=list)
+    repetition_penalty: float = 1.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    logprobs: int | None = None  # None: off; k: the chosen token's logprob and k alternatives
+    ignore_eos: bool = False
+    cancelled: bool = False
+    # engine-side state
+    submitted_s: float = 0.0
+    slot: int | None = None
+    prefilled: int = 0
+    generated: list = field(default_factory=list)
+    last_token_s: float | None = None
+    done: bool = False
+
+    def cancel(self):
+        """Leave at the next step boundary (a client went away). Safe from any thread."""
+        self.cancelled = True
+
+
+class Scheduler:
+    def __init__(self, model, max_batch=8, max_context=None, max_queue=None, prefill_chunk=256, metrics=None):
+        self.model = model
+        self.max_batch = int(max_batch)
+        self.max_context = int(max_context or min(model.context_length, 2048))
+        if not 1 <= self.max_context <= model.context_length:
+            raise ValueError(f"--max-context: expected 1..{model.context_length} (the model's context), "
+                             f"got {self.max_context}")
+        if self.max_batch < 1:
+            raise ValueError(f"--max-batch: expected an integer >= 1, got {self.max_batch}")
+        self.max_queue = int(max_queue if max_queue is not None else 4 * self.max_batch)
+        self.prefill_chunk = int(prefill_chunk)
+        self.metrics = metrics
+        self.eos = set(model.eos_token_ids)
+        self.cache = None
+        self.slots: list[Job | None] = [None] * self.max_batch
+        self.states = [SlotState.FREE] * self.max_batch
+        self.waiting: collections.deque[Job] = collections.deque()
+        self.calls: collections.deque = collections.deque()
+        self._cond = threading.Condition()
+        self._stopping = False
+        self._thread = None
+        self.steps = 0
+
+    # ------------------------------------------------------------------ other threads
+
+    def start(self):
+        self.cache = self.model.new_cache(self.max_batch, self.max_context)
+        self._thread = threading.Thread(target=self._run, name="portinfer-engine", daemon=True)
+        self._thread.start()
+
+    def submit(self, jobs: list[Job]):
+        """Queue all of a request's jobs, or none: a full queue answers 429 at once, never blocks."""
+        with self._cond:
+            if self._stopping:
+                raise APIError(503, "the server is shutting down", "server_error", code="shutting_down",
+                               headers={"Retry-After": "5"})
+            if len(self.waiting) + len(jobs) > self.max_queue:
+                raise APIError(429, f"the server is busy: {len(self.waiting)} sequences are waiting (queue limit "
+                                    f"{self.max_queue}); retry later", "rate_limit_error", code="queue_full",
+                               headers={"Retry-After": "1"})
+            t = time.perf_counter()
+            for job in jobs:
+                job.submitted_s = t
+                self.waiting.append(job)
+            self._cond.notify()
+        self._gauges()
+
+    def call(self, fn) -> concurrent.futures.Future:
+        """Run fn() on the engine thread between steps (the model has one owner); a Future of its result."""
+        future = concurrent.futures.Future()
+        with self._cond:
+            if self._stopping:
+                raise APIError(503, "the server is shutting down", "server_error", code="shutting_down")
+            self.calls.append((fn, future))
+            self._cond.notify()
+        return future
+
+    def wake(self):
+        with self._cond:
+            self._cond.notify()
+
+    def shutdown(self, timeout_s=10.0):
+        """Stop taking jobs; the loop fails whatever is still queued or running, then ends."""
+        with self._cond:
+            self._stopping = True
+            self._cond.notify()
+        if self._thread is not None:
+            self._thread.join(timeout_s)
+
+    # ------------------------------------------------------------------ facts (any thread)
+
+    @property
+    def running(self) -> int:
+        return sum(s is not SlotState.FREE for s in self.states)
+
+    def _gauges(self):
+        if self.metrics is not None:
+            self.metrics.set_state(running=self.running, waiting=len(self.waiting),
+                                   slots_used=self.running, slots_total=self.max_batch)
+
+    # ------------------------------------------------------------------ the loop
+
+    def _run(self):
+        try:
+            while True:
+                with self._cond:
+                    while not self._stopping and not self.waiting and not self.calls and self.running == 0:
+                        self._cond.wait(0.5)
+                    if self._stopping:
+                        break
+                self._turn()
+        finally:
+            self._fail_all(APIError(503, "the server shut down before this request finished", "server_error",
+                                    code="shutting_down"))
+            self._gauges()
+
+    def _turn(self):
+        while self.calls:
+            fn, future = self.calls.popleft()
+            if future.set_running_or_notify_cancel():
+                try:
+                    future.set_result(fn())
+                except BaseException as exc:  # noqa: BLE001 - handed to the caller
+                    future.set_exception(exc)
+        self._admit()
+        self._prefill_chunk()
+        self._decode_step()
+        self._gauges()
+
+    def _admit(self):
+        for s, job in enumerate(self.slots):
+            if job is not None and job.cancelled:
+                self._free(s)
+        with self._cond:
+            while self.waiting and self.waiting[0].cancelled:
+                self.waiting.popleft()
+            for s in range(self.max_batch):
+                if not self.waiting:
+                    break
+                if self.states[s] is SlotState.FREE:
+                    job = self.waiting.popleft()
+                    while job.cancelled and self.waiting:
+                        job = self.waiting.popleft()
+                    if job.cancelled:
+                        break
+                    self._place(s, job)
+
+    def _place(self, s, job: Job):
+        _reset(self.cache, s)
+        job.slot, job.prefilled = s, 0
+        job.sampler = Sampler(job.sampling)
+        job.detokenizer = IncrementalDetokenizer(self.model.tokenizer, job.stops) \
+            if self.model.tokenizer is not None else None
+        penalties = job.presence_penalty or job.frequency_penalty
+        job.counts = torch.zeros(self.model.config.vocab_size) if penalties else None
+        if job.repetition_penalty != 1.0:  # transformers' semantics: prompt and generated tokens
+            job.seen = torch.zeros(self.model.config.vocab_size, dtype=torch.bool)
+            job.seen[torch.tensor(job.prompt)] = True
+        else:
+            job.seen = None
+        self.slots[s], self.states[s] = job, SlotState.PREFILL
+        if self.metrics is not None:
+            self.metrics.prompt_tokens.inc(len(job.prompt))
+
+    def _free(self, s):
+        job = self.slots[s]
+        if job is not None:
+            job.slot = None
+        self.slots[s], self.states[s] = None, SlotState.FREE
+        _reset(self.cache, s)
+
+    def _prefill_chunk(self):
+        """One chunk of the oldest prefilling job's prompt, on its own cache row."""
+        pending = [s for s in range(self.max_batch) if self.states[s] is SlotState.PREFILL]
+        if not pending:
+            return
+        s = min(pending, key=lambda i: self.slots[i].submitted_s)
+        job = self.slots[s]
+        chunk = job.prompt[job.prefilled:job.prefilled + self.prefill_chunk]
+        ids = torch.tensor([chunk], dtype=torch.int64)
+        try:
+            logits = _step(self.model, ids, self.cache, None, slice(s, s + 1))
+        except Exception as exc:  # noqa: BLE001 - this job's failure, not the batch's
+            self._fail(s, exc)
+            return
+        self.steps += 1
+        job.prefilled += len(chunk)
+        if job.prefilled == len(job.prompt):
+            self.states[s] = SlotState.DECODE
+            self._accept(s, logits[0].float().cpu())
+
+    def _decode_step(self):
+        decoding = [s for s in range(self.max_batch) if self.states[s] is SlotState.DECODE]
+        if not decoding:
+            return
+        width = decoding[-1] + 1  # rows 0..width-1 (slots are taken lowest first)
+        ids = torch.zeros(width, 1, dtype=torch.int64)
+        n_new = [0] * width
+        for s in decoding:
+            ids[s, 0] = self.slots[s].generated[-1]
+            n_new[s] = 1
+        before = list(_filled(self.cache))
+        try:
+            logits = _step(self.model, ids, self.cache, n_new, slice(0, width)).float().cpu()
+        except Exception:  # noqa: BLE001 - find the failing rows: each one again, alone
+            _set_filled(self.cache, before)
+            for s in decoding:
+                try:
+                    row = _step(self.model, ids[s:s + 1], self.cache, None, slice(s, s + 1)).float().cpu()
+                except Exception as exc:  # noqa: BLE001
+                    self._fail(s, exc)
+                    continue
+                self._accept(s, row[0])
+            self.steps += 1
+            return
+        self.steps += 1
+        for s in decoding:
+            self._accept(s, logits[s])
+
+    # ------------------------------------------------------------------ one job's token
+
+    def _accept(self, s, logits):
+        """Sample the job's next token from its row of logits ([V], host) and report it."""
+        job = self.slots[s]
+        try:
+            token, logprobs = self._sample(job, logits)
+            job.generated.append(token)
+            if job.counts is not None:
+                job.counts[token] += 1
+            if job.seen is not None:
+                job.seen[token] = True
+            finish = None
+            piece = ""
+            if token in self.eos and not job.ignore_eos:
+                finish = "stop"
+            elif job.detokenizer is not None:
+                piece = job.detokenizer.add(token)
+                if job.detokenizer.finished:
+                    finish = "stop"
+            if finish is None and (len(job.generated) >= job.max_new_tokens
+                                   or len(job.prompt) + len(job.generated) >= self.max_context):
+                finish = "length"
+            if finish is not None and job.detokenizer is not None:
+                piece += job.detokenizer.flush()  # "" after a stop string: the text was cut there
+        except Exception as exc:  # noqa: BLE001 - a tokenizer or sampling failure fails this job alone
+            self._fail(s, exc)
+            return
+        now = time.perf_counter()
+        if self.metrics is not None:
+            if job.last_token_s is None:
+                self.metrics.time_to_first_token.observe(now - job.submitted_s)
+            else:
+                self.metrics.inter_token_latency.observe(now - job.last_token_s)
+            self.metrics.generation_tokens.inc()
+        job.last_token_s = now
+        job.sink(Event("token", job.index, piece, token, logprobs))
+        if finish is not None:
+            job.done = True
+            job.sink(Event("done", job.index, finish_reason=finish, prompt_tokens=len(job.prompt),
+                           completion_tokens=len(job.generated)))
+            self._free(s)
+
+    def _sample(self, job: Job, logits):
+        if not bool(torch.isfinite(logits).all()):
+            raise FloatingPointError("the model produced non-finite logits for this sequence")
+        x = logits
+        if job.seen is not None or job.counts is not None:
+            x = x.clone()
+            if job.seen is not None:
+                p = job.repetition_penalty
+                x = torch.where(job.seen & (x > 0), x / p, torch.where(job.seen, x * p, x))
+            if job.counts is not None:  # OpenAI: mu[j] - c[j] * frequency - (c[j] > 0) * presence
+                x -= job.counts * job.frequency_penalty + (job.counts > 0).float() * job.presence_penalty
+        token = job.sampler(x[None], None)[0]
+        logprobs = None
+        if job.logprobs is not None:
+            lp = torch.log_softmax(logits, dim=-1)
+            alts = []
+            if job.logprobs:
+                top = torch.topk(lp, job.logprobs)
+                alts = [(self._token_text(int(i)), float(v)) for v, i in zip(top.values, top.indices)]
+            logprobs = (self._token_text(token), float(lp[token]), alts)
+        return token, logprobs
+
+    def _token_text(self, token_id) -> str:
+        tok = self.model.tokenizer
+        return tok.decode([token_id], skip_special_tokens=False) if tok is not None else f"<{token_id}>"
+
+    def _fail(self, s, exc):
+        job = self.slots[s]
+        self._free(s)
+        message = f"generation failed for this request: {type(exc).__name__}: {exc}"
+        job.done = True
+        job.sink(Event("error", job.index, error=APIError(500, message, "server_error", code="generation_failed")))
+
+    def _fail_all(self, error: APIError):
+        with self._cond:
+            jobs = list(self.waiting)
+            self.waiting.clear()
+            calls = list(self.calls)
+            self.calls.clear()
+        for s in range(self.max_batch):
+            if self.slots[s] is not None:
+                jobs.append(self.slots[s])
+                self._free(s)
+        for job in jobs:
+            if not job.done:
+                job.done = True
+                job.sink(Event("error", job.index, error=error))
+        for _, future in calls:
+            future.cancel()
+
+
+# ---------------------------------------------------------------------- the step API
+# (#12: model.step / cache.filled / cache.reset; until they are on main, a view of the cache rows
+# over model.prefill does the same)
+
+def _step(model, ids, cache, n_new, rows):
+    if hasattr(model, "step"):
+        return model.step(ids, cache, n_new=n_new, rows=rows)
+    from ..runtime.model import KVCache
+
+    sub = KVCache([k[rows] for k in cache.k], [v[rows] for v in cache.v], cache.lengths[rows])
+    logits = model.prefill(ids, sub, n_new)
+    cache.lengths[rows] = sub.lengths
+    return logits
+
+
+def _filled(cache):
+    return cache.filled if hasattr(cache, "filled") else cache.lengths
+
+
+def _set_filled(cache, values):
+    _filled(cache)[:] = values
+
+
+def _reset(cache, row):
+    if hasattr(cache, "reset"):
+        cache.reset(row)
+    else:
+        cache.lengths[row] = 0
