@@ -352,3 +352,18 @@ def test_sigterm_shuts_down_cleanly(chat_dir, tmp_path):
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+def test_the_op_path_serves_the_same_tokens(chat_dir, reference):
+    """plans=False: every step on the op path (each op validated and placed per call)."""
+    model = portinfer.load(chat_dir, plans=False)
+    prompts = prompts_of_different_lengths(8)
+    with Server(create_app(model, max_batch=4, max_context=128, prefill_chunk=8)) as url:
+        async def run():
+            aclient = openai.AsyncOpenAI(base_url=url + "/v1", api_key="unused", max_retries=0)
+            return await asyncio.gather(*(aclient.completions.create(
+                model="tiny-chat", prompt=p, max_tokens=8, temperature=0, extra_body={"ignore_eos": True})
+                for p in prompts))
+
+        got = [r.choices[0].text for r in asyncio.run(run())]
+    assert got == [ref_generate(reference, p, max_new_tokens=8, eos_token_id=[]).text for p in prompts]

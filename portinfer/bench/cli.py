@@ -10,6 +10,7 @@ from pathlib import Path
 
 from . import ops, report
 from .model import add_model
+from .serve import add_serve
 from .shapes import SHAPE_SETS, parse_shapes, with_lengths
 
 DEFAULT_SHAPES = ("smollm2-135m",)
@@ -120,7 +121,7 @@ def add_ops(bench_sub):
 
 
 # each adds one `portinfer bench` subcommand
-SUBCOMMANDS = [add_ops, add_model]
+SUBCOMMANDS = [add_ops, add_model, add_serve]
 
 
 def register(sub):

@@ -95,6 +95,7 @@ class Scheduler:
         self.max_queue = int(max_queue if max_queue is not None else 4 * self.max_batch)
         self.prefill_chunk = int(prefill_chunk)
         self.metrics = metrics
+        self.plans = bool(getattr(model, "plans", False))  # pad steps to a few shape classes (see _bucket)
         self.eos = set(model.eos_token_ids)
         self.cache = None
         self.slots: list[Job | None] = [None] * self.max_batch
@@ -211,7 +212,7 @@ class Scheduler:
                     self._place(s, job)
 
     def _place(self, s, job: Job):
-        _reset(self.cache, s)
+        self.cache.reset(s)
         job.slot, job.prefilled = s, 0
         job.sampler = Sampler(job.sampling)
         job.detokenizer = IncrementalDetokenizer(self.model.tokenizer, job.stops) \
@@ -232,7 +233,7 @@ class Scheduler:
         if job is not None:
             job.slot = None
         self.slots[s], self.states[s] = None, SlotState.FREE
-        _reset(self.cache, s)
+        self.cache.reset(s)
 
     def _prefill_chunk(self):
         """One chunk of the oldest prefilling job's prompt, on its own cache row."""
@@ -242,9 +243,11 @@ class Scheduler:
         s = min(pending, key=lambda i: self.slots[i].submitted_s)
         job = self.slots[s]
         chunk = job.prompt[job.prefilled:job.prefilled + self.prefill_chunk]
-        ids = torch.tensor([chunk], dtype=torch.int64)
+        ids = torch.zeros(1, _bucket(len(chunk), self.prefill_chunk) if self.plans else len(chunk),
+                          dtype=torch.int64)
+        ids[0, :len(chunk)] = torch.tensor(chunk)
         try:
-            logits = _step(self.model, ids, self.cache, None, slice(s, s + 1))
+            logits = self.model.step(ids, self.cache, [len(chunk)], slice(s, s + 1))
         except Exception as exc:  # noqa: BLE001 - this job's failure, not the batch's
             self._fail(s, exc)
             return
@@ -259,19 +262,21 @@ class Scheduler:
         if not decoding:
             return
         width = decoding[-1] + 1  # rows 0..width-1 (slots are taken lowest first)
+        if self.plans:
+            width = _bucket(width, self.max_batch)
         ids = torch.zeros(width, 1, dtype=torch.int64)
         n_new = [0] * width
         for s in decoding:
             ids[s, 0] = self.slots[s].generated[-1]
             n_new[s] = 1
-        before = list(_filled(self.cache))
+        before = list(self.cache.filled)
         try:
-            logits = _step(self.model, ids, self.cache, n_new, slice(0, width)).float().cpu()
+            logits = self.model.step(ids, self.cache, n_new, slice(0, width)).float().cpu()
         except Exception:  # noqa: BLE001 - find the failing rows: each one again, alone
-            _set_filled(self.cache, before)
+            self.cache.filled[:] = before
             for s in decoding:
                 try:
-                    row = _step(self.model, ids[s:s + 1], self.cache, None, slice(s, s + 1)).float().cpu()
+                    row = self.model.step(ids[s:s + 1], self.cache, None, slice(s, s + 1)).float().cpu()
                 except Exception as exc:  # noqa: BLE001
                     self._fail(s, exc)
                     continue
@@ -376,31 +381,7 @@ class Scheduler:
             future.cancel()
 
 
-# ---------------------------------------------------------------------- the step API
-# (#12: model.step / cache.filled / cache.reset; until they are on main, a view of the cache rows
-# over model.prefill does the same)
-
-def _step(model, ids, cache, n_new, rows):
-    if hasattr(model, "step"):
-        return model.step(ids, cache, n_new=n_new, rows=rows)
-    from ..runtime.model import KVCache
-
-    sub = KVCache([k[rows] for k in cache.k], [v[rows] for v in cache.v], cache.lengths[rows])
-    logits = model.prefill(ids, sub, n_new)
-    cache.lengths[rows] = sub.lengths
-    return logits
-
-
-def _filled(cache):
-    return cache.filled if hasattr(cache, "filled") else cache.lengths
-
-
-def _set_filled(cache, values):
-    _filled(cache)[:] = values
-
-
-def _reset(cache, row):
-    if hasattr(cache, "reset"):
-        cache.reset(row)
-    else:
-        cache.lengths[row] = 0
+def _bucket(n: int, cap: int) -> int:
+    """n rounded up to a power of two (at most cap): with step plans, a few shape classes serve
+    every batch width and chunk length (each class is traced once, then replayed)."""
+    return min(cap, 1 << (n - 1).bit_length())
