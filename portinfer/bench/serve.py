@@ -2,7 +2,7 @@
 
 At each concurrency level c (default 1, 4, 16, 64), c clients each send streaming completion
 requests back to back (a fixed prompt of about --prompt-tokens tokens, exactly --max-tokens
-generated: ignore_eos) until 2c requests (at least 4) are done. Per level: aggregate generated
+generated: ignore_eos) until c requests (at least 4) are done. Per level: aggregate generated
 tokens/s over the level's wall time, time to first token (TTFT) and the gaps between streamed
 chunks (inter-token latency) at p50/p99, and errors.
 
@@ -149,7 +149,7 @@ def run(args) -> int:
                 "ignore_eos": True, "stream_options": {"include_usage": True}}
         asyncio.run(run_level(url, 1, 1, body))  # warm-up: first-use costs (plans, allocations) stay out
         for c in args.concurrency:
-            level = asyncio.run(run_level(url, c, max(4, 2 * c), body))
+            level = asyncio.run(run_level(url, c, max(4, c), body))
             level["load_avg"] = list(os.getloadavg())
             doc["levels"].append(level)
             print(_row(level), file=sys.stderr, flush=True)
