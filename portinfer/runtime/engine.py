@@ -438,6 +438,7 @@ def _load_parallel(path, backend, dtype, fallback, device, plans, world_size) ->
     # only rank 0 builds a Model (num_parameters: this rank's shard)
     model = Model(checkpoint, placement, plans, parallel.LeaderDecoder(decoder, group)) if group.is_leader else None
     checkpoint.weights.clear()  # the backends' prepared copies are what the decoder keeps
+    parallel.release_freed_memory()
     if not group.is_leader:
         parallel.follow(decoder, group)
         group.close()

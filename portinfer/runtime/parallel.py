@@ -530,6 +530,19 @@ def check_same_model(group: Group, path) -> None:
                             f"the same model")
 
 
+def release_freed_memory() -> None:
+    """Return the heap memory freed during a sharded load (the slices read before each backend
+    packed its copy) to the OS: glibc keeps freed chunks below its adaptive mmap threshold
+    (up to 32 MiB) in the heap, where they would count in the rank's RSS."""
+    import ctypes
+    import ctypes.util
+
+    try:
+        ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc (musl, macOS): nothing to return
+        pass
+
+
 def default_device(device_type: str) -> torch.device | None:
     """The device of this rank: the local rank's accelerator (CUDA / NPU), None on CPU."""
     local = int(os.environ.get("LOCAL_RANK", "0"))
