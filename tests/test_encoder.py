@@ -301,3 +301,32 @@ def test_cli_embed_files_npy_and_progress(minilm_cpu, tmp_path, capsys):
                           (["--file", str(tmp_path / "missing.jsonl")], "does not exist")]:
         assert cli.main(["embed", "--backend", "cpu", *argv]) == 2
         assert message in capsys.readouterr().err
+
+
+def test_step_plans_give_the_op_path_results(minilm_path, random_encoder):
+    """Small batches run through step plans (one native call on cpu); the op path gives the same rows."""
+    for path, inputs in ((minilm_path, TEXTS), (random_encoder[1], IDS)):
+        planned = portinfer.load(path, backend="cpu")
+        eager = portinfer.load(path, backend="cpu", plans=False)
+        for batch_size in (1, 3):
+            a, b = planned.embed(inputs, batch_size=batch_size), eager.embed(inputs, batch_size=batch_size)
+            assert float(cosines(a, b).min()) >= 0.999999
+        assert planned.encoder._plans and not eager.encoder._plans
+        again = planned.embed(inputs, batch_size=1)  # the plans replayed
+        assert torch.allclose(again, planned.embed(inputs, batch_size=1), atol=1e-6)
+
+
+def test_bench_embed_reports_both_engines(minilm_path, tmp_path, capsys):
+    pytest.importorskip("sentence_transformers", reason="the benchmark's baseline")
+    from portinfer import cli
+
+    out = tmp_path / "embed.json"
+    assert cli.main(["bench", "embed", "--backends", "cpu", "--batch-sizes", "1", "4", "--sentences", "8", "-r", "1",
+                     "--json", str(out)]) == 0
+    doc = json.loads(out.read_text())
+    engines = {(r["engine"], r["batch_size"]) for r in doc["rows"]}
+    assert engines == {("portinfer", 1), ("portinfer", 4), ("sentence-transformers", 1), ("sentence-transformers", 4)}
+    assert all(r["sent_s_mean"] > 0 and r["tok_s_mean"] > r["sent_s_mean"] for r in doc["rows"])
+    assert set(doc["speedup_vs_sentence_transformers"]["cpu fp32"]) == {"1", "4"}
+    assert doc["provenance"]["command"].startswith("portinfer bench embed") and doc["workload"]["sentences"] == 8
+    assert "vs sentence-transformers (same run)" in capsys.readouterr().out

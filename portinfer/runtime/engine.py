@@ -408,7 +408,7 @@ def load(path=None, backend="auto", dtype=None, fallback="warn", device=None, pl
     if getattr(checkpoint.config, "is_encoder", False):  # BERT-family encoders (issue 15): runtime/encoder.py
         from .encoder import load_encoder
 
-        return load_encoder(checkpoint, chosen, dtype, fallback, path)
+        return load_encoder(checkpoint, chosen, dtype, fallback, path, plans)
     placement = Placement(chosen, dtype, fallback)
     placement.require(MODEL_OPS)
     return Model(checkpoint, placement, plans=plans)
