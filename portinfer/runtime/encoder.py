@@ -176,6 +176,8 @@ class Encoder:
                 down_bias=self._dense(get(p + "output.dense.bias", (H,))),
                 mlp_norm=self._norm(get, p + "output.LayerNorm", H),
             ))
+        self._plans = OrderedDict()  # (B, S) -> (executor of that shape's step plan, its buffer bytes)
+        self._plan_bytes = 0
 
     def _dense(self, t):
         if isinstance(t, spec.QuantizedWeight):
@@ -185,8 +187,6 @@ class Encoder:
     def _norm(self, get, name, H):
         return self._dense(get(name + ".weight", (H,))), self._dense(get(name + ".bias", (H,)))
 
-        self._plans = OrderedDict()  # (B, S) -> (executor of that shape's step plan, its buffer bytes)
-        self._plan_bytes = 0
 
     def positions(self, ids: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
         """Position ids int64 [B, S] (host): offset + 0..S-1, except that RoBERTa gives a real token equal
