@@ -18,6 +18,18 @@ ARCHS = {
     "llama3_rope": ("LlamaConfig", dict(num_attention_heads=4, num_key_value_heads=4, rope_parameters={
         "rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
         "high_freq_factor": 4.0, "original_max_position_embeddings": 32})),
+    # GLM-4-9B-chat-hf: rotary on half of each head with adjacent pairs, q/k/v biases, fused gate_up in the
+    # checkpoint; head_dim = hidden / heads as llama.cpp's chatglm converter assumes (GlmConfig's pad id
+    # 151329 would lie outside this vocabulary: no padding row)
+    "glm": ("GlmConfig", dict(num_attention_heads=4, num_key_value_heads=2, head_dim=16, pad_token_id=None)),
+    # GLM-4-0414: as glm plus norms after attention and after the MLP; head_dim != hidden / heads
+    "glm4": ("Glm4Config", dict(num_attention_heads=4, num_key_value_heads=2, head_dim=24, pad_token_id=None)),
+    # Qwen3: per-head q/k RMSNorm, head_dim != hidden / heads, tied embeddings (as Qwen3-0.6B ... 4B)
+    "qwen3": ("Qwen3Config", dict(num_attention_heads=4, num_key_value_heads=2, head_dim=24,
+                                  tie_word_embeddings=True)),
+    # Yi-1.5 (llama): GQA 8:1, rope_theta 5e6, rms_norm_eps 1e-6, untied
+    "yi": ("LlamaConfig", dict(num_attention_heads=8, num_key_value_heads=1, rope_parameters={
+        "rope_type": "default", "rope_theta": 5000000.0}, rms_norm_eps=1e-6, tie_word_embeddings=False)),
 }
 
 
@@ -25,9 +37,9 @@ def build(arch, path, seed=0, vocab_size=160, hidden_size=64, layers=2):
     import transformers
 
     config_cls, extra = ARCHS[arch]
-    config = getattr(transformers, config_cls)(
-        vocab_size=vocab_size, hidden_size=hidden_size, intermediate_size=96, num_hidden_layers=layers,
-        max_position_embeddings=256, rms_norm_eps=1e-5, bos_token_id=1, eos_token_id=2, **extra)
+    config = getattr(transformers, config_cls)(**{
+        **dict(vocab_size=vocab_size, hidden_size=hidden_size, intermediate_size=96, num_hidden_layers=layers,
+               max_position_embeddings=256, rms_norm_eps=1e-5, bos_token_id=1, eos_token_id=2), **extra})
     torch.manual_seed(seed)
     model = getattr(transformers, config_cls.replace("Config", "ForCausalLM"))(config).eval()
     with torch.no_grad():

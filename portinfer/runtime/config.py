@@ -1,10 +1,13 @@
 """ModelConfig: one normalized description of a decoder, from a Hugging Face config.json or
 GGUF metadata.
 
-Supported: `llama` (SmolLM2 included; Llama 3 `llama3` rope scaling, `linear` scaling),
-`qwen2` (q/k/v biases), `mistral`; GQA; tied or untied embeddings; an explicit head_dim;
-`rope_theta` or transformers 5's `rope_parameters`. Anything else is refused with a message
-listing what is supported, before any weight is read.
+Supported: `llama` (SmolLM2 and Yi included; Llama 3 `llama3` rope scaling, `linear` scaling),
+`qwen2` (q/k/v biases), `mistral`, `qwen3` (an RMSNorm over each head's q and k before rope),
+`glm` (GLM-4-9B-chat-hf: rotary on the first half of each head, interleaved pairs, q/k/v biases)
+and `glm4` (GLM-4-0414: as glm, plus norms after attention and after the MLP); GQA; tied or untied
+embeddings; an explicit head_dim; `rope_theta` or transformers 5's `rope_parameters`. Each
+architecture is data here (rotary_dim, rope_style, qk_norm, post_norms, biases), read by the one
+decoder. Anything else is refused with a message listing what is supported, before any weight is read.
 """
 from __future__ import annotations
 
@@ -15,7 +18,11 @@ import torch
 
 from ..backends.spec import RotaryParams
 
-ARCHITECTURES = ("llama", "qwen2", "mistral")
+ARCHITECTURES = ("llama", "qwen2", "mistral", "glm")
+# GGUF general.architecture (as llama.cpp's converter writes it) -> ours; its metadata keys use the GGUF name
+GGUF_ARCHITECTURES = {"llama": "llama", "qwen2": "qwen2", "chatglm": "glm"}
+# architectures whose rotary embedding rotates adjacent pairs (2i, 2i+1) of the first half of each head
+_GLM = ("glm", "glm4")
 ROPE_TYPES = ("default", "linear", "llama3")
 
 
@@ -45,6 +52,12 @@ class ModelConfig:
     eos_token_ids: list = field(default_factory=list)
     # GGUF llama3 files carry per-pair frequency factors as a tensor (rope_freqs.weight)
     rope_freq_factors: torch.Tensor | None = None
+    # rotary embedding on the first rotary_dim dims of each head (None: all of them; GLM: half), pairs
+    # rotate-half ("neox", as Hugging Face's llama) or adjacent ("interleaved", as GLM)
+    rotary_dim: int | None = None
+    rope_style: str = "neox"
+    qk_norm: bool = False  # qwen3: RMSNorm (weight [head_dim]) over each head of q and of k, before rope
+    post_norms: bool = False  # glm4: RMSNorm of the attention output and of the MLP output, before each residual add
 
     def __post_init__(self):
         if self.architecture not in ARCHITECTURES:
@@ -60,6 +73,12 @@ class ModelConfig:
                               f"got {self.num_kv_heads}")
         if self.head_dim % 2:
             raise ConfigError(f"head_dim: expected an even number (rotary pairs), got {self.head_dim}")
+        if self.rotary_dim is not None and (not isinstance(self.rotary_dim, int) or self.rotary_dim % 2
+                                            or not 2 <= self.rotary_dim <= self.head_dim):
+            raise ConfigError(f"rotary_dim: expected an even number in 2..head_dim = {self.head_dim}, "
+                              f"got {self.rotary_dim!r}")
+        if self.rope_style not in ("neox", "interleaved"):
+            raise ConfigError(f"rope_style: expected 'neox' or 'interleaved', got {self.rope_style!r}")
         rope_type = (self.rope_scaling or {}).get("rope_type", "default")
         if rope_type not in ROPE_TYPES:
             raise ConfigError(f"rope scaling: type {rope_type!r} is not supported; supported are "
@@ -77,7 +96,7 @@ class ModelConfig:
 
     def rotary(self) -> RotaryParams:
         """The rotary parameters with any scaling applied to the frequencies (float64)."""
-        base = RotaryParams.from_theta(self.head_dim, self.rope_theta)
+        base = RotaryParams.from_theta(self.head_dim, self.rope_theta, self.rotary_dim, self.rope_style)
         inv_freq = base.inv_freq
         scaling = self.rope_scaling or {}
         rope_type = scaling.get("rope_type", "default")
@@ -87,7 +106,7 @@ class ModelConfig:
             inv_freq = inv_freq / float(scaling["factor"])
         elif rope_type == "llama3":
             inv_freq = _llama3_inv_freq(inv_freq, scaling)
-        return RotaryParams(inv_freq=inv_freq, style="neox")
+        return RotaryParams(inv_freq=inv_freq, style=self.rope_style)
 
     # ------------------------------------------------------------------ constructors
 
@@ -114,8 +133,12 @@ class ModelConfig:
         if "type" in rope and "rope_type" not in rope:
             rope["rope_type"] = rope.pop("type")
         theta = float(rope.pop("rope_theta", cfg.get("rope_theta", 10000.0)))
-        if rope.get("partial_rotary_factor", 1.0) != 1.0 or cfg.get("partial_rotary_factor", 1.0) != 1.0:
-            raise ConfigError("rope: partial_rotary_factor != 1 is not supported for llama/qwen2/mistral")
+        # GLM rotates the first half of each head (GlmConfig's default); the others rotate all of it
+        partial = float(rope.pop("partial_rotary_factor", cfg.get("partial_rotary_factor", 0.5 if arch in _GLM else 1.0)))
+        if partial != 1.0 and arch not in _GLM:
+            raise ConfigError(f"rope: partial_rotary_factor {partial} is not supported for {arch} (only glm/glm4 "
+                              f"rotate part of each head)")
+        rotary_dim = int(head_dim * partial)
         scaling = rope if rope.get("rope_type", "default") != "default" else None
         if scaling and scaling.get("rope_type") == "llama3":
             scaling.setdefault("original_max_position_embeddings", cfg.get("max_position_embeddings"))
@@ -130,21 +153,26 @@ class ModelConfig:
             num_kv_heads=cfg.get("num_key_value_heads") or heads, head_dim=head_dim,
             rms_norm_eps=float(cfg.get("rms_norm_eps", 1e-6)), rope_theta=theta, rope_scaling=scaling,
             context_length=context, tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
-            qkv_bias=True if arch == "qwen2" else bias, o_bias=False if arch == "qwen2" else bias,
+            # qwen2: q/k/v biases always, o never; glm/glm4: attention_bias (default on) for q/k/v, o never;
+            # llama/mistral/qwen3: attention_bias for all four
+            qkv_bias=True if arch == "qwen2" else bool(cfg.get("attention_bias", arch in _GLM)),
+            o_bias=False if arch in ("qwen2",) + _GLM else bias,
             mlp_bias=bool(cfg.get("mlp_bias", False)),
             bos_token_id=generation.get("bos_token_id", cfg.get("bos_token_id")),
-            eos_token_ids=_as_list(eos))
+            eos_token_ids=_as_list(eos), rotary_dim=rotary_dim,
+            rope_style="interleaved" if arch in _GLM else "neox", qk_norm=arch == "qwen3", post_norms=arch == "glm4")
 
     @classmethod
     def from_gguf(cls, meta: dict, tensor_names: set, rope_freq_factors=None) -> "ModelConfig":
         """From GGUF metadata (key -> value) and the set of tensor names in the file."""
-        arch = meta.get("general.architecture")
-        if arch not in ARCHITECTURES:
-            raise ConfigError(f"GGUF general.architecture {arch!r} is not supported; supported are "
-                              f"{', '.join(ARCHITECTURES)}")
+        gguf_arch = meta.get("general.architecture")
+        if gguf_arch not in GGUF_ARCHITECTURES:
+            raise ConfigError(f"GGUF general.architecture {gguf_arch!r} is not supported; supported are "
+                              f"{', '.join(GGUF_ARCHITECTURES)}")
+        arch = GGUF_ARCHITECTURES[gguf_arch]
 
         def key(name, default=None, required=True):
-            full = f"{arch}.{name}"
+            full = f"{gguf_arch}.{name}"
             if full not in meta:
                 if required and default is None:
                     raise ConfigError(f"GGUF metadata: missing {full!r}")
@@ -154,16 +182,15 @@ class ModelConfig:
         heads = int(key("attention.head_count"))
         hidden = int(key("embedding_length"))
         head_dim = int(key("attention.key_length", hidden // heads, required=False))
-        rope_dim = key("rope.dimension_count", head_dim, required=False)
-        if int(rope_dim) != head_dim:
-            raise ConfigError(f"GGUF {arch}.rope.dimension_count = {rope_dim}: partial rotary is not supported")
-        vocab = meta.get(f"{arch}.vocab_size") or len(meta.get("tokenizer.ggml.tokens", ()))
+        # chatglm/glm4 files: rotary on the first rope.dimension_count dims (half the head), adjacent pairs
+        rotary_dim = int(key("rope.dimension_count", head_dim, required=False))
+        vocab = meta.get(f"{gguf_arch}.vocab_size") or len(meta.get("tokenizer.ggml.tokens", ()))
         if not vocab:
             raise ConfigError("GGUF metadata: no vocab_size and no tokenizer.ggml.tokens")
         scaling = None
-        scaling_type = meta.get(f"{arch}.rope.scaling.type")
+        scaling_type = meta.get(f"{gguf_arch}.rope.scaling.type")
         if scaling_type == "linear":
-            scaling = {"rope_type": "linear", "factor": float(meta[f"{arch}.rope.scaling.factor"])}
+            scaling = {"rope_type": "linear", "factor": float(meta[f"{gguf_arch}.rope.scaling.factor"])}
         elif scaling_type not in (None, "none"):
             raise ConfigError(f"GGUF rope scaling type {scaling_type!r} is not supported; supported are "
                               f"{', '.join(ROPE_TYPES)}")
@@ -181,7 +208,9 @@ class ModelConfig:
             tie_word_embeddings=not has("output.weight"), qkv_bias=has("blk.0.attn_q.bias"),
             o_bias=has("blk.0.attn_output.bias"), mlp_bias=has("blk.0.ffn_up.bias"),
             bos_token_id=meta.get("tokenizer.ggml.bos_token_id"), eos_token_ids=eos_ids,
-            rope_freq_factors=rope_freq_factors)
+            rope_freq_factors=rope_freq_factors, rotary_dim=rotary_dim,
+            rope_style="interleaved" if arch in _GLM else "neox", qk_norm=has("blk.0.attn_q_norm.weight"),
+            post_norms=has("blk.0.post_attention_norm.weight"))
 
 
 def _as_list(value) -> list:

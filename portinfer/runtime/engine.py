@@ -203,10 +203,12 @@ class Model:
                              "pass token ids instead of text")
         return self.tokenizer.encode(text)
 
-    def apply_chat_template(self, messages, add_generation_prompt=True) -> str:
+    def apply_chat_template(self, messages, add_generation_prompt=True, **template_kwargs) -> str:
+        """The chat template rendered as transformers renders it; template_kwargs become template variables
+        (Qwen3: enable_thinking=False renders an empty think block)."""
         if self.tokenizer is None:
             raise ValueError("chat: this model has no tokenizer")
-        return self.tokenizer.apply_chat_template(messages, add_generation_prompt)
+        return self.tokenizer.apply_chat_template(messages, add_generation_prompt, **template_kwargs)
 
     # ------------------------------------------------------------------ generation
 

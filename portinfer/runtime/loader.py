@@ -8,7 +8,13 @@ backend may compute on directly (or dequantizes once, at prepare time). Other GG
 block-format tensor whose rows are not whole blocks (a warning names it and says why).
 
 llama.cpp stores llama Q/K projection rows permuted for interleaved rotary pairs; the GGUF
-loader undoes that permutation, so one rope convention (neox, as Hugging Face) serves both.
+loader undoes that permutation, so one rope convention (neox, as Hugging Face) serves both. Its
+converter permutes nothing else: qwen2/qwen3 stay neox, and chatglm/glm4 (GLM) keep Hugging Face's
+rows because GLM's own rope already rotates adjacent pairs (ModelConfig.rope_style "interleaved").
+
+A fused gate/up projection (GLM's `mlp.gate_up_proj`, [2I, H] = [gate | up]; llama.cpp's
+chatglm/glm4 `ffn_up`) is split at load into `mlp.gate_proj` / `mlp.up_proj` row views, so every
+architecture reaches the decoder under the same names (the decoder fuses them again for silu_mul).
 """
 from __future__ import annotations
 
@@ -90,6 +96,7 @@ def load_hf_dir(path: Path) -> Checkpoint:
             raise CheckpointError(f"{path}: shard {name} named in the index is missing")
         total += file.stat().st_size
         weights.update(_read_safetensors(file))
+    _split_gate_up(weights, config)
     tokenizer = Tokenizer.from_hf_dir(path) if (path / "tokenizer.json").exists() else None
     return Checkpoint(config, weights, tokenizer, _generation_defaults(generation), name=path.name,
                       file_bytes=total, source_format="safetensors")
@@ -127,10 +134,15 @@ GGUF_LAYER_NAMES = {
     "attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj",
     "attn_output": "self_attn.o_proj",
     "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj", "ffn_down": "mlp.down_proj",
+    # qwen3: per-head q/k norms; glm4: the norms after attention and after the MLP
+    "attn_q_norm.weight": "self_attn.q_norm.weight", "attn_k_norm.weight": "self_attn.k_norm.weight",
+    "post_attention_norm.weight": "post_self_attn_layernorm.weight", "post_ffw_norm.weight": "post_mlp_layernorm.weight",
 }
+# chatglm/glm4 files keep GLM's fused [gate | up] projection under ffn_up (and have no ffn_gate)
+GGUF_FUSED_GATE_UP_ARCHITECTURES = ("glm", "glm4")
 
 
-def hf_name(gguf_name: str) -> str | None:
+def hf_name(gguf_name: str, architecture: str = "llama") -> str | None:
     if gguf_name in GGUF_NAMES:
         return GGUF_NAMES[gguf_name]
     parts = gguf_name.split(".")
@@ -140,6 +152,8 @@ def hf_name(gguf_name: str) -> str | None:
     if rest in GGUF_LAYER_NAMES:
         return f"model.layers.{layer}.{GGUF_LAYER_NAMES[rest]}"
     stem, _, kind = rest.rpartition(".")
+    if stem == "ffn_up" and architecture in GGUF_FUSED_GATE_UP_ARCHITECTURES:
+        return f"model.layers.{layer}.mlp.gate_up_proj.{kind}"
     if stem in GGUF_LAYER_NAMES:
         return f"model.layers.{layer}.{GGUF_LAYER_NAMES[stem]}.{kind}"
     return None
@@ -160,7 +174,7 @@ def load_gguf(path: Path) -> Checkpoint:
     config = ModelConfig.from_gguf(meta, set(tensors), freq_factors)
     weights = {}
     for t in f.tensors:
-        name = hf_name(t.name)
+        name = hf_name(t.name, config.architecture)
         if name is None:
             continue
         try:
@@ -171,6 +185,7 @@ def load_gguf(path: Path) -> Checkpoint:
             heads = config.num_heads if ".q_proj." in name else config.num_kv_heads
             value = _unpermute_rows(value, heads)
         weights[name] = value
+    _split_gate_up(weights, config)
     tokenizer = Tokenizer.from_gguf_metadata(meta) if "tokenizer.ggml.tokens" in meta else None
     return Checkpoint(config, weights, tokenizer, {}, name=meta.get("general.name") or path.stem,
                       file_bytes=path.stat().st_size, source_format="gguf")
@@ -200,6 +215,26 @@ def _gguf_tensor(t):
     # (it decodes whole blocks of the flattened tensor, so rows need not be whole blocks)
     dense = gguf.quants.dequantize(np.array(t.data).reshape(1, -1), kind)
     return torch.from_numpy(np.ascontiguousarray(dense, dtype=np.float32)).reshape(t.shape)
+
+
+def _split_gate_up(weights: dict, config: ModelConfig):
+    """Each fused `mlp.gate_up_proj` [2I, H] (GLM: gate rows first, then up; its bias likewise) ->
+    `mlp.gate_proj` and `mlp.up_proj`, row views of it (GGUF blocks stay blocks: a block never spans rows)."""
+    I = config.intermediate_size
+    for name in [n for n in weights if ".mlp.gate_up_proj." in n]:
+        fused = weights.pop(name)
+        if fused.shape[0] != 2 * I:
+            raise CheckpointError(f"checkpoint: tensor {name!r} has {fused.shape[0]} rows, expected "
+                                  f"2 x intermediate_size = {2 * I} (gate and up fused)")
+        gate, up = _row_slice(fused, 0, I), _row_slice(fused, I, 2 * I)
+        weights[name.replace(".gate_up_proj.", ".gate_proj.")] = gate
+        weights[name.replace(".gate_up_proj.", ".up_proj.")] = up
+
+
+def _row_slice(weight, start: int, end: int):
+    if isinstance(weight, spec.QuantizedWeight):
+        return spec.QuantizedWeight(weight.format, weight.blocks[start:end], (end - start, *weight.shape[1:]))
+    return weight[start:end]
 
 
 def _unpermute_rows(weight, heads: int):

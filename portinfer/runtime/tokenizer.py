@@ -21,6 +21,8 @@ PRE_TOKENIZER_SPLITS = {
     "smollm": [r"\p{N}", _GPT2_SPLIT],  # digits one by one, then GPT-2's pattern
     "llama3": [_LLAMA3_SPLIT], "llama-bpe": [_LLAMA3_SPLIT], "smaug-bpe": [_LLAMA3_SPLIT],
     "qwen2": [_QWEN2_SPLIT],
+    # GLM-4 (chatglm) and GLM-4-0414 (glm4) files: the cl100k-style pattern, as Llama 3's
+    "chatglm-bpe": [_LLAMA3_SPLIT], "glm4": [_LLAMA3_SPLIT],
 }
 CONTROL = 3  # llama.cpp token type of special tokens such as <|im_start|>
 USER_DEFINED = 4
@@ -102,8 +104,12 @@ class Tokenizer:
     def decode(self, ids, skip_special_tokens: bool = True) -> str:
         return self.backend.decode(list(ids), skip_special_tokens=skip_special_tokens)
 
-    def apply_chat_template(self, messages, add_generation_prompt: bool = True) -> str:
-        """Render the model's chat template for `messages` ([{"role": ..., "content": ...}])."""
+    def apply_chat_template(self, messages, add_generation_prompt: bool = True, **template_kwargs) -> str:
+        """Render the model's chat template for `messages` ([{"role": ..., "content": ...}]) as transformers'
+        apply_chat_template(tokenize=False) does: the same sandboxed Jinja environment (trim_blocks,
+        lstrip_blocks, loop controls, a tojson that does not escape HTML, raise_exception, strftime_now) and
+        the same variables (messages, tools, documents, add_generation_prompt, bos_token, eos_token).
+        `template_kwargs` reach the template as variables, e.g. Qwen3's enable_thinking=False."""
         if not self.chat_template:
             raise ValueError("chat: this model has no chat template (tokenizer_config.json chat_template or GGUF "
                              "tokenizer.chat_template); use `portinfer generate` with a plain prompt")
@@ -111,17 +117,33 @@ class Tokenizer:
             if not isinstance(m, dict) or "role" not in m or "content" not in m:
                 raise ValueError(f"messages[{i}]: expected a dict with 'role' and 'content', got {m!r}")
         if self._template is None:
-            from jinja2.exceptions import TemplateError
-            from jinja2.sandbox import ImmutableSandboxedEnvironment
+            self._template = _compile_template(self.chat_template)
+        variables = {"bos_token": self.bos_token or "", "eos_token": self.eos_token or "", "tools": None,
+                     "documents": None, **template_kwargs}
+        return self._template.render(messages=messages, add_generation_prompt=add_generation_prompt, **variables)
 
-            def raise_exception(message):
-                raise TemplateError(message)
 
-            env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
-            env.globals["raise_exception"] = raise_exception
-            self._template = env.from_string(self.chat_template)
-        return self._template.render(messages=messages, add_generation_prompt=add_generation_prompt,
-                                     bos_token=self.bos_token or "", eos_token=self.eos_token or "")
+def _compile_template(source: str):
+    """A chat template compiled in the environment transformers renders chat templates in."""
+    import datetime
+    import json as _json
+
+    import jinja2.ext
+    from jinja2.exceptions import TemplateError
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    def raise_exception(message):
+        raise TemplateError(message)
+
+    def tojson(x, ensure_ascii=False, indent=None, separators=None, sort_keys=False):
+        # as transformers: Jinja's own tojson escapes <, >, & and ' for HTML, which no prompt wants
+        return _json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
+
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[jinja2.ext.loopcontrols])
+    env.filters["tojson"] = tojson
+    env.globals["raise_exception"] = raise_exception
+    env.globals["strftime_now"] = lambda fmt: datetime.datetime.now().strftime(fmt)
+    return env.from_string(source)
 
 
 def _token_text(value):
