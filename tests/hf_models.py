@@ -18,6 +18,9 @@ ARCHS = {
     "llama3_rope": ("LlamaConfig", dict(num_attention_heads=4, num_key_value_heads=4, rope_parameters={
         "rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
         "high_freq_factor": 4.0, "original_max_position_embeddings": 32})),
+}
+# the GLM-4 / Qwen3 / Yi families, tested in test_models_new_arch.py (with plans, GGUF and chat templates)
+FAMILY_ARCHS = {
     # GLM-4-9B-chat-hf: rotary on half of each head with adjacent pairs, q/k/v biases, fused gate_up in the
     # checkpoint; head_dim = hidden / heads as llama.cpp's chatglm converter assumes (GlmConfig's pad id
     # 151329 would lie outside this vocabulary: no padding row)
@@ -36,7 +39,7 @@ ARCHS = {
 def build(arch, path, seed=0, vocab_size=160, hidden_size=64, layers=2):
     import transformers
 
-    config_cls, extra = ARCHS[arch]
+    config_cls, extra = {**ARCHS, **FAMILY_ARCHS}[arch]
     config = getattr(transformers, config_cls)(**{
         **dict(vocab_size=vocab_size, hidden_size=hidden_size, intermediate_size=96, num_hidden_layers=layers,
                max_position_embeddings=256, rms_norm_eps=1e-5, bos_token_id=1, eos_token_id=2), **extra})
