@@ -14,7 +14,6 @@ transformers, from safetensors directories and from GGUF files laid out as llama
   transformers' apply_chat_template for a multi-turn conversation with a system message (Qwen3 with
   enable_thinking unset, True and False), and both tokenize the result to the same ids.
 """
-import inspect
 import json
 from pathlib import Path
 
@@ -29,7 +28,7 @@ from portinfer.runtime import ModelConfig, load_checkpoint
 import hf_models
 from conftest import model_backends
 
-ARCHS = ("glm", "yi")  # glm4 and qwen3 need their decoder steps (next change)
+ARCHS = ("glm", "glm4", "qwen3", "yi")
 PROMPTS = [[1, 5, 9, 33, 2, 71, 100], [1, 44], [1, 7, 7, 7, 120, 3, 15, 16, 17, 150, 99, 2, 4]]
 STEPS = 32
 TEMPLATES = Path(__file__).parent / "chat_templates"
@@ -125,14 +124,9 @@ def write_tokenizer(arch, path):
 # ---------------------------------------------------------------------------- fixtures
 
 def _load(path, backend, plans=None):
-    """plans None: load's default."""
-    if plans is None:
-        return portinfer.load(path, backend=backend, dtype="fp32", fallback="error")
-    if "plans" not in inspect.signature(portinfer.load).parameters:
-        if plans:
-            pytest.skip("step plans are not in this tree (portinfer.load has no plans=)")
-        return portinfer.load(path, backend=backend, dtype="fp32", fallback="error")
-    return portinfer.load(path, backend=backend, dtype="fp32", fallback="error", plans=plans)
+    """plans None: load's default (plans); False: the op path."""
+    options = {} if plans is None else {"plans": plans}
+    return portinfer.load(path, backend=backend, dtype="fp32", fallback="error", **options)
 
 
 @pytest.fixture(scope="module", params=ARCHS)
@@ -191,7 +185,7 @@ def test_config_normalization(checkpoint):
 
 
 def test_hub_style_config_json():
-    """config.json keys as the hub's GLM-4-9B-chat-hf files spell them (top-level rope_theta and
+    """config.json keys as the hub's GLM-4-9B-chat-hf / Qwen3 files spell them (top-level rope_theta and
     partial_rotary_factor, rope_scaling null, sliding_window off) read the same as transformers 5's."""
     glm = ModelConfig.from_hf({
         "architectures": ["GlmForCausalLM"], "model_type": "glm", "attention_bias": True, "head_dim": 128,
@@ -201,12 +195,20 @@ def test_hub_style_config_json():
         "eos_token_id": [151329, 151336, 151338], "pad_token_id": 151329})
     assert (glm.rotary_dim, glm.rope_style, glm.qkv_bias, glm.o_bias) == (64, "interleaved", True, False)
     assert glm.eos_token_ids == [151329, 151336, 151338]
+    qwen3 = ModelConfig.from_hf({
+        "architectures": ["Qwen3ForCausalLM"], "model_type": "qwen3", "attention_bias": False, "head_dim": 128,
+        "hidden_size": 2560, "intermediate_size": 9728, "max_position_embeddings": 40960, "num_attention_heads": 32,
+        "num_hidden_layers": 36, "num_key_value_heads": 8, "rms_norm_eps": 1e-06, "rope_scaling": None,
+        "rope_theta": 1000000, "sliding_window": None, "use_sliding_window": False, "tie_word_embeddings": True,
+        "vocab_size": 151936})
+    assert (qwen3.head_dim, qwen3.rotary_dim, qwen3.qk_norm, qwen3.qkv_bias, qwen3.context_length) == (
+        128, 128, True, False, 40960)
 
 
 def test_unsupported_model_type_names_every_architecture():
     with pytest.raises(portinfer.runtime.ConfigError) as info:
         ModelConfig.from_hf({"model_type": "gemma3", "architectures": ["Gemma3ForCausalLM"]})
-    for arch in ("llama", "qwen2", "mistral", "glm"):
+    for arch in ("llama", "qwen2", "mistral", "qwen3", "glm", "glm4"):
         assert arch in str(info.value)
 
 

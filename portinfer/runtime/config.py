@@ -18,9 +18,9 @@ import torch
 
 from ..backends.spec import RotaryParams
 
-ARCHITECTURES = ("llama", "qwen2", "mistral", "glm")
+ARCHITECTURES = ("llama", "qwen2", "mistral", "qwen3", "glm", "glm4")
 # GGUF general.architecture (as llama.cpp's converter writes it) -> ours; its metadata keys use the GGUF name
-GGUF_ARCHITECTURES = {"llama": "llama", "qwen2": "qwen2", "chatglm": "glm"}
+GGUF_ARCHITECTURES = {"llama": "llama", "qwen2": "qwen2", "qwen3": "qwen3", "chatglm": "glm", "glm4": "glm4"}
 # architectures whose rotary embedding rotates adjacent pairs (2i, 2i+1) of the first half of each head
 _GLM = ("glm", "glm4")
 ROPE_TYPES = ("default", "linear", "llama3")

@@ -76,6 +76,12 @@ def heads(qkv, B, S, start, count, D):
     return qkv.view(B, S, -1, D)[:, :, start:start + count].transpose(1, 2)
 
 
+def head_rows(qkv, B, S, start, count, D):
+    """[B*S, n*D] fused projection -> heads start..start+count as rows [B*S*count, D], one copy (the heads
+    are strided in qkv; an op over each head, Qwen3's q/k rms_norm, takes 2-D rows)."""
+    return qkv.view(B, S, -1, D)[:, :, start:start + count].reshape(B * S * count, D)
+
+
 def merge_heads(a, B, S):
     """[B, H, S, D] -> [B*S, H*D] (a view when S = 1, else one copy)."""
     return a.transpose(1, 2).reshape(B * S, -1)
@@ -166,6 +172,9 @@ class EagerOps:
 
     def heads(self, qkv, start, count):
         return heads(qkv, self.inp.B, self.inp.S, start, count, self.D)
+
+    def head_rows(self, qkv, start, count):
+        return head_rows(qkv, self.inp.B, self.inp.S, start, count, self.D)
 
     def merge_heads(self, a):
         return merge_heads(a, self.inp.B, self.inp.S)
@@ -350,6 +359,9 @@ class Tracer(EagerOps):
     def heads(self, qkv, start, count):
         return self._record("heads", (qkv, start, count), super().heads(qkv, start, count))
 
+    def head_rows(self, qkv, start, count):
+        return self._record("head_rows", (qkv, start, count), super().head_rows(qkv, start, count))
+
     def merge_heads(self, a):
         return self._record("merge_heads", (a,), super().merge_heads(a))
 
@@ -424,6 +436,9 @@ class GenericExecutor:
 
     def _glue_heads(self, qkv, start, count):
         return heads(qkv, self.inp.B, self.inp.S, start, count, self.D)
+
+    def _glue_head_rows(self, qkv, start, count):
+        return head_rows(qkv, self.inp.B, self.inp.S, start, count, self.D)
 
     def _glue_merge_heads(self, a):
         return merge_heads(a, self.inp.B, self.inp.S)

@@ -1,4 +1,4 @@
-"""The decoder (Llama / Qwen2 / Mistral) built only from contract ops, and its KV cache.
+"""The decoder (Llama / Qwen2 / Mistral / Qwen3 / GLM-4) built only from contract ops, and its KV cache.
 
 The step is written once, in `step_graph(g)`, against the op interface of graph.py: on the op
 path every op goes through the Placement (never a backend directly) and the glue between ops
@@ -105,6 +105,11 @@ class Decoder:
                 gate_up_bias=self._dense(gate_up_bias),
                 down=placement.prepare_linear(get(p + "mlp.down_proj.weight", (H, inter))),
                 down_bias=self._dense(down_bias),
+                # qwen3: RMSNorm weights over each head's q and k; glm4: norms after attention and after the MLP
+                q_norm=self._dense(get(p + "self_attn.q_norm.weight", (c.head_dim,)) if c.qk_norm else None),
+                k_norm=self._dense(get(p + "self_attn.k_norm.weight", (c.head_dim,)) if c.qk_norm else None),
+                post_attn_norm=self._dense(get(p + "post_self_attn_layernorm.weight", (H,)) if c.post_norms else None),
+                post_mlp_norm=self._dense(get(p + "post_mlp_layernorm.weight", (H,)) if c.post_norms else None),
             ))
         self.norm = self._dense(get("model.norm.weight", (H,)))
         if c.tie_word_embeddings or "lm_head.weight" not in weights:
@@ -145,15 +150,26 @@ class Decoder:
         for li, layer in enumerate(self.layers):
             h = g.rms_norm(x, layer["attn_norm"], c.rms_norm_eps)
             qkv = g.linear(h, layer["qkv"], layer["qkv_bias"])  # [B*S, (Hq + 2 Hkv) D]
-            q = g.rope(g.heads(qkv, 0, Hq), g.pos, self.rotary)  # [B, Hq, S, D]
-            k = g.rope(g.heads(qkv, Hq, Hkv), g.pos, self.rotary)  # [B, Hkv, S, D]
+            if c.qk_norm:  # qwen3: rms_norm over each head of q and of k ([B*S*Hx, D] rows), before rope
+                q = g.heads(g.rms_norm(g.head_rows(qkv, 0, Hq), layer["q_norm"], c.rms_norm_eps), 0, Hq)
+                k = g.heads(g.rms_norm(g.head_rows(qkv, Hq, Hkv), layer["k_norm"], c.rms_norm_eps), 0, Hkv)
+            else:
+                q, k = g.heads(qkv, 0, Hq), g.heads(qkv, Hq, Hkv)
+            q = g.rope(q, g.pos, self.rotary)  # [B, Hq, S, D]
+            k = g.rope(k, g.pos, self.rotary)  # [B, Hkv, S, D]
             v = g.heads(qkv, Hq + Hkv, Hkv)  # [B, Hkv, S, D]
             k, v = g.kv_cache(li, k, v)  # [B, Hkv, kv, D]: the cache rows after this step's writes
             a = g.attention(q, k, v, g.q_pos, g.kv_len, True, self.scale)  # [B, Hq, S, D]
-            x = g.add(x, self._reduce(g, g.linear(g.merge_heads(a), layer["o"], layer["o_bias"])))
+            o = self._reduce(g, g.linear(g.merge_heads(a), layer["o"], layer["o_bias"]))  # [B*S, H]
+            if c.post_norms:  # glm4: the attention output normed before the residual add (the whole sum)
+                o = g.rms_norm(o, layer["post_attn_norm"], c.rms_norm_eps)
+            x = g.add(x, o)
             h = g.rms_norm(x, layer["mlp_norm"], c.rms_norm_eps)
             gate_up = g.linear(h, layer["gate_up"], layer["gate_up_bias"])  # [B*S, 2I]
-            x = g.add(x, self._reduce(g, g.linear(g.silu_mul(gate_up), layer["down"], layer["down_bias"])))
+            m = self._reduce(g, g.linear(g.silu_mul(gate_up), layer["down"], layer["down_bias"]))  # [B*S, H]
+            if c.post_norms:  # glm4: and the MLP output
+                m = g.rms_norm(m, layer["post_mlp_norm"], c.rms_norm_eps)
+            x = g.add(x, m)
             g.layer_done(li, x)
         if not all_rows:
             x = g.last_rows(x)  # [B, H]
