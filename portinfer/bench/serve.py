@@ -147,7 +147,10 @@ def run(args) -> int:
         prompt = " ".join(WORDS[i % len(WORDS)] for i in range(args.prompt_tokens))
         body = {"prompt": prompt, "max_tokens": args.max_tokens, "temperature": 0, "stream": True,
                 "ignore_eos": True, "stream_options": {"include_usage": True}}
-        asyncio.run(run_level(url, 1, 1, body))  # warm-up: first-use costs (plans, allocations) stay out
+        # warm-up: first-use costs (step plans traced per shape class, allocations) stay out of the figures
+        warm = min(max(args.concurrency), args.max_batch)
+        asyncio.run(run_level(url, warm, warm, {**body, "max_tokens": 4}))
+        asyncio.run(run_level(url, 1, 1, {**body, "max_tokens": 4}))
         for c in args.concurrency:
             level = asyncio.run(run_level(url, c, max(4, c), body))
             level["load_avg"] = list(os.getloadavg())
