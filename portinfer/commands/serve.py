@@ -32,6 +32,14 @@ def run_serve(args) -> int:
         if value < low:
             raise ValueError(f"{flag}: expected an integer >= {low}, got {value}")
     options = {} if args.plans is None else {"plans": args.plans}
+    if args.tensor_parallel is not None:  # rank 0 serves; the other ranks follow its steps inside load()
+        from ..runtime import parallel
+        from ..runtime.loader import default_model_path
+
+        if parallel.launched_rank() is None:  # not under torchrun: check the split, then launch the ranks here
+            parallel.check_split(args.model or default_model_path(), args.tensor_parallel)
+            return parallel.launch(["-m", "portinfer.cli", *args.argv], args.tensor_parallel)
+        options["tensor_parallel"] = args.tensor_parallel
     model = portinfer.load(args.model, backend=args.backend, dtype=args.dtype, fallback=args.fallback, **options)
     api_key = args.api_key or os.environ.get("PORTINFER_API_KEY") or None
     app = create_app(model, served_model_name=args.served_model_name, api_key=api_key, max_batch=args.max_batch,
@@ -64,6 +72,8 @@ def register(sub):
     p.add_argument("--served-model-name", help="the model's name in the API (default: the model's own)")
     p.add_argument("--plans", dest="plans", action="store_true", default=None, help="run steps through plans")
     p.add_argument("--no-plans", dest="plans", action="store_false", help="run every step on the op path")
+    p.add_argument("--tensor-parallel", type=int, metavar="N",
+                   help="split the model over N ranks on this host (launched here; rank 0 runs the server)")
     p.add_argument("--graceful-s", type=float, default=30.0,
                    help="on SIGTERM, seconds running requests get to finish before they are cancelled")
     p.add_argument("--log-level", default="info", choices=("critical", "error", "warning", "info", "debug"))

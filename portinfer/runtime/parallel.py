@@ -660,9 +660,10 @@ def _free_port() -> int:
 
 def launch(args: list, world_size: int, grace_s: float | None = None) -> int:
     """Run `python *args` (`-m portinfer.cli generate ...`, or a script) as `world_size` ranks on this
-    host: what torchrun does, minus elasticity. Rank 0 keeps stdin/stdout; when a rank fails the others get `grace_s` (default:
-    the collective timeout + 10 s) to fail on their own, then are stopped; the exit status is the
-    first failure's, and stderr names the rank."""
+    host: what torchrun does, minus elasticity. Rank 0 keeps stdin/stdout. When a rank fails, the
+    others get `grace_s` (default: the collective timeout + 10 s) to fail on their own, then are
+    killed; the exit status is the first failure's, and stderr names the rank. SIGINT / SIGTERM
+    sent to the launcher go to every rank (a server stops gracefully on rank 0)."""
     if world_size < 1:
         raise ParallelError(f"--tensor-parallel: expected at least 1 rank, got {world_size}")
     grace_s = timeout_s() + 10 if grace_s is None else grace_s
@@ -673,11 +674,19 @@ def launch(args: list, world_size: int, grace_s: float | None = None) -> int:
         env = dict(base, RANK=str(rank), LOCAL_RANK=str(rank))
         procs.append(subprocess.Popen([sys.executable, *args], env=env,
                                       stdin=None if rank == 0 else subprocess.DEVNULL))
-    first_failure, deadline = None, None
+    first_failure, deadline, stopping = None, None, []
+
+    def forward(signum, frame):  # Ctrl-C, or SIGTERM from a service manager: every rank gets it
+        stopping.append(signum)
+        for p in procs:
+            if p.poll() is None:
+                p.send_signal(signum)
+
+    previous = {s: signal.signal(s, forward) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
         while True:
             codes = [p.poll() for p in procs]
-            if first_failure is None:
+            if first_failure is None and not stopping:
                 failed = [r for r, c in enumerate(codes) if c not in (None, 0)]
                 if failed:
                     first_failure = failed[0]
@@ -689,13 +698,12 @@ def launch(args: list, world_size: int, grace_s: float | None = None) -> int:
                     if p.poll() is None:
                         p.kill()
             time.sleep(0.05)
-    except KeyboardInterrupt:
-        for p in procs:
-            if p.poll() is None:
-                p.send_signal(signal.SIGINT)
-        for p in procs:
-            p.wait()
-        return 130
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+    if stopping:  # stopped from outside: every rank ending by that signal (or cleanly) is a clean stop
+        ok = all(p.returncode in (0, -stopping[0]) for p in procs)
+        return 0 if ok else 128 + stopping[0]
     if first_failure is None:
         return 0
     code = procs[first_failure].returncode
