@@ -14,6 +14,7 @@
 
 #include "common.h"
 #include "plan.h"
+#include "int8.h"
 
 namespace py = pybind11;
 
@@ -66,6 +67,75 @@ const KernelTable& kernels() {
     return *active.table;
 }
 
+// ---- int8 route (int8.h): its own path list, since the VNNI paths need more than the kernel
+// table's instruction sets. Default: the best usable path within the active kernel path's
+// extensions (forcing simd=portable also makes the int8 route portable); set_int8_path or
+// PORTINFER_CPU_INT8_PATH choose one; a path this CPU lacks is refused.
+struct Int8Path {
+    const char* name;
+    const Int8Kernels* kernels;
+    bool usable;
+    const char* needs;
+};
+
+std::vector<Int8Path> int8_paths_compiled() {
+    std::vector<Int8Path> paths;
+#if defined(__x86_64__)
+    __builtin_cpu_init();
+    const bool avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
+    paths.push_back({"avx512vnni", int8_kernels_avx512vnni(),
+                     avx2 && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+                         __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512vnni"),
+                     "AVX512F, AVX512BW, AVX512VL and AVX512-VNNI"});
+    paths.push_back({"avxvnni", int8_kernels_avxvnni(), avx2 && __builtin_cpu_supports("avxvnni"),
+                     "AVX2, FMA, F16C and AVX-VNNI"});
+    paths.push_back({"avx2", int8_kernels_avx2(), avx2, "AVX2, FMA and F16C"});
+#endif
+    paths.push_back({"portable", int8_kernels_portable(), true, "nothing"});
+    return paths;
+}
+
+const Int8Kernels* int8_active = nullptr;
+bool int8_prefill = false;  // M > 4 on int8 activations too (set_int8_prefill; benchmarks and tests)
+
+std::string int8_usable_names() {
+    std::string names;
+    for (const Int8Path& p : int8_paths_compiled())
+        if (p.usable) names += std::string(names.empty() ? "" : ", ") + p.name;
+    return names;
+}
+
+void select_int8_path(const std::string& name) {
+    for (const Int8Path& p : int8_paths_compiled())
+        if (name == p.name) {
+            if (!p.usable)
+                throw py::value_error("int8 path '" + name + "': needs a CPU with " + p.needs +
+                                      ", which this one lacks; usable here: " + int8_usable_names());
+            int8_active = p.kernels;
+            return;
+        }
+    throw py::value_error("int8 path: expected one of the paths usable on this CPU (" + int8_usable_names() +
+                          "), got '" + name + "'");
+}
+
+const Int8Kernels* int8_kernels() {
+    if (!int8_active) {
+        const char* env = std::getenv("PORTINFER_CPU_INT8_PATH");
+        if (env && *env) {
+            select_int8_path(env);
+        } else {
+            kernels();
+            const bool portable_only = std::string(active.name) == "portable";
+            for (const Int8Path& p : int8_paths_compiled())
+                if (p.usable && (!portable_only || std::string(p.name) == "portable")) {
+                    int8_active = p.kernels;
+                    break;
+                }
+        }
+    }
+    return int8_active;
+}
+
 template <class T>
 T* ptr(uintptr_t p) { return reinterpret_cast<T*>(p); }
 
@@ -91,6 +161,7 @@ PYBIND11_MODULE(_cpu, m) {
     m.def("set_simd", [](const std::string& name) {
         std::lock_guard<std::mutex> lock(kernel_lock);
         select_path(name);
+        int8_active = nullptr;  // the int8 route follows the kernel path again
     });
     m.def("get_num_threads", [] { return pool_threads(); });
     m.def("default_num_threads", [] { return default_threads(); });
@@ -213,4 +284,43 @@ PYBIND11_MODULE(_cpu, m) {
             std::lock_guard<std::mutex> lock(kernel_lock);
             plan_run(p.nodes, run, k);
         });
+    m.def("int8_paths", [] {
+        std::vector<std::string> names;
+        for (const Int8Path& p : int8_paths_compiled())
+            if (p.usable) names.push_back(p.name);
+        return names;
+    }, "int8-route paths usable on this CPU, best first");
+    m.def("int8_paths_compiled", [] {
+        std::vector<std::string> names;
+        for (const Int8Path& p : int8_paths_compiled()) names.push_back(p.name);
+        return names;
+    });
+    m.def("get_int8_path", [] { return std::string(int8_kernels()->name); });
+    m.def("set_int8_path", [](const std::string& name) {
+        std::lock_guard<std::mutex> lock(kernel_lock);
+        select_int8_path(name);
+    });
+    m.def("set_int8_prefill", [](bool on) { int8_prefill = on; });
+    m.def("get_int8_prefill", [] { return int8_prefill; });
+    m.def("int8_group_bytes", [](int fmt, int64_t K) { return int8_group_bytes(fmt, K); });
+    m.def("int8_repack", [](uintptr_t out, uintptr_t blocks, int64_t N, int64_t K, int fmt) {
+        py::gil_scoped_release release;
+        int8_repack(ptr<uint8_t>(out), ptr<const uint8_t>(blocks), N, K, fmt);
+    });
+    m.def("linear_int8", [](uintptr_t out, uintptr_t x, uintptr_t packed, uintptr_t bias, int64_t M, int64_t N,
+                            int64_t K, int64_t xs, int adt, int fmt) {
+        const Int8Kernels* k = int8_kernels();
+        const KernelTable& t = kernels();
+        py::gil_scoped_release release;
+        std::lock_guard<std::mutex> lock(kernel_lock);
+        // prefill (M > 4): the GEMM is compute-bound, where int8 activations bought no speed here
+        // but cost accuracy: fp32 activations on the same repacked weights
+        if (M > I8_ROWS && !int8_prefill) {
+            t.linear(ptr<void>(out), ptr<const void>(x), ptr<const void>(packed), ptr<const void>(bias), M, N, K, xs, adt,
+                     W_INT8X4 + fmt);
+            return;
+        }
+        linear_int8(k, ptr<void>(out), ptr<const void>(x), ptr<const uint8_t>(packed), ptr<const void>(bias), M, N, K,
+                    xs, adt, fmt);
+    });
 }

@@ -671,12 +671,53 @@ static void linear_quant_t(void* out, const float* A, int64_t lda, const uint8_t
 
 #include "kquant_impl.h"  // Q4_K / Q5_K / Q6_K: linear_kquant_t
 
+// GGUF blocks repacked for the int8 route (int8.h: groups of 4 rows; quants, then d, then m), on
+// fp32 activations: linear_quant_t's GEMM, each block reassembled from its group first
+template <int FMT>
+static void linear_repacked_t(void* out, const float* A, int64_t lda, const uint8_t* packed, const void* bias, int64_t M,
+                              int64_t N, int64_t K, int adt) {
+    const int64_t nb = K / QK, qb = FMT == Q8_0 ? 128 : 64, rq = qb / 4, head = FMT == Q4_1 ? 4 : 2;
+    const int64_t gb = ceil_div(nb * (qb + (FMT == Q4_1 ? 16 : 8)), 64) * 64;  // int8.cpp int8_group_bytes
+    auto block = [&](int64_t p, int64_t k0, int64_t kc, int thread) -> const float* {
+        float* buf = scratch(thread, 2, (size_t)(KC * PANEL));
+        alignas(64) float tmp[QK];
+        alignas(16) uint8_t blk[40];
+        for (int64_t j = 0; j < PANEL; ++j) {
+            int64_t n = p * PANEL + j;
+            if (n >= N) {
+                for (int64_t k = 0; k < kc; ++k) buf[k * PANEL + j] = 0.f;
+                continue;
+            }
+            const uint8_t* g = packed + (n / 4) * gb;
+            const int64_t i = n % 4;
+            for (int64_t kb = 0; kb < kc; kb += QK) {
+                const int64_t b = (k0 + kb) / QK;
+                std::memcpy(blk, g + nb * qb + b * 8 + i * 2, 2);
+                if (FMT == Q4_1) std::memcpy(blk + 2, g + nb * qb + nb * 8 + b * 8 + i * 2, 2);
+                std::memcpy(blk + head, g + b * qb + i * rq, (size_t)rq);
+                V w[NV];
+                dequant_block<FMT>(w, blk);
+                for (int v = 0; v < NV; ++v) Vec::store(tmp + v * W, w[v]);
+                for (int t = 0; t < QK; ++t) buf[(kb + t) * PANEL + j] = tmp[t];
+            }
+        }
+        return buf;
+    };
+    gemm(out, A, lda, bias, M, N, K, adt, block);
+}
+
 // the one entry point: wfmt says how `weights` are stored (enum WeightFormat)
 static void linear(void* out, const void* x, const void* weights, const void* bias, int64_t M, int64_t N, int64_t K,
                    int64_t xs, int adt, int wfmt) {
     int64_t lda;
     const float* A = x_as_f32(x, M, K, xs, adt, &lda);
     const uint8_t* blocks = (const uint8_t*)weights;
+    if (wfmt >= W_INT8X4) {
+        if (wfmt == W_INT8X4 + Q8_0) linear_repacked_t<Q8_0>(out, A, lda, blocks, bias, M, N, K, adt);
+        else if (wfmt == W_INT8X4 + Q4_0) linear_repacked_t<Q4_0>(out, A, lda, blocks, bias, M, N, K, adt);
+        else linear_repacked_t<Q4_1>(out, A, lda, blocks, bias, M, N, K, adt);
+        return;
+    }
     switch (wfmt) {
         case W_F32: linear_dense_t<DT_F32>(out, A, lda, weights, bias, M, N, K, adt); break;
         case W_F16: linear_dense_t<DT_F16>(out, A, lda, weights, bias, M, N, K, adt); break;

@@ -37,9 +37,29 @@ def hf():
     return model, tokenizer
 
 
-@pytest.fixture(scope="module", params=BACKENDS)
+# the cpu backend once per route of its quantized weights (PORTINFER_CPU_QUANT_ROUTE, read at load)
+PARAMS = [b for b in BACKENDS if b != "cpu"] + (["cpu:int8", "cpu:fp32"] if "cpu" in BACKENDS else [])
+
+
+@pytest.fixture(scope="module", params=PARAMS)
 def model(request):
-    return portinfer.load(GGUF, backend=request.param, dtype="fp32")
+    name, _, route = request.param.partition(":")
+    old = os.environ.get("PORTINFER_CPU_QUANT_ROUTE")
+    if route:
+        os.environ["PORTINFER_CPU_QUANT_ROUTE"] = route
+    try:
+        return portinfer.load(GGUF, backend=name, dtype="fp32")
+    finally:
+        if old is None:
+            os.environ.pop("PORTINFER_CPU_QUANT_ROUTE", None)
+        else:
+            os.environ["PORTINFER_CPU_QUANT_ROUTE"] = old
+
+
+def _quantizes(model):
+    """Whether the model's backend instance computes on int8-quantized activations (a per-instance
+    setting on the cpu backend)."""
+    return bool(getattr(model._placement.primary, "quantizes_activations", False))
 
 
 def test_tokenizer_matches_transformers(hf, model):
@@ -59,9 +79,9 @@ def chat_ids(model, text):
 
 def test_logits_and_greedy_tokens_match_transformers(hf, model):
     ref_model, _ = hf
-    quantized = backends.entry(model.backend).cls.quantizes_activations
+    quantized = _quantizes(model)
     # a backend computing on int8-quantized activations declares how far its logits may move
-    budget = getattr(backends.entry(model.backend).cls, "model_logits_budget", 5e-2) if quantized else 1e-3
+    budget = getattr(model._placement.primary, "model_logits_budget", 5e-2) if quantized else 1e-3
     prompt = chat_ids(model, CHATS[1])
     x = torch.tensor([prompt])
     with torch.no_grad():
@@ -82,7 +102,7 @@ def test_logits_and_greedy_tokens_match_transformers(hf, model):
 
 def test_batch_of_chats_matches_each_alone(hf, model):
     ref_model, _ = hf
-    if backends.entry(model.backend).cls.quantizes_activations:
+    if _quantizes(model):
         pytest.skip("exact token equality is for fp32 backends; the quantized path is covered by the top-5 test")
     prompts = [chat_ids(model, text) for text in CHATS]
     assert len(prompts[0]) != len(prompts[1])

@@ -12,11 +12,21 @@ else the cores this process may run on; `set_num_threads` changes it. Both setti
 to the process (one pool, one kernel table), not to a backend instance.
 
 Weights: dense weights are packed at prepare time into k-major panels of 32 output
-features (the layout the GEMM and GEMV read), in the weight's own dtype; Q8_0/Q4_0/Q4_1
-weights stay GGUF blocks and are dequantized inside the kernel, block by block, into fp32
-registers (activations are not quantized, so linear meets the fp32 budget).
+features (the layout the GEMM and GEMV read), in the weight's own dtype. Q8_0/Q4_0/Q4_1
+weights take one of two routes, a backend setting (`quant_route`, default from
+PORTINFER_CPU_QUANT_ROUTE, else "int8"):
+  - "int8": each row of x is quantized once per call to int8 in blocks of 32 (fp32 scale) and
+    every output row takes integer dot products against it (AVX512-VNNI / AVX-VNNI vpdpbusd,
+    AVX2 maddubs or portable C++, chosen at run time: `int8_paths`, `set_int8_path`,
+    PORTINFER_CPU_INT8_PATH); weights are repacked at prepare time into groups of 4 rows
+    (csrc/int8.h). The backend then declares `quantizes_activations` and is held to the int8
+    budget. The faster route at decode (docs/cpu-backend.md).
+  - "fp32": weights stay GGUF blocks, dequantized inside the kernel block by block into fp32
+    registers; activations stay fp32, so linear meets the fp32 budget (more accurate).
 """
 from __future__ import annotations
+
+import os
 
 import torch
 
@@ -34,6 +44,10 @@ _DTYPE_CODE = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
 # csrc/common.h WeightFormat: how linear's payload is stored
 _WEIGHT_CODE = {"fp32": 0, "fp16": 1, "bf16": 2, "q8_0": 3, "q4_0": 4, "q4_1": 5, "q4_k": 6, "q5_k": 7, "q6_k": 8}
 PANEL = 32  # output features per packed panel (csrc/common.h PANEL)
+QUANT_ROUTES = ("int8", "fp32")
+DEFAULT_QUANT_ROUTE = "int8"  # faster at decode on every path measured (docs/cpu-backend.md)
+_INT8_FORMATS = {"q8_0": 0, "q4_0": 1, "q4_1": 2}  # csrc/common.h QFormat
+_INT8_LAYOUT = "int8x4"  # PreparedLinear.extra["layout"] of weights repacked for the int8 route
 
 
 def _on_cpu(name, t):
@@ -61,7 +75,9 @@ class CpuBackend(Backend):
     owns_cpu_threads = True
     default_device = "cpu"
     native_weight_formats = tuple(f for f in spec.WEIGHT_FORMATS if f in _WEIGHT_CODE)
-    quantizes_activations = False
+    quantizes_activations = False  # per instance: True on the int8 route (see __init__)
+    # SmolLM2 logits on the int8 route vs transformers, relative L2 (tests/test_smollm2.py; measured ~5e-3)
+    model_logits_budget = 2e-2
 
     @classmethod
     def probe(cls):
@@ -70,7 +86,7 @@ class CpuBackend(Backend):
                            f"reinstall with `pip install -e .` and a C++17 compiler")
         return True, ""
 
-    def __init__(self, device=None, threads=None, simd=None):
+    def __init__(self, device=None, threads=None, simd=None, quant_route=None):
         if device is not None and torch.device(device).type != "cpu":
             raise ValueError(f"device: the cpu backend runs on 'cpu', got {device!r}")
         ok, reason = self.probe()
@@ -81,6 +97,14 @@ class CpuBackend(Backend):
             self.set_num_threads(threads)
         if simd is not None:
             self.set_simd(simd)
+        if quant_route is None:
+            quant_route = os.environ.get("PORTINFER_CPU_QUANT_ROUTE") or DEFAULT_QUANT_ROUTE
+        if quant_route not in QUANT_ROUTES:
+            raise ValueError(f"quant_route: expected one of {', '.join(QUANT_ROUTES)} (argument or "
+                             f"PORTINFER_CPU_QUANT_ROUTE), got {quant_route!r}")
+        self.quant_route = quant_route
+        # per instance: weights prepared on one route are only ever run on it
+        self.quantizes_activations = quant_route == "int8"
 
     # ---------------------------------------------------------------- settings (process-wide)
 
@@ -107,8 +131,26 @@ class CpuBackend(Backend):
     def simd() -> str:
         return _cpu.get_simd()
 
+    @staticmethod
+    def int8_paths() -> list:
+        """int8-route paths usable on this CPU, best first ('avx512vnni', 'avxvnni', 'avx2', 'portable')."""
+        return list(_cpu.int8_paths())
+
+    @staticmethod
+    def set_int8_path(name: str):
+        """Force an int8-route path; one this CPU lacks is refused with a ValueError."""
+        _cpu.set_int8_path(str(name))
+
+    @staticmethod
+    def int8_path() -> str:
+        return _cpu.get_int8_path()
+
     def info(self):
-        return {"simd": self.simd(), "simd_usable": "/".join(self.simd_paths()), "threads": self.num_threads()}
+        out = {"simd": self.simd(), "simd_usable": "/".join(self.simd_paths()), "threads": self.num_threads(),
+               "quant_route": self.quant_route}
+        if self.quant_route == "int8":
+            out["int8_path"] = self.int8_path()
+        return out
 
     # ---------------------------------------------------------------- step plans
 
@@ -124,6 +166,13 @@ class CpuBackend(Backend):
         source = spec.weight_format(weight)
         if isinstance(weight, spec.QuantizedWeight):
             blocks = _on_cpu("weight blocks", weight.blocks).contiguous()
+            code = _INT8_FORMATS.get(weight.format)
+            if self.quant_route == "int8" and code is not None:
+                groups = (n + 3) // 4
+                packed = torch.empty(groups * _cpu.int8_group_bytes(code, k), dtype=torch.uint8)
+                _cpu.int8_repack(packed.data_ptr(), blocks.data_ptr(), n, k, code)
+                return spec.PreparedLinear(self.name, n, k, dtype, weight.format, weight.format, packed,
+                                           extra={"layout": _INT8_LAYOUT})
             if weight.format in _WEIGHT_CODE:
                 return spec.PreparedLinear(self.name, n, k, dtype, weight.format, weight.format, blocks)
             # a block format without a kernel here: fp32, once (exact: the blocks' values are fp32 numbers)
@@ -144,6 +193,10 @@ class CpuBackend(Backend):
     def _linear(self, x, w, bias):
         m, k = x.shape
         out = self.new_output((m, w.out_features), x.dtype)
+        if w.extra.get("layout") == _INT8_LAYOUT:
+            _cpu.linear_int8(out.data_ptr(), x.data_ptr(), w.payload.data_ptr(), 0 if bias is None else bias.data_ptr(),
+                             m, w.out_features, k, x.stride(0), _DTYPE_CODE[x.dtype], _INT8_FORMATS[w.format])
+            return out
         _cpu.linear(out.data_ptr(), x.data_ptr(), w.payload.data_ptr(), 0 if bias is None else bias.data_ptr(), m,
                     w.out_features, k, x.stride(0), _DTYPE_CODE[x.dtype], _WEIGHT_CODE[w.format])
         return out

@@ -150,6 +150,8 @@ class CpuPlanExecutor:
         if op == "linear":
             x, w = self._rows(a[0]), a[1].value
             bias = NONE_REF if a[2].value is None else self._arg(a[2]).ref
+            if w.extra.get("layout") == "int8x4":  # the int8 route's repacked blocks: no plan node reads them yet
+                raise _Unsupported("int8-route weights")
             payload = self._const(Const(w.payload))
             return [(P_LINEAR, [out.ref, x.ref, payload.ref, bias],
                      [x.shape[0], w.out_features, x.shape[1], x.stride[0], dt, self._wf[w.format]], 0.0)]

@@ -142,6 +142,20 @@ def copy_bandwidth(device, nbytes, repeats=5) -> dict:
     return {"bytes_s": moved / stats.min_s, "tensor_bytes": numel * 4, "bytes": moved, "timing": stats.to_dict()}
 
 
+def read_bandwidth(device="cpu", nbytes=None, repeats=5) -> dict:
+    """The best read-only rate on `device` (bytes read per second): a sum over a tensor of `nbytes`
+    (default 4x the last-level cache, >= 256 MiB), which reads it once and writes nothing, as a
+    decode step reads its weights. Closer to decode's limit than the copy probe, whose writes
+    share the bus."""
+    device = torch.device(device)
+    nbytes = nbytes or max(256 * 2 ** 20, 4 * cache_bytes(device))
+    numel = max(1, nbytes // 4)
+    src = torch.empty(numel, device=device).uniform_()
+    stats = measure(lambda: src.sum(), warmup=1, warmup_s=0.0, repeats=repeats, min_time_s=0.0, device=device)
+    return {"bytes_s": numel * 4 / stats.min_s, "tensor_bytes": numel * 4, "threads": torch.get_num_threads(),
+            "timing": stats.to_dict()}
+
+
 def measure_ceilings(devices, dtypes, matmul_n=None, copy_bytes=None, repeats=5) -> dict:
     """{device type: {"matmul": {dtype name: ...}, "copy": ...}} for every device type in `devices`.
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shlex
 import statistics
 import sys
@@ -85,21 +86,57 @@ def step_breakdown(model, fn, steps):
             "executor": type(executors[0]).__name__}
 
 
-def run(model_path, backends, prompt_tokens=128, gen_tokens=64, repetitions=5, dtype=None, command="",
-        log=None, batch=1, plans=(True,)) -> dict:
+def _load(model_path, name, dtype, plans):
+    """Load on backend `name`; 'cpu[int8]' / 'cpu[fp32]' choose the cpu backend's quant route."""
     import portinfer
+
+    backend, _, route = name.partition("[")
+    old = os.environ.get("PORTINFER_CPU_QUANT_ROUTE")
+    if route:
+        os.environ["PORTINFER_CPU_QUANT_ROUTE"] = route.rstrip("]")
+    try:
+        return portinfer.load(model_path, backend=backend, dtype=dtype, fallback="allow", plans=plans)
+    finally:
+        if old is None:
+            os.environ.pop("PORTINFER_CPU_QUANT_ROUTE", None)
+        else:
+            os.environ["PORTINFER_CPU_QUANT_ROUTE"] = old
+
+
+def bytes_per_token(model, model_path, gen_tokens, batch=1) -> int | None:
+    """Bytes one decode step reads, averaged over a tg test from an empty cache: the weights
+    (synthetic.weight_bytes_per_token; GGUF files only) plus the KV cache of `batch` sequences at
+    the mean position (gen_tokens + 1) / 2, in the model's dtype."""
+    from pathlib import Path
+
+    from .synthetic import weight_bytes_per_token
+
+    if model_path is None or Path(model_path).suffix != ".gguf":
+        return None
+    c = model.config
+    kv = batch * c.num_layers * 2 * c.num_kv_heads * c.head_dim * model.dtype.itemsize * (gen_tokens + 1) / 2
+    return int(weight_bytes_per_token(model_path) + kv)
+
+
+def run(model_path, backends, prompt_tokens=128, gen_tokens=64, repetitions=5, dtype=None, command="",
+        log=None, batch=1, plans=(True,), roofline=True) -> dict:
     from portinfer.backends import registry, spec
+    from portinfer.runtime import default_model_path
+
+    from .machine import read_bandwidth
 
     prov = provenance(command)  # before the run writes anything: git_dirty describes the code measured
     if backends is None:
         backends = [n for n in registry.names() if n != "reference" and registry.available(n)
                     and registry.entry(n).cls.auto_eligible()]
+    path = model_path if model_path is not None else default_model_path()
     rows = []
     for name in backends:
         for use_plans in plans:
             if log:
                 log(f"bench model: loading on {name}" + ("" if use_plans else " (op path)"))
-            model = portinfer.load(model_path, backend=name, dtype=dtype, fallback="allow", plans=use_plans)
+            model = _load(path, name, dtype, use_plans)
+            per_token = bytes_per_token(model, path, gen_tokens, batch) if roofline else None
             for test, tok_s, breakdown in bench_backend(model, prompt_tokens, gen_tokens, repetitions, batch=batch):
                 rows.append({
                     "model": model.name, "size_bytes": model.file_bytes, "params": model.num_parameters,
@@ -109,14 +146,28 @@ def run(model_path, backends, prompt_tokens=128, gen_tokens=64, repetitions=5, d
                     "tok_s_sd": statistics.stdev(tok_s) if len(tok_s) > 1 else 0.0, "tok_s": tok_s,
                     "step_breakdown": breakdown,
                     "fell_back": sorted({r.op for r in model.placement().fell_back}),
+                    "backend_info": model._placement.primary.info() or {},
+                    # tokens/s of tg count every sequence of the batch; bytes are per step
+                    "bytes_per_token": per_token / batch if per_token and test.startswith("tg") else None,
                 })
             del model
-    return {"provenance": prov, "rows": rows}
+    doc = {"provenance": prov, "rows": rows}
+    if roofline and any(r["bytes_per_token"] for r in rows):
+        if log:
+            log("bench model: read-bandwidth probe")
+        bw = read_bandwidth("cpu")  # in the same run, after the models
+        doc["read_bandwidth"] = bw
+        for r in rows:
+            if r["bytes_per_token"] and r["device"] == "cpu":
+                r["read_bytes_s"] = bw["bytes_s"]
+                r["bandwidth_share"] = r["tok_s_mean"] * r["bytes_per_token"] / bw["bytes_s"]
+    doc["load_avg_end"] = list(os.getloadavg()) if hasattr(os, "getloadavg") else None
+    return doc
 
 
 def format_table(doc) -> str:
     head = (f"| {'model':<32} | {'size':>9} | {'params':>8} | {'backend':<13} | {'threads':>7} | {'test':>9} | "
-            f"{'t/s':>16} | {'step: kernels / host':>22} |")
+            f"{'t/s':>16} | {'step: kernels / host':>22} | {'tg read / bandwidth: % of limit':>34} |")
     lines = [head, "|" + "|".join("-" * (len(c)) for c in head.split("|")[1:-1]) + "|"]
     for r in doc["rows"]:
         size = f"{r['size_bytes'] / 2 ** 20:.2f} MiB"
@@ -124,8 +175,12 @@ def format_table(doc) -> str:
         ts = f"{r['tok_s_mean']:.2f} ± {r['tok_s_sd']:.2f}"
         b = r.get("step_breakdown")
         split = f"{b['kernel_ms']:.2f} / {b['host_ms']:.2f} ms ({b['host_pct']:.0f}%)" if b else "-"
+        roof = "-"
+        if r.get("bandwidth_share") is not None:
+            roof = (f"{r['bytes_per_token'] / 2 ** 20:.1f} MiB/tok, {r['read_bytes_s'] / 1e9:.1f} GB/s: "
+                    f"{100 * r['bandwidth_share']:.0f}%")
         lines.append(f"| {r['model'][:32]:<32} | {size:>9} | {params:>8} | {_label(r):<13} | "
-                     f"{str(r['threads'] or '-'):>7} | {r['test']:>9} | {ts:>16} | {split:>22} |")
+                     f"{str(r['threads'] or '-'):>7} | {r['test']:>9} | {ts:>16} | {split:>22} | {roof:>34} |")
     by_test = {}
     for r in doc["rows"]:
         by_test.setdefault(r["test"], {})[_label(r)] = r["tok_s_mean"]
@@ -155,7 +210,15 @@ def run_command(args) -> int:
         raise ValueError(f"-r/--repetitions: expected an integer >= 1, got {args.repetitions}")
     if not args.n_prompt and not args.n_gen:
         raise ValueError("-p/--n-prompt and -n/--n-gen: expected at least one of them > 0")
-    parts = ["portinfer", "bench", "model"] + ([args.model] if args.model else [])
+    if args.synthetic:
+        from .synthetic import synthetic_gguf
+
+        if args.model:
+            raise ValueError("--synthetic: expected no MODEL argument with it (the synthetic file is the model)")
+        args.model = str(synthetic_gguf(args.synthetic, args.weights))
+    parts = ["portinfer", "bench", "model"]
+    parts += ["--synthetic", args.synthetic, "--weights", args.weights] if args.synthetic else \
+        ([args.model] if args.model else [])
     parts += ["-p", str(args.n_prompt), "-n", str(args.n_gen), "-r", str(args.repetitions)]
     if args.backends:
         parts += ["--backends", *args.backends]
@@ -184,10 +247,17 @@ def add_model(bench_sub):
     p.add_argument("-p", "--n-prompt", type=_nonnegative_int, default=128, help="prompt tokens (pp test; 0 = skip)")
     p.add_argument("-n", "--n-gen", type=_nonnegative_int, default=64, help="generated tokens (tg test; 0 = skip)")
     p.add_argument("-r", "--repetitions", type=int, default=5, help="repetitions of each test")
-    p.add_argument("--backends", nargs="+", help="backends (default: every available one auto may pick)")
+    p.add_argument("--backends", nargs="+",
+                   help="backends (default: every available one auto may pick); cpu[int8] / cpu[fp32] choose the "
+                        "cpu backend's route for quantized weights, so both run side by side")
     p.add_argument("--dtype", choices=("fp32", "fp16", "bf16"), help="activation dtype (default: the backend's)")
     p.add_argument("-b", "--batch", type=int, default=1, help="sequences decoded at once in the tg test")
     p.add_argument("--op-path", action="store_true",
                    help="also measure every backend on the op path (plans=False), side by side")
     p.add_argument("--json", metavar="FILE", help="also write the results with their provenance as JSON")
+    p.add_argument("--synthetic", metavar="SHAPE",
+                   help="a synthetic GGUF of a real model's shapes, random weights (portinfer.bench.synthetic: "
+                        "smollm2-135m, qwen2-0.5b, qwen2-1.5b, qwen2-7b, llama-3-8b), written once and cached")
+    p.add_argument("--weights", default="q4_0",
+                   help="weight format of --synthetic (f32, f16, bf16, q8_0, q4_0, q4_1, or a named mix; default q4_0)")
     p.set_defaults(func=run_command)

@@ -127,9 +127,13 @@ def _evaluate(backend: Backend, reference: Backend, op: str, dtype, params, quan
     if case.magnitude is not None:
         ref_norm = float(torch.linalg.vector_norm(y_ref))
         kappa = float(torch.linalg.vector_norm(case.magnitude)) / ref_norm if ref_norm > 0 else float("inf")
+    kappa_int8 = None
+    if quantized and case.magnitude_int8 is not None:
+        ref_norm = float(torch.linalg.vector_norm(y_ref))
+        kappa_int8 = float(torch.linalg.vector_norm(case.magnitude_int8)) / ref_norm if ref_norm > 0 else float("inf")
     finite_ref = y_ref[torch.isfinite(y_ref)]
     bud = budget(op, dtype, case.reduction, case.cond, kappa, quantized, outputs=finite_ref.numel(),
-                 ref_norm=float(torch.linalg.vector_norm(finite_ref)))
+                 ref_norm=float(torch.linalg.vector_norm(finite_ref)), kappa_int8=kappa_int8)
     backend.poison_outputs = True
     try:
         y = case.run(backend)

@@ -16,7 +16,32 @@ random-data dot product has ||m|| ~ ||y||, so kappa ~ 1; an output that cancels 
 nothing, easy to hit with M = N = 1, has kappa >> 1). For gelu, m = |x| (x * (1 + erf(x/sqrt2))
 loses relative accuracy where erf -> -1 however it is computed in fp32). Every other op: 1.
 A backend that quantizes activations to int8 for integer dot products (declares
-`quantizes_activations`) gets the extra int8 term on linear.
+`quantizes_activations`) gets the extra int8 term on linear, derived below.
+
+The int8 term. Integer dot products quantize each row of x in blocks of 32: with a = max |x|
+over the block, the step is d = a / 127 and round-to-nearest moves each element by at most
+d / 2 = a / 254. So the int8 analogue of unit roundoff is
+
+    U_INT8 = 1 / 254        (relative to the block's max, not to each element; the max
+                             itself lands exactly on +-127)
+
+The output error is dy_j = sum_k w_jk delta_k. Rounding errors of generic data are independent,
+zero-mean and uniform on [-d/2, d/2] (variance (U_INT8 a)^2 / 3), so dy_j has standard deviation
+
+    sd_j = U_INT8 / sqrt(3) * m8_j,     m8_j = sqrt(sum_k w_jk^2 a_{block(k)}^2)
+
+(a_{block(k)}: the max of the block holding x_k, in x's row; w: the weights as the reference
+sees them, i.e. dequantized). Over n outputs ||dy||^2 is a sum of n such terms, so
+||dy|| = U_INT8 / sqrt(3) * ||m8|| * (1 + O(1 / sqrt(2n))), and for n = 1 a near-Gaussian |dy|.
+The term is that expectation with a margin that shrinks as the outputs multiply:
+
+    e_int8 = U_INT8 / sqrt(3) * kappa8 * (1 + C_INT8_TAIL / sqrt(n)),   kappa8 = ||m8|| / ||y_ref||
+
+With C_INT8_TAIL = 4 a correct kernel stays inside at about 5 standard deviations for n = 1
+and more as n grows, while the budget itself tightens to the expected error: for random normal
+x (block max ~2.3 sigma, kappa8 ~2.3) it is ~0.5% relative for large n, so a kernel 1% off
+(a wrong scale, a dropped offset term) fails. kappa8, like kappa, comes from the case's inputs;
+without them (kappa_int8=None) a loose kappa8 = 4 is assumed.
 
 Outputs near zero: u bounds the *relative* rounding error of normal numbers only. An output
 that rounds into the subnormal range (fp16 below 2^-14, as silu of a large negative gate
@@ -37,7 +62,9 @@ import torch
 UNIT_ROUNDOFF = {torch.float32: 2.0 ** -24, torch.float16: 2.0 ** -11, torch.bfloat16: 2.0 ** -8}
 SMALLEST_SUBNORMAL = {torch.float32: 2.0 ** -149, torch.float16: 2.0 ** -24, torch.bfloat16: 2.0 ** -133}
 U_FP32 = UNIT_ROUNDOFF[torch.float32]
-U_INT8 = 2.0 ** -8
+U_INT8 = 1.0 / 254  # half an int8 step, relative to the block max (see above)
+C_INT8_TAIL = 4.0
+KAPPA_INT8_DEFAULT = 4.0
 
 # op -> (c_out, c_acc, c_cond)
 CONSTANTS = {
@@ -50,21 +77,33 @@ CONSTANTS = {
     "gelu": (3.0, 4.0, 0.0),
     "attention": (4.0, 4.0, 4.0),
 }
-C_INT8 = 4.0
-
 
 def budget(op: str, dtype: torch.dtype, reduction: int = 1, cond: float = 0.0, kappa: float = 1.0,
-           quantized_activations: bool = False, outputs: int = 0, ref_norm: float = math.inf) -> float:
+           quantized_activations: bool = False, outputs: int = 0, ref_norm: float = math.inf,
+           kappa_int8: float | None = None) -> float:
     """The error budget of one case; `outputs` and `ref_norm` (the reference's element count and
-    L2 norm) give the floor for outputs that round into the subnormal range."""
+    L2 norm) give the floor for outputs that round into the subnormal range; `kappa_int8`
+    (||m8|| / ||y_ref||, see int8_magnitude) sizes the int8 term of a quantizing backend."""
     c_out, c_acc, c_cond = CONSTANTS[op]
     e = (c_out * UNIT_ROUNDOFF[dtype] + c_acc * U_FP32 * math.sqrt(max(reduction, 1)) * max(kappa, 1.0)
          + c_cond * U_FP32 * cond)
     if outputs and ref_norm > 0:
         e += c_out * SMALLEST_SUBNORMAL[dtype] / 2 * math.sqrt(outputs) / ref_norm
     if quantized_activations and op == "linear":
-        e += C_INT8 * U_INT8
+        k8 = KAPPA_INT8_DEFAULT if kappa_int8 is None else kappa_int8
+        e += U_INT8 / math.sqrt(3.0) * k8 * (1.0 + C_INT8_TAIL / math.sqrt(max(outputs, 1)))
     return e
+
+
+def int8_magnitude(x: torch.Tensor, w: torch.Tensor, block: int = 32) -> torch.Tensor:
+    """m8 [M, N] = sqrt(a^2 @ (w^2)^T), a [M, K]: each x_k replaced by the max |x| of its block of
+    `block` along K (a partial last block is its own block); float64."""
+    x = x.to(torch.float64)
+    m, k = x.shape
+    pad = (-k) % block
+    xa = torch.nn.functional.pad(x.abs(), (0, pad)).reshape(m, -1, block).amax(dim=-1)
+    a = xa.repeat_interleave(block, dim=1)[:, :k]
+    return ((a ** 2) @ (w.to(torch.float64) ** 2).T).sqrt()
 
 
 def relative_error(y: torch.Tensor, y_ref: torch.Tensor) -> float:

@@ -21,6 +21,7 @@ import torch
 from hypothesis import strategies as st
 
 from ..backends import quant, spec
+from . import budget as budget_mod
 
 PROFILES = ("full", "small")
 
@@ -158,6 +159,7 @@ class Case:
         self.op, self.params, self.dtype = op, params, dtype
         self.reduction, self.cond = 1, 0.0
         self.magnitude = None  # float64 tensor that rounding errors scale with (budget.py: kappa)
+        self.magnitude_int8 = None  # the same for int8 activation rounding (budget.py: kappa8; linear)
         getattr(self, "_build_" + op)(params, dtype)
 
     def _build_embedding(self, p, dtype):
@@ -176,6 +178,7 @@ class Case:
         if self.bias is not None:
             square = square + self.bias.double() ** 2
         self.magnitude = square.sqrt()
+        self.magnitude_int8 = budget_mod.int8_magnitude(self.x, exact_w)
 
     def _build_rms_norm(self, p, dtype):
         s = p["seed"]

@@ -1,0 +1,233 @@
+// The integer dot products of the int8 route (int8.h), written once and compiled once per path:
+// int8_<path>.cpp sets I8_ISA and a GCC target pragma, opens its own namespace and includes this
+// file there. I8_ISA: 0 portable (plain C++), 1 AVX2 (maddubs + madd), 2 AVX-VNNI (vpdpbusd on
+// ymm, VEX), 3 AVX512-VNNI (vpdpbusd on ymm, EVEX: AVX512VL). The three x86 paths share the same
+// code; only the u8 x s8 dot step differs.
+//
+// Not a standalone header: no include guard; includes come before the namespace.
+
+// ============================================================================
+// activation quantization: q = nearbyint(x * (127 / amax)) (round to nearest even, as cvtps2dq
+// does), d = amax / 127, s = d * sum(q); the same fp32 operations on every path, so every path
+// quantizes a row to the same bytes
+
+static bool quantize_row(int8_t* q, float* d, float* s, const float* x, int64_t K) {
+    const int64_t nb = K / QK;
+    for (int64_t b = 0; b < nb; ++b) {
+        const float* xb = x + b * QK;
+#if I8_ISA == 0
+        float amax = 0.f;
+        for (int i = 0; i < QK; ++i) {
+            float a = std::fabs(xb[i]);
+            amax = a > amax ? a : amax;
+            if (!(a <= 3.4028234e38f)) return false;  // NaN or Inf
+        }
+        const float id = amax > 0.f ? 127.0f / amax : 0.f;
+        int sum = 0;
+        for (int i = 0; i < QK; ++i) {
+            int v = (int)std::nearbyint(xb[i] * id);
+            q[b * QK + i] = (int8_t)v;
+            sum += v;
+        }
+#else
+        const __m256 sign = _mm256_set1_ps(-0.0f);
+        __m256 v0 = _mm256_loadu_ps(xb), v1 = _mm256_loadu_ps(xb + 8), v2 = _mm256_loadu_ps(xb + 16),
+               v3 = _mm256_loadu_ps(xb + 24);
+        // max of |x|; an unordered compare catches NaN, which max_ps would drop
+        __m256 m = _mm256_max_ps(_mm256_max_ps(_mm256_andnot_ps(sign, v0), _mm256_andnot_ps(sign, v1)),
+                                 _mm256_max_ps(_mm256_andnot_ps(sign, v2), _mm256_andnot_ps(sign, v3)));
+        __m256 nan = _mm256_or_ps(_mm256_or_ps(_mm256_cmp_ps(v0, v1, _CMP_UNORD_Q), _mm256_cmp_ps(v2, v3, _CMP_UNORD_Q)),
+                                  _mm256_cmp_ps(m, _mm256_set1_ps(3.4028234e38f), _CMP_GT_OQ));
+        if (_mm256_movemask_ps(nan)) return false;
+        __m128 h = _mm_max_ps(_mm256_castps256_ps128(m), _mm256_extractf128_ps(m, 1));
+        h = _mm_max_ps(h, _mm_movehl_ps(h, h));
+        h = _mm_max_ss(h, _mm_movehdup_ps(h));
+        const float amax = _mm_cvtss_f32(h);
+        const float id = amax > 0.f ? 127.0f / amax : 0.f;
+        const __m256 idv = _mm256_set1_ps(id);
+        __m256i i0 = _mm256_cvtps_epi32(_mm256_mul_ps(v0, idv)), i1 = _mm256_cvtps_epi32(_mm256_mul_ps(v1, idv));
+        __m256i i2 = _mm256_cvtps_epi32(_mm256_mul_ps(v2, idv)), i3 = _mm256_cvtps_epi32(_mm256_mul_ps(v3, idv));
+        __m256i tot = _mm256_add_epi32(_mm256_add_epi32(i0, i1), _mm256_add_epi32(i2, i3));
+        __m128i t = _mm_add_epi32(_mm256_castsi256_si128(tot), _mm256_extracti128_si256(tot, 1));
+        t = _mm_add_epi32(t, _mm_shuffle_epi32(t, 0x4e));
+        t = _mm_add_epi32(t, _mm_shuffle_epi32(t, 0xb1));
+        const int sum = _mm_cvtsi128_si32(t);
+        // pack 4 x 8 int32 -> 32 int8 (the packs work per 128-bit lane: fix the order with a permute)
+        __m256i p = _mm256_packs_epi16(_mm256_packs_epi32(i0, i1), _mm256_packs_epi32(i2, i3));
+        p = _mm256_permutevar8x32_epi32(p, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
+        _mm256_storeu_si256((__m256i*)(q + b * QK), p);
+#endif
+        d[b] = amax / 127.0f;
+        s[b] = d[b] * (float)sum;
+    }
+    return true;
+}
+
+// ============================================================================
+// integer dot products against one repacked group of 4 weight rows
+
+// where a group's parts start (int8.h: quants, then d, then m)
+static inline int64_t quant_bytes_per_block(int fmt) { return fmt == Q8_0 ? 4 * 32 : 4 * 16; }
+
+#if I8_ISA == 0
+
+static inline float half_at(const uint8_t* p, int64_t i) {
+    uint16_t h;
+    std::memcpy(&h, p + 2 * i, 2);
+    return f16_to_f32(h);
+}
+
+static void dot_group(float* y, const int8_t* q, const float* xd, const float* xs, int R, int64_t K,
+                      const uint8_t* g, int fmt) {
+    const int64_t nb = K / QK, qb = quant_bytes_per_block(fmt);
+    const uint8_t* dp = g + nb * qb;
+    const uint8_t* mp = dp + nb * 8;
+    for (int r = 0; r < R; ++r)
+        for (int i = 0; i < I8_ROWS; ++i) {
+            float acc = 0.f;
+            for (int64_t b = 0; b < nb; ++b) {
+                const int8_t* xq = q + r * K + b * QK;
+                const float dw = half_at(dp, b * 4 + i), dx = xd[r * nb + b];
+                int dot = 0;
+                if (fmt == Q8_0) {
+                    const int8_t* w = (const int8_t*)(g + b * qb + i * 32);
+                    for (int j = 0; j < QK; ++j) dot += (int)w[j] * xq[j];
+                    acc += dw * dx * (float)dot;
+                } else {
+                    const uint8_t* w = g + b * qb + i * 16;
+                    for (int j = 0; j < 16; ++j) dot += (w[j] & 15) * xq[j] + (w[j] >> 4) * xq[j + 16];
+                    acc += dw * dx * (float)dot;
+                    acc += (fmt == Q4_0 ? -8.0f * dw : half_at(mp, b * 4 + i)) * xs[r * nb + b];
+                }
+            }
+            y[r * I8_ROWS + i] = acc;
+        }
+}
+
+#else
+
+// sum over 4-byte groups of u8 x s8 products, added to the int32 lanes of acc. On AVX2 the pair
+// sums of maddubs saturate at int16: callers keep |u| * |s| * 2 <= 32767 (Q4: 15 * 127 * 2 * 2 for
+// two maddubs added before the madd; Q8_0: 128 * 127 * 2)
+static inline __m256i dot_u8s8(__m256i acc, __m256i u, __m256i s) {
+#if I8_ISA == 1
+    return _mm256_add_epi32(acc, _mm256_madd_epi16(_mm256_maddubs_epi16(u, s), _mm256_set1_epi16(1)));
+#elif I8_ISA == 2
+    return _mm256_dpbusd_avx_epi32(acc, u, s);
+#else
+    return _mm256_dpbusd_epi32(acc, u, s);
+#endif
+}
+
+// u1 . s1 + u2 . s2 per 4-byte group (Q4: low and high nibbles)
+static inline __m256i dot2_u8s8(__m256i u1, __m256i s1, __m256i u2, __m256i s2) {
+#if I8_ISA == 1
+    return _mm256_madd_epi16(_mm256_add_epi16(_mm256_maddubs_epi16(u1, s1), _mm256_maddubs_epi16(u2, s2)),
+                             _mm256_set1_epi16(1));
+#else
+    return dot_u8s8(dot_u8s8(_mm256_setzero_si256(), u1, s1), u2, s2);
+#endif
+}
+
+static inline __m128 half4(const uint8_t* p) { return _mm_cvtph_ps(_mm_loadl_epi64((const __m128i*)p)); }
+
+// Q4_0 / Q4_1: per block, two 32-byte loads hold the nibbles of the 4 rows ([row 0 | row 1],
+// [row 2 | row 3]); low nibbles are weights 0..15 of a row, high nibbles 16..31, so they meet x's
+// halves duplicated into both 128-bit lanes. acc[r][0] lanes: [row 0 x 4 | row 1 x 4], acc[r][1]:
+// rows 2, 3; the offset term (-8 d_w s_x or m_w s_x) goes into one 4-lane vector per x row.
+template <int FMT, int R>
+static inline void dot_group_q4(float* y, const int8_t* q, const float* xd, const float* xs, int64_t K, const uint8_t* g) {
+    const int64_t nb = K / QK;
+    const uint8_t* dp = g + nb * 64;
+    const uint8_t* mp = dp + nb * 8;
+    const __m256i low = _mm256_set1_epi8(0x0f);
+    const __m256i i01 = _mm256_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1), i23 = _mm256_setr_epi32(2, 2, 2, 2, 3, 3, 3, 3);
+    __m256 acc[R][2];
+    __m128 accm[R];
+    for (int r = 0; r < R; ++r) {
+        acc[r][0] = acc[r][1] = _mm256_setzero_ps();
+        accm[r] = _mm_setzero_ps();
+    }
+    for (int64_t b = 0; b < nb; ++b) {
+        const uint8_t* qs = g + b * 64;
+        __builtin_prefetch(qs + 2048);
+        const __m256i v0 = _mm256_load_si256((const __m256i*)qs), v1 = _mm256_load_si256((const __m256i*)(qs + 32));
+        const __m256i lo0 = _mm256_and_si256(v0, low), hi0 = _mm256_and_si256(_mm256_srli_epi16(v0, 4), low);
+        const __m256i lo1 = _mm256_and_si256(v1, low), hi1 = _mm256_and_si256(_mm256_srli_epi16(v1, 4), low);
+        const __m128 dw = half4(dp + b * 8);
+        const __m256 dw8 = _mm256_castps128_ps256(dw);
+        const __m256 d01 = _mm256_permutevar8x32_ps(dw8, i01), d23 = _mm256_permutevar8x32_ps(dw8, i23);
+        const __m128 off = FMT == Q4_0 ? _mm_mul_ps(dw, _mm_set1_ps(-8.0f)) : half4(mp + b * 8);
+#pragma GCC unroll 4
+        for (int r = 0; r < R; ++r) {
+            const __m256i xq = _mm256_loadu_si256((const __m256i*)(q + r * K + b * QK));
+            const __m256i xl = _mm256_permute4x64_epi64(xq, 0x44), xh = _mm256_permute4x64_epi64(xq, 0xEE);
+            const __m256i p0 = dot2_u8s8(lo0, xl, hi0, xh), p1 = dot2_u8s8(lo1, xl, hi1, xh);
+            const __m256 dx = _mm256_set1_ps(xd[r * nb + b]);
+            acc[r][0] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p0), _mm256_mul_ps(d01, dx), acc[r][0]);
+            acc[r][1] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p1), _mm256_mul_ps(d23, dx), acc[r][1]);
+            accm[r] = _mm_fmadd_ps(off, _mm_set1_ps(xs[r * nb + b]), accm[r]);
+        }
+    }
+    for (int r = 0; r < R; ++r) {
+        // [a0 a1 c0 c1 | b0 b1 d0 d1] -> [a c a c | b d b d] -> [a b c d]
+        __m256 h = _mm256_hadd_ps(acc[r][0], acc[r][1]);
+        h = _mm256_hadd_ps(h, h);
+        __m128 rows = _mm_unpacklo_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps(h, 1));
+        _mm_storeu_ps(y + r * I8_ROWS, _mm_add_ps(rows, accm[r]));
+    }
+}
+
+// Q8_0: per block, four 32-byte loads (one row each); signed x signed through |w| and sign(q, w);
+// the four rows' int32 sums are folded into [row 0..3 | row 0..3] by three hadds, then scaled once.
+template <int R>
+static inline void dot_group_q8(float* y, const int8_t* q, const float* xd, int64_t K, const uint8_t* g) {
+    const int64_t nb = K / QK;
+    const uint8_t* dp = g + nb * 128;
+    __m256 acc[R];
+    for (int r = 0; r < R; ++r) acc[r] = _mm256_setzero_ps();
+    for (int64_t b = 0; b < nb; ++b) {
+        const uint8_t* qs = g + b * 128;
+        __builtin_prefetch(qs + 2048);
+        __builtin_prefetch(qs + 2048 + 64);
+        __m256i w[4], a[4];
+#pragma GCC unroll 4
+        for (int i = 0; i < 4; ++i) {
+            w[i] = _mm256_load_si256((const __m256i*)(qs + 32 * i));
+            a[i] = _mm256_abs_epi8(w[i]);
+        }
+        const __m128 dw = half4(dp + b * 8);
+#pragma GCC unroll 4
+        for (int r = 0; r < R; ++r) {
+            const __m256i xq = _mm256_loadu_si256((const __m256i*)(q + r * K + b * QK));
+            __m256i p[4];
+#pragma GCC unroll 4
+            for (int i = 0; i < 4; ++i) p[i] = dot_u8s8(_mm256_setzero_si256(), a[i], _mm256_sign_epi8(xq, w[i]));
+            const __m256i h = _mm256_hadd_epi32(_mm256_hadd_epi32(p[0], p[1]), _mm256_hadd_epi32(p[2], p[3]));
+            const __m128 sc = _mm_mul_ps(dw, _mm_set1_ps(xd[r * nb + b]));
+            acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(h), _mm256_set_m128(sc, sc), acc[r]);
+        }
+    }
+    for (int r = 0; r < R; ++r)
+        _mm_storeu_ps(y + r * I8_ROWS, _mm_add_ps(_mm256_castps256_ps128(acc[r]), _mm256_extractf128_ps(acc[r], 1)));
+}
+
+template <int R>
+static inline void dot_group_r(float* y, const int8_t* q, const float* xd, const float* xs, int64_t K, const uint8_t* g,
+                               int fmt) {
+    if (fmt == Q8_0) dot_group_q8<R>(y, q, xd, K, g);
+    else if (fmt == Q4_0) dot_group_q4<Q4_0, R>(y, q, xd, xs, K, g);
+    else dot_group_q4<Q4_1, R>(y, q, xd, xs, K, g);
+}
+
+static void dot_group(float* y, const int8_t* q, const float* xd, const float* xs, int R, int64_t K, const uint8_t* g,
+                      int fmt) {
+    switch (R) {
+        case 1: dot_group_r<1>(y, q, xd, xs, K, g, fmt); break;
+        case 2: dot_group_r<2>(y, q, xd, xs, K, g, fmt); break;
+        case 3: dot_group_r<3>(y, q, xd, xs, K, g, fmt); break;
+        default: dot_group_r<4>(y, q, xd, xs, K, g, fmt); break;
+    }
+}
+
+#endif
