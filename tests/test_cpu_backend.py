@@ -25,7 +25,8 @@ i32 = torch.int32
 
 @pytest.fixture
 def cpu():
-    b = backends.get("cpu")
+    # the fp32 route: these tests hold quantized weights to the fp32 budget (int8 route: test_cpu_int8.py)
+    b = backends.get("cpu", quant_route="fp32")
     default_simd, default_threads = b.simd(), b.num_threads()
     yield b
     b.set_simd(default_simd)

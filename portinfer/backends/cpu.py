@@ -14,13 +14,13 @@ to the process (one pool, one kernel table), not to a backend instance.
 Weights: dense weights are packed at prepare time into k-major panels of 32 output
 features (the layout the GEMM and GEMV read), in the weight's own dtype. Q8_0/Q4_0/Q4_1
 weights take one of two routes, a backend setting (`quant_route`, default from
-PORTINFER_CPU_QUANT_ROUTE, else "int8"):
+PORTINFER_CPU_QUANT_ROUTE, else "fp32"):
   - "int8": each row of x is quantized once per call to int8 in blocks of 32 (fp32 scale) and
     every output row takes integer dot products against it (AVX512-VNNI / AVX-VNNI vpdpbusd,
     AVX2 maddubs or portable C++, chosen at run time: `int8_paths`, `set_int8_path`,
     PORTINFER_CPU_INT8_PATH); weights are repacked at prepare time into groups of 4 rows
     (csrc/int8.h). The backend then declares `quantizes_activations` and is held to the int8
-    budget. The faster route at decode (docs/cpu-backend.md).
+    budget. The faster route at decode, less accurate (docs/cpu-backend.md).
   - "fp32": weights stay GGUF blocks, dequantized inside the kernel block by block into fp32
     registers; activations stay fp32, so linear meets the fp32 budget (more accurate).
 """
@@ -45,7 +45,9 @@ _DTYPE_CODE = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
 _WEIGHT_CODE = {"fp32": 0, "fp16": 1, "bf16": 2, "q8_0": 3, "q4_0": 4, "q4_1": 5, "q4_k": 6, "q5_k": 7, "q6_k": 8}
 PANEL = 32  # output features per packed panel (csrc/common.h PANEL)
 QUANT_ROUTES = ("int8", "fp32")
-DEFAULT_QUANT_ROUTE = "int8"  # faster at decode on every path measured (docs/cpu-backend.md)
+# int8 is faster at decode, but changes the embedded SmolLM2-135M's greedy answers (docs/cpu-backend.md):
+# opt in with quant_route="int8" / PORTINFER_CPU_QUANT_ROUTE=int8
+DEFAULT_QUANT_ROUTE = "fp32"
 _INT8_FORMATS = {"q8_0": 0, "q4_0": 1, "q4_1": 2}  # csrc/common.h QFormat
 _INT8_LAYOUT = "int8x4"  # PreparedLinear.extra["layout"] of weights repacked for the int8 route
 

@@ -33,6 +33,23 @@ def cpu_model() -> str:
     return platform.processor() or platform.machine() or "unknown"
 
 
+# the instruction-set extensions the kernels choose between (the cpu backend's paths)
+_VECTOR_FLAGS = ("sse4_2", "avx", "avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512dq", "avx512vl", "avx512_vnni",
+                 "avx_vnni", "avx512_bf16", "amx_tile", "amx_int8", "amx_bf16", "asimd", "sve")
+
+
+def cpu_flags() -> list:
+    """The vector extensions /proc/cpuinfo reports (those in _VECTOR_FLAGS), or [] where it can't be read."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.lower().startswith(("flags", "features")):
+                have = set(line.split(":", 1)[1].split())
+                return [f for f in _VECTOR_FLAGS if f in have]
+    except OSError:
+        pass
+    return []
+
+
 def _parse_size(text: str) -> int:
     text = text.strip().upper()
     units = {"K": 2 ** 10, "M": 2 ** 20, "G": 2 ** 30}
@@ -89,6 +106,7 @@ def provenance(command: str) -> dict:
         "command": command,
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "cpu": cpu_model(),
+        "cpu_flags": cpu_flags(),
         "cpu_count": os.cpu_count(),
         "cpus_usable": affinity,
         "cpu_cache_bytes": cpu_cache_bytes(),
