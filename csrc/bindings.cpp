@@ -20,6 +20,7 @@ namespace py = pybind11;
 
 void pack_dense(void* packed, const void* w, int64_t N, int64_t K, int64_t ws, int64_t elem_bytes);
 void embedding(void* out, const int64_t* ids, const void* table, int64_t N, int64_t H, int64_t ts, int64_t elem_bytes);
+void embedding_prepared(void* out, const int64_t* ids, const void* weights, int64_t N, int64_t H, int wfmt, int dt);
 
 namespace {
 
@@ -180,6 +181,12 @@ PYBIND11_MODULE(_cpu, m) {
         py::gil_scoped_release release;
         std::lock_guard<std::mutex> lock(kernel_lock);  // it may run on the pool
         embedding(ptr<void>(out), ptr<const int64_t>(ids), ptr<const void>(table), N, H, ts, eb);
+    });
+    m.def("embedding_prepared", [](uintptr_t out, uintptr_t ids, uintptr_t w, int64_t N, int64_t H, int wfmt, int dt) {
+        if (!(wfmt >= W_F32 && wfmt <= W_Q4_1)) throw std::invalid_argument("embedding_prepared: weight format code");
+        if (wfmt >= W_Q8_0 && H % QK) throw std::invalid_argument("embedding_prepared: H must be whole blocks of 32");
+        py::gil_scoped_release release;
+        embedding_prepared(ptr<void>(out), ptr<const int64_t>(ids), ptr<const void>(w), N, H, wfmt, dt);
     });
     m.def("rms_norm", [](uintptr_t out, uintptr_t x, uintptr_t w, int64_t M, int64_t H, int64_t xs, float eps, int dt) {
         const KernelTable& k = kernels();

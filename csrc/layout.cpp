@@ -1,4 +1,4 @@
-// Data movement that needs no arithmetic: packing dense weights for the GEMM, and embedding rows.
+// Data movement: packing dense weights for the GEMM, and embedding rows (of a table or a prepared weight).
 #include "common.h"
 
 // P [ceil(N/32)][K][32] = W [N, K] (row stride ws elements), padded with zeros; elem_bytes 2 or 4
@@ -41,6 +41,48 @@ void embedding(void* out, const int64_t* ids, const void* table, int64_t N, int6
     const int64_t tasks = N < 4 * threads ? N : 4 * threads;
     a.rows_per_task = (N + tasks - 1) / tasks;
     parallel_for((N + a.rows_per_task - 1) / a.rows_per_task, embedding_rows, &a);
+}
+
+// out [N, H] (dtype dt) = rows ids[n] of a weight prepared for linear (wfmt): dense panels
+// [ceil(V/32)][H][32] (pack_dense) or GGUF blocks uint8 [V, H/32 * block bytes], dequantized exactly as
+// ggml's get_rows does (fp32: d * q, d * (q - 8), d * q + m), then stored in dt. ids already checked.
+// A tied output head is the embedding table this way, and a quantized table is never expanded.
+void embedding_prepared(void* out, const int64_t* ids, const void* weights, int64_t N, int64_t H, int wfmt, int dt) {
+    const uint8_t* w = (const uint8_t*)weights;
+    for (int64_t n = 0; n < N; ++n) {
+        const int64_t v = ids[n];
+        if (wfmt == W_F32 || wfmt == W_F16 || wfmt == W_BF16) {  // element k of row v: panel v/32, lane v%32
+            const int wdt = wfmt == W_F32 ? DT_F32 : wfmt == W_F16 ? DT_F16 : DT_BF16;
+            const int64_t base = (v / PANEL) * H * PANEL + v % PANEL;
+            for (int64_t k = 0; k < H; ++k) store_scalar(out, dt, n * H + k, load_scalar(w, wdt, base + k * PANEL));
+            continue;
+        }
+        const int qf = wfmt == W_Q8_0 ? Q8_0 : wfmt == W_Q4_0 ? Q4_0 : Q4_1;
+        const int64_t bb = quant_block_bytes(qf);
+        const uint8_t* row = w + v * (H / QK) * bb;
+        for (int64_t b = 0; b < H / QK; ++b) {
+            const uint8_t* blk = row + b * bb;
+            uint16_t d16, m16 = 0;
+            std::memcpy(&d16, blk, 2);
+            const float d = f16_to_f32(d16);
+            const int64_t o = n * H + b * QK;
+            if (qf == Q8_0) {
+                for (int j = 0; j < QK; ++j) store_scalar(out, dt, o + j, d * (float)(int8_t)blk[2 + j]);
+            } else if (qf == Q4_0) {
+                for (int j = 0; j < QK / 2; ++j) {
+                    store_scalar(out, dt, o + j, d * (float)((blk[2 + j] & 0x0F) - 8));
+                    store_scalar(out, dt, o + j + QK / 2, d * (float)((blk[2 + j] >> 4) - 8));
+                }
+            } else {
+                std::memcpy(&m16, blk + 2, 2);
+                const float m = f16_to_f32(m16);
+                for (int j = 0; j < QK / 2; ++j) {
+                    store_scalar(out, dt, o + j, d * (float)(blk[4 + j] & 0x0F) + m);
+                    store_scalar(out, dt, o + j + QK / 2, d * (float)(blk[4 + j] >> 4) + m);
+                }
+            }
+        }
+    }
 }
 
 const float* f16_table() {

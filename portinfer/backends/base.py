@@ -39,6 +39,9 @@ class Backend:
     native_weight_formats: tuple = spec.DENSE_FORMATS
     # an op set smaller than OPS means the rest fall back (see placement.py)
     ops: tuple = OPS
+    # formats of its own prepared weights (PreparedLinear.format) `embedding` gathers rows from: a tied
+    # output head is then the only copy of the matrix, GGUF blocks stay blocks (optional; empty: none)
+    embedding_table_formats: tuple = ()
     # a backend that quantizes activations (integer dot products) is held to the int8 budget
     quantizes_activations: bool = False
     # a backend whose kernels run on their own pool of CPU threads: while a model runs on it,
@@ -71,6 +74,9 @@ class Backend:
     def supports(self, op: str, **meta) -> bool:
         """Whether this backend computes `op` for these meta (see spec.validate_*)."""
         if op not in self.ops:
+            return False
+        if meta.get("table") == "prepared" and (meta.get("prepared_by") != self.name
+                                                or meta.get("weight_format") not in self.embedding_table_formats):
             return False
         dtype = meta.get("dtype")
         return dtype is None or dtype in self.activation_dtypes
@@ -134,6 +140,8 @@ class Backend:
         return self._prepare_linear(weight, dtype)
 
     def embedding(self, ids, table):
+        """ids int64 [N], table [V, H] (a dense tensor, or a PreparedLinear this backend prepared and
+        lists in embedding_table_formats) -> [N, H] in the table's (activation) dtype."""
         self._require("embedding", spec.validate_embedding(ids, table, self.device))
         return self._embedding(ids, table)
 

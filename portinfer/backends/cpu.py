@@ -11,6 +11,9 @@ or `set_simd` forces one (tests use it to check every path). Threads: PORTINFER_
 else the cores this process may run on; `set_num_threads` changes it. Both settings belong
 to the process (one pool, one kernel table), not to a backend instance.
 
+Embedding: from a dense table, or straight out of a prepared weight (the panels or blocks below),
+so a tied output head is the only copy of its matrix and a quantized table stays blocks.
+
 Weights: dense weights are packed at prepare time into k-major panels of 32 output
 features (the layout the GEMM and GEMV read), in the weight's own dtype. Q8_0/Q4_0/Q4_1
 weights take one of two routes, a backend setting (`quant_route`, default from
@@ -80,6 +83,9 @@ class CpuBackend(Backend):
     quantizes_activations = False  # per instance: True on the int8 route (see __init__)
     # SmolLM2 logits on the int8 route vs transformers, relative L2 (tests/test_smollm2.py; measured ~5e-3)
     model_logits_budget = 2e-2
+    # embedding gathers rows natively out of dense panels and Q8_0/Q4_0/Q4_1 blocks (csrc/layout.cpp);
+    # not out of the int8 route's repacked groups (their format carries the layout: "q4_0@...")
+    embedding_table_formats = ("fp32", "fp16", "bf16", "q8_0", "q4_0", "q4_1")
 
     @classmethod
     def probe(cls):
@@ -187,6 +193,11 @@ class CpuBackend(Backend):
 
     def _embedding(self, ids, table):
         ids = _index(ids, torch.int64)
+        if isinstance(table, spec.PreparedLinear):  # rows of a prepared weight: panels or blocks
+            out = self.new_output((ids.shape[0], table.in_features), table.dtype)
+            _cpu.embedding_prepared(out.data_ptr(), ids.data_ptr(), table.payload.data_ptr(), ids.shape[0],
+                                    table.in_features, _WEIGHT_CODE[table.format], _DTYPE_CODE[table.dtype])
+            return out
         n, h = ids.shape[0], table.shape[1]
         out = self.new_output((n, h), table.dtype)
         _cpu.embedding(out.data_ptr(), ids.data_ptr(), table.data_ptr(), n, h, table.stride(0), table.element_size())

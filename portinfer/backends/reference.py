@@ -19,6 +19,7 @@ F64 = torch.float64
 class ReferenceBackend(Backend):
     name = "reference"
     native_weight_formats = spec.WEIGHT_FORMATS  # dequantizes exactly, in float64
+    embedding_table_formats = ("fp64",)  # every prepared weight: rows of the float64 matrix
 
     def __init__(self, device=None, exact=False):
         super().__init__(device)
@@ -36,6 +37,8 @@ class ReferenceBackend(Backend):
         return spec.PreparedLinear(self.name, n, k, dtype, "fp64", spec.weight_format(weight), dense.to(self.device))
 
     def _embedding(self, ids, table):
+        if isinstance(table, spec.PreparedLinear):  # its payload: the weight in float64 [V, H]
+            return self._out(table.payload[ids.to(table.payload.device)], table.dtype)
         return self._out(table.to(F64)[ids], table.dtype)
 
     def _linear(self, x, w, bias):

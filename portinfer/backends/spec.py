@@ -231,21 +231,36 @@ def _min_max(t) -> tuple:
 # ----------------------------------------------------------------------------
 # one validator per op; each returns the meta that `supports` sees
 
+def prepared_table_meta(table: PreparedLinear) -> dict:
+    """What `supports("embedding", ...)` sees for a prepared table: its backend, activation dtype and
+    format (with the backend's own repacking, e.g. cpu's int8 groups, as "q4_0@int8x4")."""
+    layout = table.extra.get("layout")
+    return {"dtype": table.dtype, "table": "prepared", "prepared_by": table.backend,
+            "weight_format": table.format if layout is None else f"{table.format}@{layout}"}
+
+
 def validate_embedding(ids, table, device=None):
-    _rank("table", table, 2, "[V, H]")
-    _activation("table", table, 2, "[V, H]", device)
+    if isinstance(table, PreparedLinear):
+        # the rows of a prepared weight [V, H] (a tied output head, or GGUF blocks kept as prepared):
+        # gathered from the backend's own layout, dequantized exactly, in the dtype it was prepared for
+        vocab = table.out_features
+        meta = prepared_table_meta(table)
+    else:
+        _rank("table", table, 2, "[V, H]")
+        _activation("table", table, 2, "[V, H]", device)
+        vocab = table.shape[0]
+        meta = {"dtype": table.dtype}
     _tensor("ids", ids)
     if ids.dtype != torch.int64 or ids.dim() != 1:
         raise ValueError(f"ids: expected int64 [N], got {_describe(ids)}")
     if ids.numel() == 0:
         raise ValueError("ids: expected at least one id, got an empty tensor")
     _device("ids", ids, device)
-    vocab = table.shape[0]
     lo, hi = int(ids.min()), int(ids.max())
     if lo < 0 or hi >= vocab:
         bad = lo if lo < 0 else hi
         raise ValueError(f"ids: expected every id in [0, {vocab}) (the table's vocabulary), got {bad}")
-    return {"dtype": table.dtype}
+    return meta
 
 
 def validate_linear(x, w, bias=None, device=None):

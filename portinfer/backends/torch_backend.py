@@ -15,6 +15,7 @@ from .base import Backend, attention_mask, rotary_angles
 
 class TorchBackend(Backend):
     name = "torch"
+    embedding_table_formats = spec.DENSE_FORMATS  # rows of the dense payload
 
     @classmethod
     def default_device_name(cls):
@@ -40,6 +41,8 @@ class TorchBackend(Backend):
                                    dense)
 
     def _embedding(self, ids, table):
+        if isinstance(table, spec.PreparedLinear):  # its payload: the dense weight [V, H] (fp32 if it was blocks)
+            return F.embedding(ids, table.payload).to(table.dtype)
         return F.embedding(ids, table)
 
     def _linear(self, x, w, bias):

@@ -120,7 +120,7 @@ class CheckResults:
 def _evaluate(backend: Backend, reference: Backend, op: str, dtype, params, quantized: bool) -> CaseResult:
     case = cases_mod.Case(op, params, dtype)
     name = spec.dtype_name(dtype)
-    if not backend.supports(op, **case.meta()):
+    if not backend.supports(op, **case.meta(backend)):
         return CaseResult(op, name, params, 0.0, 0.0, "unsupported")
     y_ref = case.run(reference)
     kappa = 1.0
@@ -167,6 +167,8 @@ def _run_one(backend, reference, op, variant, dtype, profile, max_examples, seed
     meta = {"dtype": dtype}
     if op == "linear":
         meta["weight_format"] = name if variant == "dense" else variant
+    if op == "embedding" and variant != "dense" and not backend.embedding_table_formats:
+        return OpResult(label, name, "unsupported")  # it gathers from no prepared weight: a dense table
     if not backend.supports(op, **meta):
         return OpResult(label, name, "unsupported")
     results: list[CaseResult] = []
@@ -203,7 +205,7 @@ def _run_one(backend, reference, op, variant, dtype, profile, max_examples, seed
     if failure:
         res.failure = failure
         res.reproduce = (f"portinfer check --backend {backend.name} --ops {op} --dtypes {name} --seed {seed}"
-                         + (f" --weight-formats {variant}" if op == "linear" else ""))
+                         + (f" --weight-formats {variant}" if op in ("linear", "embedding") else ""))
     return res
 
 
@@ -212,7 +214,8 @@ def check(backend, ops=None, dtypes=None, weight_formats=None, max_examples=None
     """Run the conformance suite on `backend` (a name or a Backend instance).
 
     ops: subset of spec.OPS; dtypes: names ('fp32', 'fp16', 'bf16') or torch dtypes;
-    weight_formats: linear variants ('dense', 'q8_0', 'q4_0', 'q4_1'); max_examples per op and
+    weight_formats: linear and embedding variants ('dense', 'q8_0', 'q4_0', ...; embedding also 'prepared':
+    the rows of a dense prepared weight); max_examples per op and
     dtype (default: the backend's `conformance_max_examples`, else by profile); seed: the hypothesis seed (printed, reproducible; default random);
     profile: 'full' or 'small' (default: the backend's `conformance_profile`, else 'full').
     """
@@ -224,8 +227,9 @@ def check(backend, ops=None, dtypes=None, weight_formats=None, max_examples=None
             raise ValueError(f"ops: unknown op {op!r}; the contract's ops are {', '.join(spec.OPS)}")
     dtypes = [spec.parse_dtype(d) for d in (dtypes or ("fp32", "fp16", "bf16"))]
     for f in weight_formats or ():
-        if f not in cases_mod.LINEAR_VARIANTS:
-            raise ValueError(f"weight_formats: expected some of {', '.join(cases_mod.LINEAR_VARIANTS)}, got {f!r}")
+        known = cases_mod.LINEAR_VARIANTS + ("prepared",)
+        if f not in known:
+            raise ValueError(f"weight_formats: expected some of {', '.join(known)}, got {f!r}")
     profile = profile or getattr(backend, "conformance_profile", "full")
     if profile not in cases_mod.PROFILES:
         raise ValueError(f"profile: expected one of {', '.join(cases_mod.PROFILES)}, got {profile!r}")
@@ -236,10 +240,11 @@ def check(backend, ops=None, dtypes=None, weight_formats=None, max_examples=None
     out = CheckResults(backend.name, str(backend.device), seed, profile)
     for op in ops:
         for variant in cases_mod.variants(op):
-            if op == "linear" and weight_formats and variant not in weight_formats:
+            if op in ("linear", "embedding") and weight_formats and variant not in weight_formats:
                 continue
+            # rows of a prepared table: one gather kernel per layout, so a few cases per format suffice
+            examples = max(2, max_examples // 5) if op == "embedding" and variant != "dense" else max_examples
             # a backend may ask for fewer examples of one op variant (a slow executor, a costly format)
-            examples = max_examples
             per_variant = getattr(backend, "conformance_variant_examples", None)
             if per_variant:
                 examples = per_variant(op, variant) or max_examples

@@ -55,10 +55,14 @@ seeds = st.integers(0, 2 ** 31 - 1)
 # ---------------------------------------------------------------------------- strategies
 
 @st.composite
-def embedding_params(draw, profile="full"):
+def embedding_params(draw, profile="full", table="dense"):
+    """table: 'dense' (a [V, H] tensor), 'prepared' (a dense weight in the activation dtype, prepared by
+    the backend: a tied output head) or a GGUF block format (blocks prepared by the backend)."""
     lim = _LIMITS[profile]
-    return dict(V=draw(st.integers(1, lim["vocab"])), H=draw(st.integers(1, lim["cols"])),
-                N=draw(st.integers(1, 2 * lim["rows"])), pad=draw(st.sampled_from((0, 0, 3))), seed=draw(seeds))
+    block = spec.QUANT_FORMATS[table][0] if table in spec.QUANT_FORMATS else 1
+    H = block * draw(st.integers(1, max(1, lim["cols"] // block))) if block > 1 else draw(st.integers(1, lim["cols"]))
+    return dict(V=draw(st.integers(1, lim["vocab"])), H=H, N=draw(st.integers(1, 2 * lim["rows"])),
+                pad=draw(st.sampled_from((0, 0, 3))) if table == "dense" else 0, table=table, seed=draw(seeds))
 
 
 @st.composite
@@ -136,18 +140,22 @@ def attention_params(draw, profile="full"):
 def strategy(op, profile="full", variant=None):
     if op == "linear":
         return linear_params(profile, variant or "dense")
+    if op == "embedding":
+        return embedding_params(profile, variant or "dense")
     return {
         "embedding": embedding_params, "rms_norm": norm_params, "layer_norm": norm_params,
         "rope": rope_params, "silu_mul": silu_mul_params, "gelu": gelu_params, "attention": attention_params,
     }[op](profile)
 
 
-# variants: linear is checked once per weight format
+# variants: linear is checked once per weight format; embedding once per kind of table (a tensor, or the
+# rows of a prepared weight: dense, or each block format), on backends with Backend.embedding_table_formats
 LINEAR_VARIANTS = ("dense",) + tuple(spec.QUANT_FORMATS)
+EMBEDDING_VARIANTS = ("dense", "prepared") + tuple(spec.QUANT_FORMATS)
 
 
 def variants(op):
-    return LINEAR_VARIANTS if op == "linear" else (None,)
+    return {"linear": LINEAR_VARIANTS, "embedding": EMBEDDING_VARIANTS}.get(op, (None,))
 
 
 # ---------------------------------------------------------------------------- building inputs
@@ -163,8 +171,18 @@ class Case:
         getattr(self, "_build_" + op)(params, dtype)
 
     def _build_embedding(self, p, dtype):
-        self.table = _strided_rows(_randn((p["V"], p["H"]), p["seed"]).to(dtype), p["pad"])
+        table = p.get("table", "dense")
+        w = _randn((p["V"], p["H"]), p["seed"])
+        self.table = _strided_rows(w.to(dtype), p["pad"]) if table in ("dense", "prepared") else quant.quantize(w, table)
+        self.prepared = table != "dense"  # run() prepares it on the backend, as a tied head would be
         self.ids = torch.randint(0, p["V"], (p["N"],), generator=_gen(p["seed"] + 1))
+        self._prepared = {}
+
+    def prepared_table(self, backend):
+        """The table prepared by `backend` (once per backend and case)."""
+        if backend.name not in self._prepared:
+            self._prepared[backend.name] = backend.prepare_linear(self.table, self.dtype)
+        return self._prepared[backend.name]
 
     def _build_linear(self, p, dtype):
         s = p["seed"]
@@ -236,10 +254,14 @@ class Case:
 
     # ------------------------------------------------------------------------ running
 
-    def meta(self):
-        """What `supports` is asked before the case runs."""
+    def meta(self, backend=None):
+        """What `supports` is asked before the case runs (a prepared embedding table: by `backend`)."""
         meta = {"dtype": self.dtype}
-        if self.op == "linear":
+        if self.op == "embedding" and self.prepared:
+            if backend is None or not backend.embedding_table_formats:
+                return {**meta, "table": "prepared"}
+            meta.update(spec.prepared_table_meta(self.prepared_table(backend)))
+        elif self.op == "linear":
             meta["weight_format"] = spec.weight_format(self.weight)
         elif self.op == "attention":
             meta.update(D=self.q.shape[-1], causal=self.causal, gqa=self.q.shape[1] // self.k.shape[1],
@@ -259,7 +281,7 @@ class Case:
 
         op = self.op
         if op == "embedding":
-            return backend.embedding(on(self.ids), on(self.table))
+            return backend.embedding(on(self.ids), self.prepared_table(backend) if self.prepared else on(self.table))
         if op == "linear":
             w = backend.prepare_linear(self.weight, self.dtype)
             return backend.linear(on(self.x), w, on(self.bias))

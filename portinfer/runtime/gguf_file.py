@@ -40,7 +40,9 @@ class TensorInfo:
 class GGUFFile:
     def __init__(self, path):
         self.path = str(path)
-        self._map = np.memmap(self.path, dtype=np.uint8, mode="r")
+        # copy-on-write (MAP_PRIVATE): tensors are zero-copy views that torch may treat as writable;
+        # a write (none is made) would copy that page privately, never reach the file
+        self._map = np.memmap(self.path, dtype=np.uint8, mode="c")
         self._buf = memoryview(self._map)
         self._pos = 0
         if self._take(4) != MAGIC:

@@ -192,7 +192,11 @@ def load_gguf(path: Path) -> Checkpoint:
 
 
 def _gguf_tensor(t):
-    """A GGUF tensor (raw bytes) -> dense torch tensor [N, K] (or [K]) or QuantizedWeight, in memory we own."""
+    """A GGUF tensor (raw bytes) -> dense torch tensor [N, K] (or [K]) or QuantizedWeight.
+
+    Stored formats come back as views of the file's memory map, never copied: a backend that packs
+    or converts a weight at prepare time makes the only resident copy, and the map's pages (file
+    backed, dropped by the kernel once the map closes) go when the last view does."""
     import gguf
 
     kind = gguf.GGMLQuantizationType(t.type)
@@ -201,16 +205,19 @@ def _gguf_tensor(t):
     if fmt in spec.QUANT_FORMATS:
         per_block = spec.QUANT_FORMATS[fmt][0]
         if len(t.shape) == 2 and t.shape[1] % per_block == 0:
-            blocks = torch.from_numpy(np.array(t.data)).reshape(t.shape[0], -1)
+            blocks = torch.from_numpy(t.data).reshape(t.shape[0], -1)  # a view of the file map
             return spec.QuantizedWeight(fmt, blocks, t.shape)
         warnings.warn(f"GGUF tensor {t.name!r} ({fmt}, shape {list(t.shape)}): not a matrix whose rows are whole "
                       f"blocks of {per_block} weights, so it cannot stay {fmt} blocks; dequantized to fp32 at load",
                       stacklevel=3)
     elif kind in (T.F32, T.F16, T.BF16):
-        raw = np.array(t.data)
+        raw = t.data  # a view of the file map: no copy (see GGUFFile: a private, copy-on-write map)
         if kind == T.BF16:
-            return torch.from_numpy(raw.view(np.int16)).view(torch.bfloat16).reshape(t.shape)
-        return torch.from_numpy(raw.view(np.float32 if kind == T.F32 else np.float16)).reshape(t.shape)
+            dense = torch.from_numpy(raw.view(np.int16)).view(torch.bfloat16).reshape(t.shape)
+        else:
+            dense = torch.from_numpy(raw.view(np.float32 if kind == T.F32 else np.float16)).reshape(t.shape)
+        # vectors (norms, biases, rope factors) are copied: small, and a view would keep the whole map open
+        return dense if dense.dim() == 2 else dense.clone()
     # any other ggml type (Q5_0, Q2_K, ...): fp32, once, at load, by the gguf package's dequantizer
     # (it decodes whole blocks of the flattened tensor, so rows need not be whole blocks)
     dense = gguf.quants.dequantize(np.array(t.data).reshape(1, -1), kind)

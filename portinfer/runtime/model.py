@@ -75,9 +75,6 @@ class Decoder:
         inter, vocab = shard.intermediate_size, shard.local_vocab
         get = _WeightReader(weights)
 
-        self.embed = self._dense(get("model.embed_tokens.weight", (vocab, H)))
-        if shard.sharded:  # one zero row more: ids of other ranks' vocabulary embed to zeros here
-            self.embed = torch.cat([self.embed, self.embed.new_zeros(1, H)])
         self.layers = []
         for i in range(c.num_layers):
             p = f"model.layers.{i}."
@@ -112,20 +109,38 @@ class Decoder:
                 post_mlp_norm=self._dense(get(p + "post_mlp_layernorm.weight", (H,)) if c.post_norms else None),
             ))
         self.norm = self._dense(get("model.norm.weight", (H,)))
-        if c.tie_word_embeddings or "lm_head.weight" not in weights:
-            head = get("model.embed_tokens.weight", (vocab, H))
+        table = get("model.embed_tokens.weight", (vocab, H))
+        tied = c.tie_word_embeddings or "lm_head.weight" not in weights
+        self.lm_head = placement.prepare_linear(table if tied else get("lm_head.weight", (vocab, H)))
+        if shard.sharded:  # one zero row more: ids of other ranks' vocabulary embed to zeros here
+            self.embed = self._dense(table)
+            self.embed = torch.cat([self.embed, self.embed.new_zeros(1, H)])
         else:
-            head = get("lm_head.weight", (vocab, H))
-        self.lm_head = placement.prepare_linear(head)
+            self.embed = self._embedding_table(table, self.lm_head if tied else None)
         self._plans = OrderedDict()  # (B, S, all_rows, with cache) -> executor of that step plan
 
     def _dense(self, t):
-        """A dense tensor (or GGUF blocks, dequantized) in the activation dtype on the device."""
+        """A dense tensor (or GGUF blocks, dequantized) in the activation dtype on the device, in memory of
+        its own (never a view of the checkpoint's file map, which would keep the whole map resident)."""
         if t is None:
             return None
         if isinstance(t, spec.QuantizedWeight):
             t = quant.dequantize(t, torch.float32)
-        return t.to(device=self.device, dtype=self.dtype).contiguous()
+        out = t.to(device=self.device, dtype=self.dtype).contiguous()
+        return out.clone() if out.data_ptr() == t.data_ptr() else out
+
+    def _embedding_table(self, table, tied_head):
+        """The table `embedding` reads, as one copy of the matrix where the backend can gather rows from
+        its prepared weights (Backend.embedding_table_formats): a tied model's prepared output head
+        itself, or GGUF blocks prepared as for a linear (kept as blocks); else a dense copy."""
+        primary = self.placement.primary
+        prepared = tied_head
+        if (prepared is None and isinstance(table, spec.QuantizedWeight)
+                and table.format in primary.embedding_table_formats and table.format in primary.native_weight_formats):
+            prepared = primary.prepare_linear(table, self.dtype)
+        if prepared is not None and primary.supports("embedding", **spec.prepared_table_meta(prepared)):
+            return prepared
+        return self._dense(table)
 
     # ------------------------------------------------------------------ cache
 
