@@ -4,6 +4,7 @@
 #include <cstring>
 
 void embedding(void* out, const int64_t* ids, const void* table, int64_t N, int64_t H, int64_t ts, int64_t elem_bytes);
+void embedding_prepared(void* out, const int64_t* ids, const void* weights, int64_t N, int64_t H, int wfmt, int dt);
 
 namespace {
 
@@ -45,8 +46,12 @@ void plan_run(const std::vector<PlanNode>& nodes, const PlanRun& run, const Kern
     for (const PlanNode& n : nodes) {
         const int64_t* i = n.i;
         switch (n.op) {
-            case P_EMBEDDING:
-                embedding(at(n.r[0], run), (const int64_t*)at(n.r[1], run), at(n.r[2], run), i[0], i[1], i[2], i[3]);
+            case P_EMBEDDING:  // i[4]: -1 a dense table, else the prepared weight's format (rows of panels / blocks)
+                if (i[4] < 0)
+                    embedding(at(n.r[0], run), (const int64_t*)at(n.r[1], run), at(n.r[2], run), i[0], i[1], i[2], i[3]);
+                else
+                    embedding_prepared(at(n.r[0], run), (const int64_t*)at(n.r[1], run), at(n.r[2], run), i[0], i[1],
+                                       (int)i[4], (int)i[5]);
                 break;
             case P_RMS_NORM:
                 k.rms_norm(at(n.r[0], run), at(n.r[1], run), at(n.r[2], run), i[0], i[1], i[2], n.f, (int)i[3]);

@@ -137,9 +137,15 @@ class CpuPlanExecutor:
             return self._kv_cache(node)
         out = self.loc[node.out] = self._new_buffer(m)
         if op == "embedding":
-            ids, table = self._arg(a[0]), self._arg(a[1])
+            ids = self._arg(a[0])
+            if isinstance(a[1], Const) and isinstance(a[1].value, spec.PreparedLinear):  # rows of a prepared weight
+                w = a[1].value
+                payload = self._const(Const(w.payload))
+                return [(P_EMBEDDING, [out.ref, ids.ref, payload.ref], [ids.shape[0], w.in_features, 0, 0,
+                                                                        self._wf[w.format], dt], 0.0)]
+            table = self._arg(a[1])
             return [(P_EMBEDDING, [out.ref, ids.ref, table.ref], [ids.shape[0], table.shape[1], table.stride[0],
-                                                                   table.elem], 0.0)]
+                                                                   table.elem, -1], 0.0)]
         if op == "rms_norm":
             x, w = self._rows(a[0]), self._arg(a[1])
             return [(P_RMS_NORM, [out.ref, x.ref, w.ref], [x.shape[0], x.shape[1], x.stride[0], dt], a[2].value)]
