@@ -8,9 +8,14 @@ Layout (little endian; GGUF v2/v3): magic "GGUF", version u32, tensor_count u64,
 kv_count x (key: string, type: u32, value); tensor_count x (name: string, n_dims: u32,
 dims: u64[n_dims] fastest first, type: u32, offset: u64); padding to `general.alignment`
 (default 32); the tensor data, each tensor at data_start + offset. A string is u64 length + UTF-8.
+
+Every count, length, dimension and offset is checked against the bytes left in the file before
+anything is allocated for it (llama.cpp's gguf.c checks the same things), so a corrupt or hostile
+file ends in GGUFFormatError, never in a huge allocation, an overflow or a deep recursion.
 """
 from __future__ import annotations
 
+import math
 import struct
 from dataclasses import dataclass
 
@@ -23,6 +28,12 @@ _SCALARS = {0: ("<B", 1), 1: ("<b", 1), 2: ("<H", 2), 3: ("<h", 2), 4: ("<I", 4)
 _NUMPY = {0: "<u1", 1: "<i1", 2: "<u2", 3: "<i2", 4: "<u4", 5: "<i4", 6: "<f4", 7: "?", 10: "<u8", 11: "<i8",
           12: "<f8"}
 STRING, ARRAY = 8, 9
+MAX_DIMS = 8  # ggml's GGML_MAX_DIMS is 4; 8 leaves room
+MAX_NESTING = 8  # arrays of arrays: real files use none; bounded so a file cannot exhaust the stack
+MAX_ALIGNMENT = 1 << 20
+# the fewest bytes each record can occupy: a bound on the counts the header may claim
+_MIN_KV_BYTES = 8 + 4 + 1  # empty key, value type, smallest value
+_MIN_TENSOR_BYTES = 8 + 4 + 4 + 8  # empty name, n_dims, type, offset
 
 
 class GGUFFormatError(ValueError):
@@ -51,21 +62,38 @@ class GGUFFile:
         if self.version not in (2, 3):
             raise GGUFFormatError(f"GGUF version {self.version} is not supported (2 or 3)")
         tensor_count, kv_count = self._scalar(10), self._scalar(10)
+        self._count("kv_count", kv_count, _MIN_KV_BYTES)
+        self._count("tensor_count", tensor_count, _MIN_TENSOR_BYTES)
         self.metadata = {}
         for _ in range(kv_count):
             key = self._string()
-            self.metadata[key] = self._value(self._scalar(4))
-        infos = []
+            if key in self.metadata:
+                raise GGUFFormatError(f"metadata key {key!r} appears twice")
+            self.metadata[key] = self._value(self._scalar(4), key)
+        infos, names = [], set()
         for _ in range(tensor_count):
             name = self._string()
+            if name in names:
+                raise GGUFFormatError(f"tensor {name!r} appears twice")
+            names.add(name)
             n_dims = self._scalar(4)
-            if n_dims > 8:
-                raise GGUFFormatError(f"tensor {name!r}: {n_dims} dimensions")
+            if n_dims > MAX_DIMS:
+                raise GGUFFormatError(f"tensor {name!r}: n_dims = {n_dims}, expected at most {MAX_DIMS}")
             dims = [self._scalar(10) for _ in range(n_dims)]
+            if 0 in dims:
+                raise GGUFFormatError(f"tensor {name!r}: dimension 0 in {dims}")
             infos.append((name, tuple(reversed(dims)), self._scalar(4), self._scalar(10)))
-        alignment = int(self.metadata.get("general.alignment", 32))
+        alignment = self.metadata.get("general.alignment", 32)
+        if (isinstance(alignment, bool) or not isinstance(alignment, int) or not 0 < alignment <= MAX_ALIGNMENT
+                or alignment & (alignment - 1)):
+            raise GGUFFormatError(f"general.alignment = {alignment!r}: expected a power of two in 1..{MAX_ALIGNMENT}")
         start = -(-self._pos // alignment) * alignment
-        self.tensors = [self._tensor(name, shape, kind, start + offset) for name, shape, kind, offset in infos]
+        self.tensors = []
+        for name, shape, kind, offset in infos:
+            if offset % alignment:
+                raise GGUFFormatError(f"tensor {name!r}: offset {offset} is not a multiple of general.alignment "
+                                      f"= {alignment}")
+            self.tensors.append(self._tensor(name, shape, kind, start + offset))
 
     # ------------------------------------------------------------------ sequential reads
 
@@ -76,6 +104,13 @@ class GGUFFile:
         data = self._buf[self._pos:end]
         self._pos = end
         return data
+
+    def _count(self, what, count, min_bytes):
+        """A count read from the header, bounded by the bytes left (each record takes >= min_bytes)."""
+        left = len(self._buf) - self._pos
+        if count * min_bytes > left:
+            raise GGUFFormatError(f"{what} = {count} at byte {self._pos}: more than the {left} bytes left in the "
+                                  f"file can hold (truncated or corrupt?)")
 
     def _scalar(self, kind):
         fmt, size = _SCALARS[kind]
@@ -88,21 +123,27 @@ class GGUFFile:
         except UnicodeDecodeError as exc:
             raise GGUFFormatError(f"a string at byte {self._pos - n} is not UTF-8 ({exc})") from None
 
-    def _value(self, kind):
+    def _value(self, kind, key, depth=0):
         if kind in _SCALARS:
             return self._scalar(kind)
         if kind == STRING:
             return self._string()
         if kind == ARRAY:
+            if depth >= MAX_NESTING:
+                raise GGUFFormatError(f"metadata {key!r}: arrays nested deeper than {MAX_NESTING}")
             item, count = self._scalar(4), self._scalar(10)
             if item == STRING:
+                self._count(f"metadata {key!r}: array length", count, 8)
                 return [self._string() for _ in range(count)]
             if item in _NUMPY:
                 dtype = np.dtype(_NUMPY[item])
+                self._count(f"metadata {key!r}: array length", count, dtype.itemsize)
                 return np.frombuffer(self._take(count * dtype.itemsize), dtype=dtype).tolist()
             if item == ARRAY:
-                return [self._value(ARRAY) for _ in range(count)]
-        raise GGUFFormatError(f"unknown GGUF value type {kind} at byte {self._pos}")
+                self._count(f"metadata {key!r}: array length", count, 4 + 8)
+                return [self._value(ARRAY, key, depth + 1) for _ in range(count)]
+            raise GGUFFormatError(f"metadata {key!r}: unknown array item type {item} at byte {self._pos}")
+        raise GGUFFormatError(f"metadata {key!r}: unknown GGUF value type {kind} at byte {self._pos}")
 
     def _tensor(self, name, shape, kind, offset):
         from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
@@ -111,9 +152,10 @@ class GGUFFile:
             block, block_bytes = GGML_QUANT_SIZES[GGMLQuantizationType(kind)]
         except (ValueError, KeyError):
             raise GGUFFormatError(f"tensor {name!r}: unknown ggml type {kind}") from None
-        count = int(np.prod(shape)) if shape else 1
-        if count % block:
-            raise GGUFFormatError(f"tensor {name!r}: {count} elements are not whole blocks of {block}")
+        count = math.prod(shape)  # Python integers: no overflow, compared with the file size below
+        if (shape[-1] if shape else 1) % block:
+            raise GGUFFormatError(f"tensor {name!r}: rows of {shape[-1] if shape else 1} elements are not whole blocks of "
+                                  f"{block}")
         nbytes = count // block * block_bytes
         if offset + nbytes > len(self._map):
             raise GGUFFormatError(f"tensor {name!r} ends at byte {offset + nbytes}, past the end of the file "

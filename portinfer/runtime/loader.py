@@ -28,12 +28,18 @@ import numpy as np
 import torch
 
 from ..backends import spec
-from .config import ModelConfig
-from .tokenizer import Tokenizer
+from .config import ConfigError, ModelConfig
+from .tokenizer import Tokenizer, TokenizerError
 
 
 class CheckpointError(ValueError):
     """A checkpoint file is missing, truncated, corrupt or does not match its config."""
+
+
+# Errors a checkpoint can end in (each a ValueError or OSError subclass, each naming the file and the
+# field); the fuzz harness (fuzz/) holds every loader to exactly these.
+# TokenizerError comes from tokenizer.py, ConfigError from config.py; FileNotFoundError for a missing path.
+MAX_JSON_BYTES = 64 << 20  # config.json, generation_config.json, the shard index
 
 
 @dataclass
@@ -67,9 +73,26 @@ def _read_json(path: Path, required=True):
             raise CheckpointError(f"{path.parent}: missing {path.name}")
         return None
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise CheckpointError(f"{path}: not valid JSON ({exc})") from None
+        if path.stat().st_size > MAX_JSON_BYTES:
+            raise CheckpointError(f"{path}: {path.stat().st_size} bytes, more than the {MAX_JSON_BYTES} a JSON "
+                                  f"config may have")
+        value = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError, OSError) as exc:
+        raise CheckpointError(f"{path}: not valid JSON ({type(exc).__name__}: {str(exc)[:200]})") from None
+    if not isinstance(value, dict):
+        raise CheckpointError(f"{path}: expected a JSON object, got {type(value).__name__}")
+    return value
+
+
+def _named(file, fn, *args):
+    """fn(*args), with a ConfigError / TokenizerError that does not name its file prefixed with it."""
+    try:
+        return fn(*args)
+    except (ConfigError, TokenizerError) as exc:
+        message = str(exc)
+        if str(file) in message:
+            raise
+        raise type(exc)(f"{file}: {message}") from None
 
 
 def load_hf_dir(path: Path) -> Checkpoint:
@@ -77,11 +100,18 @@ def load_hf_dir(path: Path) -> Checkpoint:
     generation = _read_json(path / "generation_config.json", required=False) or {}
     from .encoder import EncoderConfig, is_encoder_config  # BERT-family encoders (issue 15)
 
-    config = EncoderConfig.from_hf(cfg) if is_encoder_config(cfg) else ModelConfig.from_hf(cfg, generation)
+    config = (_named(path / "config.json", EncoderConfig.from_hf, cfg) if is_encoder_config(cfg)
+              else _named(path / "config.json", ModelConfig.from_hf, cfg, generation))
+    defaults = _named(path / "generation_config.json", _generation_defaults, generation)
     index = path / "model.safetensors.index.json"
     if index.exists():
         weight_map = _read_json(index).get("weight_map") or {}
+        if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+            raise CheckpointError(f"{index}: weight_map: expected an object of tensor name -> shard file name")
         files = sorted(set(weight_map.values()))
+        for name in files:  # a shard is a file beside the index, never a path elsewhere
+            if Path(name).name != name or name in ("", ".", ".."):
+                raise CheckpointError(f"{index}: weight_map: shard {name!r} is not a file name in {path}")
     elif (path / "model.safetensors").exists():
         files = ["model.safetensors"]
     else:
@@ -89,16 +119,21 @@ def load_hf_dir(path: Path) -> Checkpoint:
         hint = (f" (found {', '.join(pickled)}: pickle checkpoints are never loaded; convert them to safetensors)"
                 if pickled else "")
         raise CheckpointError(f"{path}: no model.safetensors or model.safetensors.index.json{hint}")
-    weights, total = {}, 0
+    weights, sources, total = {}, {}, 0
     for name in files:
         file = path / name
-        if not file.exists():
+        if not file.is_file():
             raise CheckpointError(f"{path}: shard {name} named in the index is missing")
         total += file.stat().st_size
-        weights.update(_read_safetensors(file))
+        for key, value in _read_safetensors(file).items():
+            if key in weights:
+                raise CheckpointError(f"{file}: tensor {key!r} is also in {sources[key]}")
+            weights[key], sources[key] = value, file
     _split_gate_up(weights, config)
+    if isinstance(config, ModelConfig):  # decoders; an encoder's weights are checked by runtime/encoder.py
+        check_weights(config, weights, sources)
     tokenizer = Tokenizer.from_hf_dir(path) if (path / "tokenizer.json").exists() else None
-    return Checkpoint(config, weights, tokenizer, _generation_defaults(generation), name=path.name,
+    return Checkpoint(config, weights, tokenizer, defaults, name=path.name,
                       file_bytes=total, source_format="safetensors")
 
 
@@ -108,17 +143,81 @@ def _read_safetensors(file: Path) -> dict:
     try:
         with safe_open(str(file), framework="pt") as f:
             return {key: f.get_tensor(key) for key in f.keys()}
-    except (SafetensorError, OSError, RuntimeError) as exc:
-        raise CheckpointError(f"{file}: cannot read safetensors (truncated or corrupt?): {exc}") from None
+    except (SafetensorError, OSError, RuntimeError, ValueError, TypeError, OverflowError) as exc:
+        raise CheckpointError(f"{file}: cannot read safetensors (truncated or corrupt?): {str(exc)[:300]}") from None
+
+
+def check_weights(config: ModelConfig, weights: dict, sources) -> None:
+    """Before any weight is used: each tensor the decoder reads by a known name has the shape the config
+    implies and a floating dtype, and an untied model has its own output head. `sources` is one file
+    (or name -> file) for the messages. Tensors under other names are left to the model."""
+    c, H = config, config.hidden_size
+    expected = {"model.embed_tokens.weight": (c.vocab_size, H), "lm_head.weight": (c.vocab_size, H),
+                "model.norm.weight": (H,)}
+    per_layer = {"self_attn.q_proj.weight": (c.q_size, H), "self_attn.k_proj.weight": (c.kv_size, H),
+                 "self_attn.v_proj.weight": (c.kv_size, H), "self_attn.o_proj.weight": (H, c.q_size),
+                 "self_attn.q_proj.bias": (c.q_size,), "self_attn.k_proj.bias": (c.kv_size,),
+                 "self_attn.v_proj.bias": (c.kv_size,), "self_attn.o_proj.bias": (H,),
+                 "mlp.gate_proj.weight": (c.intermediate_size, H), "mlp.up_proj.weight": (c.intermediate_size, H),
+                 "mlp.down_proj.weight": (H, c.intermediate_size), "mlp.gate_proj.bias": (c.intermediate_size,),
+                 "mlp.up_proj.bias": (c.intermediate_size,), "mlp.down_proj.bias": (H,),
+                 "input_layernorm.weight": (H,), "post_attention_layernorm.weight": (H,)}
+
+    def source(name):
+        return sources.get(name, "checkpoint") if isinstance(sources, dict) else sources
+
+    for name, t in weights.items():
+        shape = expected.get(name)
+        if shape is None and name.startswith("model.layers."):
+            layer, _, rest = name[len("model.layers."):].partition(".")
+            shape = per_layer.get(rest) if layer.isdigit() and int(layer) < c.num_layers else None
+        if shape is None:
+            continue
+        if tuple(t.shape) != shape:
+            raise CheckpointError(f"{source(name)}: tensor {name!r} has shape {list(t.shape)}, expected "
+                                  f"{list(shape)} (from the config)")
+        if isinstance(t, torch.Tensor) and t.dtype not in spec.ACTIVATION_DTYPES:
+            raise CheckpointError(f"{source(name)}: tensor {name!r} has dtype {t.dtype}, expected float32, "
+                                  f"float16 or bfloat16")
+    where = sources if not isinstance(sources, dict) else (next(iter(sources.values()), "checkpoint")
+                                                           if len(set(sources.values())) == 1 else "checkpoint")
+    if c.architecture in ("llama", "qwen2", "mistral"):  # the tensors these decoders read, all present
+        needed = ["model.embed_tokens.weight", "model.norm.weight"]
+        layer_needs = [k for k in per_layer if k.endswith(".weight")]
+        layer_needs += [f"self_attn.{n}_proj.bias" for n in "qkv"] if c.qkv_bias else []
+        layer_needs += ["self_attn.o_proj.bias"] if c.o_bias else []
+        layer_needs += [f"mlp.{n}_proj.bias" for n in ("gate", "up", "down")] if c.mlp_bias else []
+        needed += [f"model.layers.{i}.{k}" for i in range(c.num_layers) for k in layer_needs]
+        missing = [n for n in needed if n not in weights]
+        if missing:
+            first = missing[0]
+            shape = expected.get(first) or per_layer[first.split(".", 3)[3]]
+            raise CheckpointError(f"{where}: missing tensor {first!r} (expected shape {list(shape)})"
+                                  + (f" and {len(missing) - 1} more" if len(missing) > 1 else ""))
+    if not c.tie_word_embeddings and "lm_head.weight" not in weights:
+        raise CheckpointError(f"{where}: missing tensor 'lm_head.weight': the config says the output head is not "
+                              f"tied to the embeddings (tie_word_embeddings false), so the file must hold it")
 
 
 def _generation_defaults(generation: dict) -> dict:
-    """The sampling settings generation_config.json asks for, as Model.generate keywords."""
-    if not generation.get("do_sample", bool(generation.get("temperature"))):
+    """The sampling settings generation_config.json asks for, as Model.generate keywords (checked here,
+    at load: a wrong type is a ConfigError naming the field, not a failure at the first generate)."""
+    from .config import field_value
+    from .sampling import SamplingParams
+
+    where = "generation_config.json"
+    temperature = field_value(generation, "temperature", "float", None, where)
+    if not field_value(generation, "do_sample", "bool", bool(temperature), where):
         return {}
-    keys = {"temperature": "temperature", "top_k": "top_k", "top_p": "top_p", "min_p": "min_p",
-            "repetition_penalty": "repetition_penalty"}
-    return {ours: generation[theirs] for theirs, ours in keys.items() if generation.get(theirs) is not None}
+    kinds = {"temperature": "float", "top_k": "int", "top_p": "float", "min_p": "float",
+             "repetition_penalty": "float"}
+    defaults = {key: field_value(generation, key, kind, None, where) for key, kind in kinds.items()}
+    defaults = {key: value for key, value in defaults.items() if value is not None}
+    try:
+        SamplingParams(**defaults)
+    except ValueError as exc:
+        raise ConfigError(f"{where}: {exc}") from None
+    return defaults
 
 
 # ---------------------------------------------------------------------------- GGUF
@@ -170,8 +269,14 @@ def load_gguf(path: Path) -> Checkpoint:
     tensors = {t.name: t for t in f.tensors}
     freq_factors = None
     if "rope_freqs.weight" in tensors:
-        freq_factors = _gguf_tensor(tensors["rope_freqs.weight"]).reshape(-1).float()
-    config = ModelConfig.from_gguf(meta, set(tensors), freq_factors)
+        try:
+            freq_factors = _gguf_tensor(tensors["rope_freqs.weight"])
+        except Exception as exc:
+            raise CheckpointError(f"{path}: tensor 'rope_freqs.weight' cannot be read: {str(exc)[:300]}") from None
+        if not isinstance(freq_factors, torch.Tensor):
+            raise CheckpointError(f"{path}: tensor 'rope_freqs.weight': expected fp32/fp16/bf16, got a quantized type")
+        freq_factors = freq_factors.float()
+    config = _named(path, ModelConfig.from_gguf, meta, set(tensors), freq_factors)
     weights = {}
     for t in f.tensors:
         name = hf_name(t.name, config.architecture)
@@ -179,15 +284,22 @@ def load_gguf(path: Path) -> Checkpoint:
             continue
         try:
             value = _gguf_tensor(t)
+            if config.architecture == "llama" and (".q_proj." in name or ".k_proj." in name):
+                heads = config.num_heads if ".q_proj." in name else config.num_kv_heads
+                rows = config.q_size if ".q_proj." in name else config.kv_size
+                if value.shape[0] != rows:
+                    raise CheckpointError(f"{path}: tensor {t.name!r} has {value.shape[0]} rows, expected {rows}")
+                value = _unpermute_rows(value, heads)
+        except CheckpointError:
+            raise
         except Exception as exc:
-            raise CheckpointError(f"{path}: tensor {t.name!r} cannot be read: {exc}") from None
-        if config.architecture == "llama" and (".q_proj." in name or ".k_proj." in name):
-            heads = config.num_heads if ".q_proj." in name else config.num_kv_heads
-            value = _unpermute_rows(value, heads)
+            raise CheckpointError(f"{path}: tensor {t.name!r} cannot be read: {str(exc)[:300]}") from None
         weights[name] = value
     _split_gate_up(weights, config)
-    tokenizer = Tokenizer.from_gguf_metadata(meta) if "tokenizer.ggml.tokens" in meta else None
-    return Checkpoint(config, weights, tokenizer, {}, name=meta.get("general.name") or path.stem,
+    check_weights(config, weights, path)
+    tokenizer = _named(path, Tokenizer.from_gguf_metadata, meta) if "tokenizer.ggml.tokens" in meta else None
+    name = meta.get("general.name")
+    return Checkpoint(config, weights, tokenizer, {}, name=name if isinstance(name, str) and name else path.stem,
                       file_bytes=path.stat().st_size, source_format="gguf")
 
 

@@ -4,6 +4,15 @@ Both end up as a `tokenizers.Tokenizer`. For GGUF byte-level BPE vocabularies (`
 = gpt2`) the pre-tokenizer follows the file's `tokenizer.ggml.pre`, as llama.cpp does (SmolLM splits
 digits one by one, Llama 3 / Qwen2 use their own split patterns); tokens the file marks as control
 become special tokens, matched whole. Chat templates are Jinja, rendered in a sandbox.
+
+Errors: anything wrong with the tokenizer files (tokenizers' and jinja2's own exceptions included) is a
+TokenizerError naming the file and the field; a template that fails while rendering is a
+ChatTemplateError. Both are ValueErrors.
+
+BOS: a chat prompt (what apply_chat_template returns, a ChatPrompt) is encoded as transformers'
+apply_chat_template(tokenize=True) encodes it: without the tokenizer.json post-processor's special
+tokens, since the template writes them itself (Llama 3's writes <|begin_of_text|>, which the
+post-processor would add a second time).
 """
 from __future__ import annotations
 
@@ -26,6 +35,21 @@ PRE_TOKENIZER_SPLITS = {
 }
 CONTROL = 3  # llama.cpp token type of special tokens such as <|im_start|>
 USER_DEFINED = 4
+# a template loops over messages; range() in one rendering is bounded so a template cannot hang
+MAX_TEMPLATE_RANGE = 100_000
+
+
+class TokenizerError(ValueError):
+    """A tokenizer file (tokenizer.json, tokenizer_config.json, a chat template, GGUF tokenizer metadata)
+    is malformed or unsupported; the message names the file and the field."""
+
+
+class ChatTemplateError(ValueError):
+    """The model's chat template failed while rendering these messages (raise_exception, a bad template)."""
+
+
+class ChatPrompt(str):
+    """Text rendered by a chat template: encoded without the post-processor's special tokens (see above)."""
 
 
 class Tokenizer:
@@ -42,14 +66,37 @@ class Tokenizer:
     def from_hf_dir(cls, path: Path) -> "Tokenizer":
         from tokenizers import Tokenizer as HFTokenizer
 
-        backend = HFTokenizer.from_file(str(path / "tokenizer.json"))
-        cfg = {}
-        if (path / "tokenizer_config.json").exists():
-            cfg = json.loads((path / "tokenizer_config.json").read_text(encoding="utf-8"))
+        file = path / "tokenizer.json"
+        try:
+            backend = HFTokenizer.from_file(str(file))
+        except Exception as exc:  # tokenizers raises bare Exception / TypeError for a malformed file
+            raise TokenizerError(f"{file}: cannot build the tokenizer: {_short(exc)}") from None
+        cfg, cfg_file = {}, path / "tokenizer_config.json"
+        if cfg_file.exists():
+            cfg = _read_json(cfg_file)
         template = cfg.get("chat_template")
-        if (path / "chat_template.jinja").exists():
-            template = (path / "chat_template.jinja").read_text(encoding="utf-8")
-        return cls(backend, template, _token_text(cfg.get("bos_token")), _token_text(cfg.get("eos_token")))
+        where = f"{cfg_file}: chat_template"
+        if isinstance(template, list):  # named templates: [{"name": "default", "template": ...}, ...]
+            named = {t.get("name"): t.get("template") for t in template if isinstance(t, dict)}
+            template = named.get("default", next(iter(named.values()), None))
+        template_file = path / "chat_template.jinja"
+        if template_file.exists():
+            try:
+                template, where = template_file.read_text(encoding="utf-8"), str(template_file)
+            except (OSError, UnicodeDecodeError) as exc:
+                raise TokenizerError(f"{template_file}: cannot read the chat template: {_short(exc)}") from None
+        if template is not None and not isinstance(template, str):
+            raise TokenizerError(f"{where}: expected a Jinja template string, got {type(template).__name__}")
+        tokens = []
+        for key in ("bos_token", "eos_token"):
+            token = _token_text(cfg.get(key))
+            if token is not None and not isinstance(token, str):
+                raise TokenizerError(f"{cfg_file}: {key}: expected a string or {{\"content\": string}}, "
+                                     f"got {cfg.get(key)!r}"[:300])
+            tokens.append(token)
+        tokenizer = cls(backend, template, *tokens)
+        tokenizer._compile_template(where)
+        return tokenizer
 
     @classmethod
     def from_gguf_metadata(cls, meta: dict) -> "Tokenizer":
@@ -58,33 +105,52 @@ class Tokenizer:
 
         kind = meta.get("tokenizer.ggml.model")
         if kind != "gpt2":
-            raise ValueError(f"GGUF tokenizer.ggml.model {kind!r} is not supported; supported is 'gpt2' (byte-level "
-                             f"BPE: SmolLM2, Llama 3, Qwen2)")
-        tokens = list(meta["tokenizer.ggml.tokens"])
+            raise TokenizerError(f"GGUF tokenizer.ggml.model {kind!r} is not supported; supported is 'gpt2' "
+                                 f"(byte-level BPE: SmolLM2, Llama 3, Qwen2)")
+        tokens = meta["tokenizer.ggml.tokens"]
+        if not isinstance(tokens, list) or not tokens or not all(isinstance(t, str) for t in tokens):
+            raise TokenizerError("GGUF tokenizer.ggml.tokens: expected a non-empty array of strings")
         vocab = {tok: i for i, tok in enumerate(tokens)}
-        merges = [tuple(m.split(" ", 1)) for m in meta.get("tokenizer.ggml.merges", [])]
-        backend = HFTokenizer(models.BPE(vocab=vocab, merges=merges, fuse_unk=False, byte_fallback=False))
+        merges = meta.get("tokenizer.ggml.merges", [])
+        if not isinstance(merges, list) or not all(isinstance(m, str) and m.count(" ") == 1 for m in merges):
+            raise TokenizerError("GGUF tokenizer.ggml.merges: expected an array of strings 'left right'")
+        merges = [tuple(m.split(" ", 1)) for m in merges]
         pre = meta.get("tokenizer.ggml.pre", "default")
-        splits = PRE_TOKENIZER_SPLITS.get(pre)
+        splits = PRE_TOKENIZER_SPLITS.get(pre) if isinstance(pre, str) else None
         if splits is None:
-            raise ValueError(f"GGUF tokenizer.ggml.pre {pre!r} is not supported; supported are "
-                             f"{', '.join(sorted(PRE_TOKENIZER_SPLITS))}")
-        backend.pre_tokenizer = pre_tokenizers.Sequence(
-            [pre_tokenizers.Split(Regex(s), behavior="isolated") for s in splits]
-            + [pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
-        backend.decoder = decoders.ByteLevel()
-        types = list(meta.get("tokenizer.ggml.token_type", []))
-        backend.add_special_tokens([AddedToken(tokens[i], special=True, normalized=False)
-                                    for i, t in enumerate(types) if t == CONTROL])
-        backend.add_tokens([AddedToken(tokens[i], special=False, normalized=False)
-                            for i, t in enumerate(types) if t == USER_DEFINED])
+            raise TokenizerError(f"GGUF tokenizer.ggml.pre {pre!r} is not supported; supported are "
+                                 f"{', '.join(sorted(PRE_TOKENIZER_SPLITS))}"[:300])
+        types = meta.get("tokenizer.ggml.token_type", [])
+        if not isinstance(types, list) or not all(isinstance(t, int) for t in types):
+            raise TokenizerError("GGUF tokenizer.ggml.token_type: expected an array of integers")
+        try:
+            backend = HFTokenizer(models.BPE(vocab=vocab, merges=merges, fuse_unk=False, byte_fallback=False))
+            backend.pre_tokenizer = pre_tokenizers.Sequence(
+                [pre_tokenizers.Split(Regex(s), behavior="isolated") for s in splits]
+                + [pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+            backend.decoder = decoders.ByteLevel()
+            backend.add_special_tokens([AddedToken(tokens[i], special=True, normalized=False)
+                                        for i, t in enumerate(types[:len(tokens)]) if t == CONTROL])
+            backend.add_tokens([AddedToken(tokens[i], special=False, normalized=False)
+                                for i, t in enumerate(types[:len(tokens)]) if t == USER_DEFINED])
+        except Exception as exc:  # tokenizers: "Token ... out of vocabulary" is a bare Exception
+            raise TokenizerError(f"GGUF tokenizer.ggml.tokens / merges: cannot build the tokenizer: "
+                                 f"{_short(exc)}") from None
 
         def token(key):
             i = meta.get(key)
-            return tokens[i] if i is not None and 0 <= i < len(tokens) else None
+            return tokens[i] if isinstance(i, int) and 0 <= i < len(tokens) else None
 
-        return cls(backend, meta.get("tokenizer.chat_template"), token("tokenizer.ggml.bos_token_id"),
-                   token("tokenizer.ggml.eos_token_id"), add_bos=bool(meta.get("tokenizer.ggml.add_bos_token", False)))
+        template = meta.get("tokenizer.chat_template")
+        if template is not None and not isinstance(template, str):
+            raise TokenizerError("GGUF tokenizer.chat_template: expected a string")
+        add_bos = meta.get("tokenizer.ggml.add_bos_token", False)
+        if not isinstance(add_bos, (bool, int)):
+            raise TokenizerError(f"GGUF tokenizer.ggml.add_bos_token: expected a bool, got {add_bos!r}"[:300])
+        tokenizer = cls(backend, template, token("tokenizer.ggml.bos_token_id"),
+                        token("tokenizer.ggml.eos_token_id"), add_bos=bool(add_bos))
+        tokenizer._compile_template("GGUF tokenizer.chat_template")
+        return tokenizer
 
     # ------------------------------------------------------------------ use
 
@@ -94,7 +160,9 @@ class Tokenizer:
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         if not isinstance(text, str):
             raise ValueError(f"prompt: expected a str, got {type(text).__name__}")
-        ids = self.backend.encode(text, add_special_tokens=add_special_tokens).ids
+        # a chat prompt already holds the special tokens its template writes (transformers: tokenize=True)
+        post_processor = add_special_tokens and not isinstance(text, ChatPrompt)
+        ids = self.backend.encode(str(text), add_special_tokens=post_processor).ids
         if add_special_tokens and self.add_bos and self.bos_token is not None:
             bos = self.token_id(self.bos_token)
             if bos is not None and (not ids or ids[0] != bos):
@@ -116,15 +184,38 @@ class Tokenizer:
         for i, m in enumerate(messages):
             if not isinstance(m, dict) or "role" not in m or "content" not in m:
                 raise ValueError(f"messages[{i}]: expected a dict with 'role' and 'content', got {m!r}")
-        if self._template is None:
-            self._template = _compile_template(self.chat_template)
+        self._compile_template("chat template")
+        from jinja2.exceptions import TemplateError
+
         variables = {"bos_token": self.bos_token or "", "eos_token": self.eos_token or "", "tools": None,
                      "documents": None, **template_kwargs}
-        return self._template.render(messages=messages, add_generation_prompt=add_generation_prompt, **variables)
+        self._range_budget[0] = MAX_TEMPLATE_RANGE
+        try:
+            text = self._template.render(messages=messages, add_generation_prompt=add_generation_prompt, **variables)
+        except TemplateError as exc:  # raise_exception(...) in the template, or a sandbox refusal
+            raise ChatTemplateError(f"chat template: {_short(exc)}") from None
+        except (TypeError, ValueError, AttributeError, KeyError, IndexError, ZeroDivisionError, OverflowError,
+                RecursionError) as exc:  # an error inside the template's own expressions
+            raise ChatTemplateError(f"chat template: rendering failed: {type(exc).__name__}: {_short(exc)}") from None
+        return ChatPrompt(text)
+
+    def _compile_template(self, where):
+        """Compile the chat template once (at load, so a broken one is reported with its file)."""
+        if self._template is not None or not self.chat_template:
+            return
+        from jinja2.exceptions import TemplateError
+
+        try:
+            self._template, self._range_budget = _compile_template(self.chat_template)
+        except TemplateError as exc:
+            raise TokenizerError(f"{where}: not a valid Jinja template: {_short(exc)}") from None
+        except (RecursionError, MemoryError, ValueError, TypeError) as exc:
+            raise TokenizerError(f"{where}: the template cannot be compiled: {type(exc).__name__}") from None
 
 
 def _compile_template(source: str):
-    """A chat template compiled in the environment transformers renders chat templates in."""
+    """A chat template compiled in the environment transformers renders chat templates in, with range()
+    bounded per rendering -> (template, budget: reset to MAX_TEMPLATE_RANGE before each render)."""
     import datetime
     import json as _json
 
@@ -139,15 +230,40 @@ def _compile_template(source: str):
         # as transformers: Jinja's own tojson escapes <, >, & and ' for HTML, which no prompt wants
         return _json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
 
+    budget = [MAX_TEMPLATE_RANGE]
+
+    def bounded_range(*args):
+        r = range(*args)
+        budget[0] -= len(r)
+        if budget[0] < 0:
+            raise TemplateError(f"range(): more than {MAX_TEMPLATE_RANGE} steps in one rendering")
+        return r
+
     env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[jinja2.ext.loopcontrols])
     env.filters["tojson"] = tojson
     env.globals["raise_exception"] = raise_exception
     env.globals["strftime_now"] = lambda fmt: datetime.datetime.now().strftime(fmt)
-    return env.from_string(source)
+    env.globals["range"] = bounded_range
+    return env.from_string(source), budget
 
 
 def _token_text(value):
     """tokenizer_config.json writes special tokens as a string or as {"content": ...}."""
     if isinstance(value, dict):
         return value.get("content")
+    return value
+
+
+def _short(exc) -> str:
+    text = str(exc) or type(exc).__name__
+    return text if len(text) <= 300 else text[:300] + "..."
+
+
+def _read_json(file: Path) -> dict:
+    try:
+        value = json.loads(file.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError, OSError) as exc:
+        raise TokenizerError(f"{file}: not valid JSON ({type(exc).__name__}: {_short(exc)})") from None
+    if not isinstance(value, dict):
+        raise TokenizerError(f"{file}: expected a JSON object, got {type(value).__name__}")
     return value
