@@ -153,9 +153,8 @@ class GGUFFile:
         except (ValueError, KeyError):
             raise GGUFFormatError(f"tensor {name!r}: unknown ggml type {kind}") from None
         count = math.prod(shape)  # Python integers: no overflow, compared with the file size below
-        if (shape[-1] if shape else 1) % block:
-            raise GGUFFormatError(f"tensor {name!r}: rows of {shape[-1] if shape else 1} elements are not whole blocks of "
-                                  f"{block}")
+        if count % block:
+            raise GGUFFormatError(f"tensor {name!r}: {count} elements are not whole blocks of {block}")
         nbytes = count // block * block_bytes
         if offset + nbytes > len(self._map):
             raise GGUFFormatError(f"tensor {name!r} ends at byte {offset + nbytes}, past the end of the file "
