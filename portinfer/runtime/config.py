@@ -176,6 +176,7 @@ class ModelConfig:
         arch = cfg.get("model_type")
         if arch not in ARCHITECTURES:
             archs = cfg.get("architectures") or []
+            archs = [str(a) for a in archs] if isinstance(archs, list) else [repr(archs)]
             raise ConfigError(f"config.json: model_type {arch!r} ({', '.join(archs) or 'no architectures'}) is not "
                               f"supported; supported are {', '.join(ARCHITECTURES)}")
         for key in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads"):

@@ -72,7 +72,9 @@ class Sampler:
                     logits[b, idx] = torch.where(vals > 0, vals / p.repetition_penalty, vals * p.repetition_penalty)
         if p.greedy:
             return logits.argmax(dim=-1).tolist()
-        logits = logits / p.temperature
+        # float64, and an overflow to +inf clamped: finite fp32 logits near 3e38 over a small temperature
+        # must not become inf - inf = NaN probabilities
+        logits = torch.nan_to_num(logits.double() / p.temperature, posinf=torch.finfo(torch.float64).max)
         if p.top_k:
             k = min(p.top_k, logits.shape[-1])
             kth = torch.topk(logits, k, dim=-1).values[:, -1:]
