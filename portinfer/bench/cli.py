@@ -52,12 +52,23 @@ def ops_command(args) -> str:
     return shlex.join(parts)
 
 
+def require_matplotlib():
+    """--plot needs matplotlib (the `bench` extra): checked before the benchmark runs, not after it."""
+    import importlib.util
+
+    if importlib.util.find_spec("matplotlib") is None:
+        raise ValueError("--plot: matplotlib is not installed; install the bench extra "
+                         "(pip install 'portinfer[bench]') or leave out --plot")
+
+
 def run_ops(args) -> int:
     shape_sets = [with_lengths(parse_shapes(s), args.tokens, args.context) for s in args.shapes]
     for flag, path in (("--json", args.json), ("--csv", args.csv), ("--plot", args.plot)):
         if path is not None and not Path(path).resolve().parent.is_dir():
             # checked before the run, not after minutes of timing
             raise ValueError(f"{flag}: the folder of {path} does not exist; create it or name another file")
+    if args.plot is not None:
+        require_matplotlib()
     doc = ops.run_ops(args.backends, shape_sets, ops=args.ops, dtypes=args.dtypes, formats=args.formats,
                       repeats=args.repeats, warmup=args.warmup, min_time_s=args.min_time_s,
                       max_input_sets=args.max_input_sets, threads=args.threads, matmul_n=args.matmul_n,

@@ -15,6 +15,7 @@ import torch
 
 from ..backends import registry, spec
 from ..backends.placement import Placement
+from .config import token_ids
 from .detokenize import IncrementalDetokenizer
 from .loader import Checkpoint, default_model_path, load_checkpoint
 from .model import Decoder
@@ -63,9 +64,13 @@ class Stream:
     def __init__(self, pieces):
         self._pieces = pieces
         self.result: Generation | None = None
+        self._iterator = self._run()  # one pass: iterating again resumes it (or yields nothing), never restarts
+
+    def _run(self):
+        self.result = yield from self._pieces
 
     def __iter__(self):
-        self.result = yield from self._pieces
+        return self._iterator
 
 
 @dataclass
@@ -238,8 +243,8 @@ class Model:
         stops = [stop] if isinstance(stop, str) else list(stop or [])
         if any(not isinstance(s, str) or not s for s in stops):
             raise ValueError(f"stop: expected a non-empty string or a list of them, got {stop!r}")
-        eos = self.eos_token_ids if eos_token_id is None else (
-            [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id))
+        # True is an int in Python: token_ids refuses bools, so eos_token_id=True is an error, not token 1
+        eos = self.eos_token_ids if eos_token_id is None else token_ids(eos_token_id, "eos_token_id")
         steps = _Steps(_loop(self, ids, max_new_tokens, Sampler(params), stops, set(eos)))
         if stream:
             return Stream(_stream_pieces(steps))
