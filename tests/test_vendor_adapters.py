@@ -26,7 +26,7 @@ from conftest import CONFORMANCE_SEED
 
 # ----------------------------------------------------------------------------- fake plugins
 
-def _fake_torch_npu(calls, device_count=1, without=()):
+def _fake_torch_npu(calls, device_count=1, without=(), legacy_rotary=False):
     """torch_npu as documented in its API reference, computing in fp32 on the CPU."""
     m = types.ModuleType("torch_npu")
     m.__version__ = "2.5.1.fake"
@@ -38,10 +38,15 @@ def _fake_torch_npu(calls, device_count=1, without=()):
         rstd = torch.rsqrt(xf.square().mean(-1, keepdim=True) + epsilon)
         return (xf * rstd * gamma.float()).to(x.dtype), rstd
 
-    def npu_rotary_mul(x, r1, r2):
+    def npu_rotary_mul(x, r1, r2, rotary_mode="half"):  # the 7.0 signature (rotary_mode: even D < 896)
         calls.append(("npu_rotary_mul", {"r1_shape": tuple(r1.shape)}))
         x1, x2 = torch.chunk(x.float(), 2, -1)
         return (r1.float() * x.float() + r2.float() * torch.cat((-x2, x1), dim=-1)).to(x.dtype)
+
+    if legacy_rotary:  # torch_npu <= 6.0: no rotary_mode, D = 128 only
+        def npu_rotary_mul(x, r1, r2, _new=npu_rotary_mul):
+            assert x.shape[-1] == 128, "documented: D = 128"
+            return _new(x, r1, r2)
 
     def npu_swiglu(x, dim=-1):
         calls.append(("npu_swiglu", {"dim": dim}))
@@ -224,3 +229,41 @@ def test_kunlun_without_kunlun_ops_runs_generic_torch(monkeypatch):
     assert backend.kernels == {} and backend.info()["fused"] == "none"
     x = torch.randn(3, 10, dtype=torch.bfloat16)
     assert torch.allclose(backend.silu_mul(x).float(), ReferenceBackend().silu_mul(x).float(), atol=2e-2)
+
+
+def test_ascend_supports_encodes_the_documented_shape_limits(monkeypatch):
+    """Outside a fused kernel's documented limits `supports` says no, so placement falls back visibly
+    (instead of the kernel raising on the device); inside them the kernel runs."""
+    calls = []
+    monkeypatch.setitem(sys.modules, "torch_npu", _fake_torch_npu(calls, legacy_rotary=True))
+    backend = AscendBackend("cpu")
+    half = torch.float16
+    for D, ok in ((8, False), (16, True), (80, True), (72, False), (512, True), (528, False)):
+        assert backend.supports("attention", dtype=half, D=D, causal=True, gqa=1) is ok, D
+    assert backend.supports("attention", dtype=torch.float32, D=8, causal=True, gqa=1)  # generic path: any D
+    for D, ok in ((64, False), (128, True), (256, False)):
+        assert backend.supports("rope", dtype=half, D=D, rotary_dim=D, style="neox") is ok, D
+    assert backend.supports("rope", dtype=half, D=64, rotary_dim=32, style="neox")  # partial: generic path
+    x = torch.randn(1, 2, 3, 64, dtype=half)
+    with pytest.raises(spec.UnsupportedOpError, match="does not support rope"):
+        backend.rope(x, torch.arange(3)[None], spec.RotaryParams.from_theta(64))
+    x = torch.randn(1, 2, 3, 128, dtype=half)
+    backend.rope(x, torch.arange(3)[None], spec.RotaryParams.from_theta(128))
+    assert _names(calls) == ["npu_rotary_mul"]
+    monkeypatch.setitem(sys.modules, "torch_npu", _fake_torch_npu(calls))  # 7.0: rotary_mode, even D < 896
+    backend = AscendBackend("cpu")
+    for D, ok in ((64, True), (8, True), (896, False)):
+        assert backend.supports("rope", dtype=half, D=D, rotary_dim=D, style="neox") is ok, D
+
+
+def test_ascend_placement_falls_back_visibly_outside_the_limits(npu_calls):
+    from portinfer.backends.placement import Placement
+
+    placement = Placement(AscendBackend("cpu"), torch.float16, "allow")
+    q = torch.randn(1, 2, 3, 8, dtype=torch.float16)  # D = 8: not a multiple of 16
+    lens, pos = torch.tensor([3], dtype=torch.int32), torch.tensor([0], dtype=torch.int32)
+    y = placement.attention(q, q, q, pos, lens, True, 8 ** -0.5)
+    ref = ReferenceBackend().attention(q, q, q, pos, lens)
+    assert torch.allclose(y.float(), ref.float(), atol=2e-2)
+    assert "npu_fusion_attention" not in _names(npu_calls)
+    assert "attention" in str(placement.report()) and "torch" in str(placement.report())

@@ -222,6 +222,19 @@ def attention_mask(q_pos, kv_len, Sq, Sk, causal, device):
     return visible[:, None]
 
 
+def softmax_mask(q_pos, kv_len, Sq, Sk, causal, device):
+    """The contract's attention mask made safe for a softmax kernel, and the rows the result must zero.
+
+    Returns (keys, empty): `keys` bool [B, 1, Sq, Sk] is attention_mask's visible keys, except that a row
+    with no visible key (kv_len[b] = 0: an idle or padded sequence) has every key turned on -- a softmax
+    over no keys is 0/0 = NaN in every kernel, over all keys it is finite; `empty` bool [B, 1, Sq, 1]
+    marks those rows, whose output the contract defines as zeros: `y.masked_fill(empty, 0)`.
+    The one place this idiom lives (reference, torch, ascend, npu-sim use it)."""
+    visible = attention_mask(q_pos, kv_len, Sq, Sk, causal, device)  # [B, 1, Sq, Sk]
+    empty = ~visible.any(dim=-1, keepdim=True)  # [B, 1, Sq, 1]
+    return visible | empty, empty
+
+
 def rotary_angles(pos, rotary, dtype=torch.float64):
     """pos int64 [B, S] -> angles [B, S, rotary_dim/2] = pos * inv_freq, computed in `dtype`."""
     inv_freq = rotary.inv_freq.to(device=pos.device, dtype=dtype)

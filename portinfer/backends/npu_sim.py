@@ -37,7 +37,7 @@ import math
 import torch
 
 from . import quant, spec
-from .base import Backend, attention_mask
+from .base import Backend, softmax_mask
 
 TILE = 16
 F32 = torch.float32
@@ -228,15 +228,14 @@ class NpuSimBackend(Backend):
         # are stacked along the rows of one cube product
         q_rows = q.reshape(B, Hkv, group * Sq, D)  # [B, Hkv, group*Sq, D]
         scores = cube_matmul(q_rows, to_fractal(k), Sk).reshape(B, Hq, Sq, Sk) * scale  # fp32
-        visible = attention_mask(q_pos, kv_len, Sq, Sk, causal, q.device)  # [B, 1, Sq, Sk]
-        any_visible = visible.any(dim=-1, keepdim=True)  # [B, 1, Sq, 1]
-        scores = scores.masked_fill(~visible, float("-inf")).masked_fill(~any_visible, 0.0)
+        keys, empty = softmax_mask(q_pos, kv_len, Sq, Sk, causal, q.device)  # [B,1,Sq,Sk], [B,1,Sq,1]
+        scores = scores.masked_fill(~keys, float("-inf"))
         row_max = scores.amax(dim=-1, keepdim=True)
         p = torch.exp(scores - row_max)  # fp32, in [0, 1]
         row_sum = p.sum(dim=-1, keepdim=True)
         p_low = p.to(q.dtype).reshape(B, Hkv, group * Sq, Sk)  # the cube takes fp16/bf16 operands
         pv = cube_matmul(p_low, to_fractal(v.transpose(-1, -2)), D).reshape(B, Hq, Sq, D)
-        y = (pv / row_sum).masked_fill(~any_visible, 0.0)
+        y = (pv / row_sum).masked_fill(empty, 0.0)
         out = self.new_output(q.shape, q.dtype)
         out.copy_(y)
         return out

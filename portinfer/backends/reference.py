@@ -11,7 +11,7 @@ import math
 import torch
 
 from . import quant, spec
-from .base import Backend, attention_mask, rotary_angles
+from .base import Backend, rotary_angles, softmax_mask
 
 F64 = torch.float64
 
@@ -95,9 +95,7 @@ class ReferenceBackend(Backend):
         k64 = k.to(F64).repeat_interleave(group, dim=1)  # [B, Hq, Sk, D]
         v64 = v.to(F64).repeat_interleave(group, dim=1)
         scores = (q.to(F64) @ k64.transpose(-1, -2)) * scale  # [B, Hq, Sq, Sk]
-        visible = attention_mask(q_pos, kv_len, Sq, k.shape[2], causal, q.device)  # [B, 1, Sq, Sk]
-        scores = scores.masked_fill(~visible, -math.inf)
-        any_visible = visible.any(dim=-1, keepdim=True)  # [B, 1, Sq, 1]
-        probs = torch.softmax(scores.masked_fill(~any_visible, 0.0), dim=-1)
-        y = (probs @ v64).masked_fill(~any_visible, 0.0)
+        keys, empty = softmax_mask(q_pos, kv_len, Sq, k.shape[2], causal, q.device)  # [B,1,Sq,Sk], [B,1,Sq,1]
+        probs = torch.softmax(scores.masked_fill(~keys, -math.inf), dim=-1)
+        y = (probs @ v64).masked_fill(empty, 0.0)  # a row with no visible key returns zeros
         return self._out(y, q.dtype)

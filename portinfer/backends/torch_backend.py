@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from . import quant, spec
-from .base import Backend, attention_mask, rotary_angles
+from .base import Backend, rotary_angles, softmax_mask
 
 
 class TorchBackend(Backend):
@@ -87,10 +87,6 @@ class TorchBackend(Backend):
     def _attention(self, q, k, v, q_pos, kv_len, causal, scale):
         B, Hq, Sq, D = q.shape
         Sk = k.shape[2]
-        visible = attention_mask(q_pos, kv_len, Sq, Sk, causal, q.device)  # [B, 1, Sq, Sk]
-        any_visible = visible.any(dim=-1, keepdim=True)
-        # a row with no visible key would be NaN in SDPA; give it one dummy key, zero it after
-        safe = visible | ~any_visible
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=safe, scale=scale,
-                                           enable_gqa=k.shape[1] != Hq)
-        return y.masked_fill(~any_visible, 0.0)
+        keys, empty = softmax_mask(q_pos, kv_len, Sq, Sk, causal, q.device)  # [B,1,Sq,Sk], [B,1,Sq,1]
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=keys, scale=scale, enable_gqa=k.shape[1] != Hq)
+        return y.masked_fill(empty, 0.0)
