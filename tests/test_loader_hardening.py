@@ -201,3 +201,10 @@ def test_gguf_chat_prompt_keeps_one_bos(seeds):
     ids = tokenizer.encode(tokenizer.apply_chat_template(MESSAGES))
     bos = tokenizer.token_id("<|begin_of_text|>")
     assert ids[0] == bos and ids.count(bos) == 1
+
+
+def test_mixed_formats_in_a_fused_projection_are_said(seeds):
+    """q/k in Q4_1 and v in Q8_0 (as the seed, like llama.cpp's mixes) become one dense matrix: a warning says so."""
+    with pytest.warns(UserWarning, match=r"smollm2.gguf: layer 0 q_proj/k_proj/v_proj are in mixed formats "
+                                         r"\(q4_1, q4_1, q8_0\)"):
+        load_checkpoint(seeds["smollm2.gguf"])

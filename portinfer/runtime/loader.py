@@ -297,10 +297,29 @@ def load_gguf(path: Path) -> Checkpoint:
         weights[name] = value
     _split_gate_up(weights, config)
     check_weights(config, weights, path)
+    _warn_mixed_fused_formats(path, weights, config.num_layers)
     tokenizer = _named(path, Tokenizer.from_gguf_metadata, meta) if "tokenizer.ggml.tokens" in meta else None
     name = meta.get("general.name")
     return Checkpoint(config, weights, tokenizer, {}, name=name if isinstance(name, str) and name else path.stem,
                       file_bytes=path.stat().st_size, source_format="gguf")
+
+
+def _warn_mixed_fused_formats(path, weights, num_layers):
+    """Say so when q/k/v (or gate/up) of a layer come in different GGUF formats (llama.cpp's Q4_K_M mixes
+    Q4_K and Q6_K): the decoder fuses them into one linear, which then cannot stay in blocks and is
+    dequantized to one dense matrix (more memory, a dense GEMV) -- issue 13 keeps them separate."""
+    import warnings
+
+    groups = (("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), ("mlp.gate_proj", "mlp.up_proj"))
+    for names in groups:
+        for i in range(num_layers):
+            found = [weights.get(f"model.layers.{i}.{n}.weight") for n in names]
+            formats = [spec.weight_format(w) for w in found if w is not None]
+            if len(set(formats)) > 1:
+                warnings.warn(f"{path}: layer {i} {'/'.join(n.split('.')[-1] for n in names)} are in mixed formats "
+                              f"({', '.join(formats)}): fused into one linear, they are dequantized to one dense "
+                              f"matrix at load (more memory and a dense matmul)", stacklevel=3)
+                break
 
 
 def _gguf_tensor(t):
