@@ -16,7 +16,7 @@ import random
 from dataclasses import dataclass, field
 
 import torch
-from hypothesis import HealthCheck, Phase, given, settings
+from hypothesis import HealthCheck, Phase, example, given, settings
 from hypothesis import seed as hypothesis_seed
 
 from ..backends import registry, spec
@@ -188,6 +188,8 @@ def _run_one(backend, reference, op, variant, dtype, profile, max_examples, seed
             errors.append(r)
             raise AssertionError(r.message)
 
+    for params in cases_mod.edge_examples(op):  # the fixed edge set, on every run (Phase.explicit)
+        prop = example(params=params)(prop)
     prop = hypothesis_seed(seed)(prop)
     failure = None
     try:

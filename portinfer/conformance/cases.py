@@ -137,6 +137,24 @@ def attention_params(draw, profile="full"):
                 cache_pad=draw(st.sampled_from((0, 0, 5))), seed=draw(seeds))
 
 
+def edge_examples(op) -> list:
+    """Fixed cases run on every check besides the random ones (hypothesis finds these only by chance):
+    key counts at tile boundaries (63/64/65, 127/128/129), Sq = 1, a fully masked row, GQA ratio 8,
+    one head, and a prefill chunk across a boundary."""
+    if op != "attention":
+        return []
+    base = dict(B=1, Hkv=1, group=1, Sq=1, Sk=64, D=16, causal=True, kv_len=[64], q_pos=[63], magnitude=1.0,
+                fused_q=False, cache_pad=0, seed=0)
+    cases = [dict(base, Sk=n, kv_len=[n], q_pos=[n - 1]) for n in (63, 64, 65, 127, 128, 129)]  # decode, H = 1
+    cases += [dict(base, Sk=129, kv_len=[129], q_pos=[121], Sq=8),  # a prefill chunk across the 128 boundary
+              dict(base, Sk=65, kv_len=[65], q_pos=[0], Sq=1, causal=False),
+              dict(base, B=2, Sk=5, kv_len=[0, 5], q_pos=[0, 4]),  # sequence 0: every row fully masked
+              dict(base, B=2, Sk=65, Sq=3, kv_len=[65, 0], q_pos=[62, 0], causal=False),
+              dict(base, Hkv=2, group=8, Sk=64, kv_len=[64], q_pos=[63]),  # GQA ratio 8
+              dict(base, Hkv=1, group=8, Sq=4, Sk=128, kv_len=[128], q_pos=[124], fused_q=True, cache_pad=5)]
+    return cases
+
+
 def strategy(op, profile="full", variant=None):
     if op == "linear":
         return linear_params(profile, variant or "dense")
