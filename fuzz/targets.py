@@ -92,6 +92,10 @@ def exercise(path: Path, file_name: str) -> str:
         return type(exc).__name__
     except Exception as exc:
         raise Finding(_describe("load", exc)) from None
+    except BaseException as exc:  # e.g. a Rust panic from a native library (pyo3's PanicException)
+        if isinstance(exc, (KeyboardInterrupt, SystemExit)):
+            raise
+        raise Finding(_describe("load", exc)) from None
     try:
         if model.tokenizer is not None and model.tokenizer.chat_template:
             prompt = model.apply_chat_template(MESSAGES)

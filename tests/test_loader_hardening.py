@@ -208,3 +208,17 @@ def test_mixed_formats_in_a_fused_projection_are_said(seeds):
     with pytest.warns(UserWarning, match=r"smollm2.gguf: layer 0 q_proj/k_proj/v_proj are in mixed formats "
                                          r"\(q4_1, q4_1, q8_0\)"):
         load_checkpoint(seeds["smollm2.gguf"])
+
+
+@pytest.mark.parametrize("index", [5601, 8084])
+def test_tokenizers_panic_is_a_tokenizer_error(seeds, tmp_path, index):
+    """Fuzz cases (seed 3) whose tokenizer.json made the tokenizers library panic (pyo3 PanicException, a
+    BaseException that escaped `except Exception` and killed the process's caller)."""
+    from fuzz.__main__ import case_bytes
+    from portinfer.runtime.tokenizer import TokenizerError
+
+    path = _hf_copy(seeds, tmp_path)
+    data = case_bytes("tokenizer", index, 3, [(Path(seeds["llama3-hf"]) / "tokenizer.json").read_bytes()])
+    (path / "tokenizer.json").write_bytes(data)
+    with pytest.raises(TokenizerError, match=r"tokenizer.json: cannot build the tokenizer"):
+        load_checkpoint(path)

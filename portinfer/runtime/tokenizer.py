@@ -71,6 +71,10 @@ class Tokenizer:
             backend = HFTokenizer.from_file(str(file))
         except Exception as exc:  # tokenizers raises bare Exception / TypeError for a malformed file
             raise TokenizerError(f"{file}: cannot build the tokenizer: {_short(exc)}") from None
+        except BaseException as exc:  # a Rust panic inside tokenizers (pyo3's PanicException is a BaseException)
+            if type(exc).__name__ != "PanicException":
+                raise
+            raise TokenizerError(f"{file}: cannot build the tokenizer (tokenizers panicked): {_short(exc)}") from None
         cfg, cfg_file = {}, path / "tokenizer_config.json"
         if cfg_file.exists():
             cfg = _read_json(cfg_file)
@@ -136,6 +140,10 @@ class Tokenizer:
         except Exception as exc:  # tokenizers: "Token ... out of vocabulary" is a bare Exception
             raise TokenizerError(f"GGUF tokenizer.ggml.tokens / merges: cannot build the tokenizer: "
                                  f"{_short(exc)}") from None
+        except BaseException as exc:  # a Rust panic inside tokenizers (pyo3's PanicException)
+            if type(exc).__name__ != "PanicException":
+                raise
+            raise TokenizerError(f"GGUF tokenizer metadata: tokenizers panicked: {_short(exc)}") from None
 
         def token(key):
             i = meta.get(key)
