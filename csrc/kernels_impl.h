@@ -261,6 +261,9 @@ static void rope(void* out, const void* x, const int64_t* pos, const double* inv
 
 static const int NV = PANEL / W;  // vectors per panel row
 static const int GEMV_MAX_M = 4;
+// block-quantized weights: rows of x per GEMV pass (decode of up to 8 sequences reads the weights
+// once; the GEMM path dequantizes every tile, which cost a batch of 8 ~4x one sequence)
+static const int QGEMV_MAX_M = 8;
 static const int64_t KC = 256;  // k per GEMM block: a 256 x 32 fp32 block is 32 KiB (L1)
 static const int MR = Vec::GEMM_MR;
 static const int64_t MC_MAX = 1024;  // rows per GEMM task at most (a 1024 x 32 fp32 tile: 128 KiB, L2)
@@ -616,7 +619,7 @@ static void gemv_quant(void* out, const float* A, int64_t lda, const uint8_t* bl
     }
     auto task = [&](int64_t t, int) {
         int64_t n0 = t * rows_per_task, n1 = imin(N, n0 + rows_per_task);
-        float y[GEMV_MAX_M];
+        float y[QGEMV_MAX_M];
         for (int64_t n = n0; n < n1; ++n) {
             // one row at a time: a single sequential stream per thread reads DRAM fastest here
             if constexpr (Vec::NIBBLE_LUT && FMT != Q8_0)
@@ -636,12 +639,16 @@ static void gemv_quant(void* out, const float* A, int64_t lda, const uint8_t* bl
 template <int FMT>
 static void linear_quant_t(void* out, const float* A, int64_t lda, const uint8_t* blocks, const void* bias, int64_t M,
                            int64_t N, int64_t K, int adt) {
-    if (M <= GEMV_MAX_M) {
+    if (M <= QGEMV_MAX_M) {
         switch (M) {
             case 1: gemv_quant<FMT, 1>(out, A, lda, blocks, bias, N, K, adt); break;
             case 2: gemv_quant<FMT, 2>(out, A, lda, blocks, bias, N, K, adt); break;
             case 3: gemv_quant<FMT, 3>(out, A, lda, blocks, bias, N, K, adt); break;
-            default: gemv_quant<FMT, 4>(out, A, lda, blocks, bias, N, K, adt); break;
+            case 4: gemv_quant<FMT, 4>(out, A, lda, blocks, bias, N, K, adt); break;
+            case 5: gemv_quant<FMT, 5>(out, A, lda, blocks, bias, N, K, adt); break;
+            case 6: gemv_quant<FMT, 6>(out, A, lda, blocks, bias, N, K, adt); break;
+            case 7: gemv_quant<FMT, 7>(out, A, lda, blocks, bias, N, K, adt); break;
+            default: gemv_quant<FMT, 8>(out, A, lda, blocks, bias, N, K, adt); break;
         }
         return;
     }

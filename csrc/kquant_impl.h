@@ -12,7 +12,7 @@
 //       weight i = 128 h + 32 Q + l (half h, quarter Q, l < 32): low 4 bits = nibble Q / 2 of
 //       ql[64 h + 32 (Q % 2) + l], high 2 bits = bits 2Q.. of qh[32 h + l];  w = d scales[i / 16] (q - 32)
 //
-// GEMV (M <= GEMV_MAX_M, decode): each weight row is read once; a super-block's sub-blocks are
+// GEMV (M <= QGEMV_MAX_M, decode): each weight row is read once; a super-block's sub-blocks are
 // turned into fp32 codes in registers and dotted with x, each sub-block's partial sum (a vector)
 // scaled once by d * sc; Q4_K/Q5_K's mins enter as dmin m[s] * sum(x over the sub-block), from
 // per-call sums of x. Threads take contiguous runs of output rows.
@@ -221,7 +221,7 @@ static void gemv_kquant(void* out, const float* A, int64_t lda, const uint8_t* b
     }
     auto task = [&](int64_t t, int) {
         int64_t n0 = t * rows_per_task, n1 = imin(N, n0 + rows_per_task);
-        float y[GEMV_MAX_M];
+        float y[QGEMV_MAX_M];
         for (int64_t n = n0; n < n1; ++n) {
             gemv_kquant_row<FMT, R>(y, A, lda, xsum, nsub, blocks + n * row_bytes, nsb, f16);
             for (int r = 0; r < R; ++r) {
@@ -239,12 +239,16 @@ static void gemv_kquant(void* out, const float* A, int64_t lda, const uint8_t* b
 template <int FMT>
 static void linear_kquant_t(void* out, const float* A, int64_t lda, const uint8_t* blocks, const void* bias,
                             int64_t M, int64_t N, int64_t K, int adt) {
-    if (M <= GEMV_MAX_M) {
+    if (M <= QGEMV_MAX_M) {
         switch (M) {
             case 1: gemv_kquant<FMT, 1>(out, A, lda, blocks, bias, N, K, adt); break;
             case 2: gemv_kquant<FMT, 2>(out, A, lda, blocks, bias, N, K, adt); break;
             case 3: gemv_kquant<FMT, 3>(out, A, lda, blocks, bias, N, K, adt); break;
-            default: gemv_kquant<FMT, 4>(out, A, lda, blocks, bias, N, K, adt); break;
+            case 4: gemv_kquant<FMT, 4>(out, A, lda, blocks, bias, N, K, adt); break;
+            case 5: gemv_kquant<FMT, 5>(out, A, lda, blocks, bias, N, K, adt); break;
+            case 6: gemv_kquant<FMT, 6>(out, A, lda, blocks, bias, N, K, adt); break;
+            case 7: gemv_kquant<FMT, 7>(out, A, lda, blocks, bias, N, K, adt); break;
+            default: gemv_kquant<FMT, 8>(out, A, lda, blocks, bias, N, K, adt); break;
         }
         return;
     }

@@ -88,14 +88,14 @@ def test_linear_large_shapes(cpu, path):
 @pytest.mark.parametrize("path", PATHS)
 @pytest.mark.parametrize("fmt", ["q8_0", "q4_0", "q4_1"])
 def test_quantized_gemv_every_block_count_and_row_count(cpu, path, fmt):
-    """The GEMV over GGUF blocks (M <= 4) works U blocks at a time with a scalar tail: block counts
-    1, 3, 5 and 129 reach every tail length, M = 1..4 every unroll, N = 300 several row runs."""
+    """The GEMV over GGUF blocks (M <= 8) works U blocks at a time with a scalar tail: block counts
+    1, 3, 5 and 129 reach every tail length, M = 1..8 every unroll, N = 300 several row runs."""
     cpu.set_simd(path)
     gen = torch.Generator().manual_seed(11)
     for K in (32, 96, 160, 4128):
         w = quant.quantize(torch.randn(300, K, generator=gen) / K ** 0.5, fmt)
         wp, wr = cpu.prepare_linear(w, torch.float32), REFERENCE.prepare_linear(w, torch.float32)
-        for M in (1, 2, 3, 4):
+        for M in (1, 2, 3, 4, 5, 6, 7, 8):
             x = torch.randn(M, K, generator=gen) + 0.5  # a mean, so Q4_1's m * sum(x) term matters
             y, y_ref = cpu.linear(x, wp), REFERENCE.linear(x, wr)
             assert relative_error(y, y_ref) <= budget("linear", torch.float32, K), (K, M)

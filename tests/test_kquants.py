@@ -263,7 +263,7 @@ def cpu_paths():
 
 @pytest.mark.parametrize("fmt", FORMATS)
 def test_cpu_kernels_match_reference_on_every_simd_path(cpu_paths, fmt):
-    """GEMV (M = 1..4, decode) and GEMM (prefill) on each instruction-set path, against float64;
+    """GEMV (M = 1..8, decode) and GEMM (prefill) on each instruction-set path, against float64;
     random block bytes (every scale / min / high-bit pattern), a bias, x rows with padding."""
     cpu, paths = cpu_paths
     ref = portinfer.backends.get("reference")
@@ -276,7 +276,7 @@ def test_cpu_kernels_match_reference_on_every_simd_path(cpu_paths, fmt):
         cpu.set_simd(path)
         w = cpu.prepare_linear(qw, torch.float32)
         assert w.format == fmt  # computed from the blocks, not dequantized at prepare
-        for m in (1, 2, 3, 4, 9):
+        for m in (1, 2, 3, 4, 5, 8, 9):
             x = torch.randn(m, 768 + 5, generator=g)[:, :768]  # row stride 773
             y = cpu.linear(x, w, bias)
             expected = ref.linear(x, wr, bias).double()
