@@ -140,6 +140,21 @@ const Int8Kernels* int8_kernels() {
 template <class T>
 T* ptr(uintptr_t p) { return reinterpret_cast<T*>(p); }
 
+// linear on weights repacked for the int8 route (the binding and the step plans' int8 linear node);
+// the caller holds kernel_lock
+void run_linear_int8(void* out, const void* x, const void* packed, const void* bias, int64_t M, int64_t N, int64_t K,
+                     int64_t xs, int adt, int fmt) {
+    const Int8Kernels* k = int8_kernels();
+    const KernelTable& t = kernels();
+    // prefill (M > 4): the GEMM is compute-bound, where int8 activations bought no speed here
+    // but cost accuracy: fp32 activations on the same repacked weights
+    if (M > I8_ROWS && !int8_prefill) {
+        t.linear(out, x, packed, bias, M, N, K, xs, adt, W_INT8X4 + fmt);
+        return;
+    }
+    linear_int8(k, out, x, (const uint8_t*)packed, bias, M, N, K, xs, adt, fmt);
+}
+
 // a compiled step plan (plan.h): its nodes and its pointer table (the first `dynamic` slots are
 // rebound by every run: step inputs and KV-cache layers)
 struct PlanProgram {
@@ -289,7 +304,7 @@ PYBIND11_MODULE(_cpu, m) {
             const KernelTable& k = kernels();
             py::gil_scoped_release release;  // once for the whole step
             std::lock_guard<std::mutex> lock(kernel_lock);
-            plan_run(p.nodes, run, k);
+            plan_run(p.nodes, run, k, run_linear_int8);
         });
     m.def("int8_paths", [] {
         std::vector<std::string> names;
@@ -316,18 +331,10 @@ PYBIND11_MODULE(_cpu, m) {
     });
     m.def("linear_int8", [](uintptr_t out, uintptr_t x, uintptr_t packed, uintptr_t bias, int64_t M, int64_t N,
                             int64_t K, int64_t xs, int adt, int fmt) {
-        const Int8Kernels* k = int8_kernels();
-        const KernelTable& t = kernels();
+        kernels();
         py::gil_scoped_release release;
         std::lock_guard<std::mutex> lock(kernel_lock);
-        // prefill (M > 4): the GEMM is compute-bound, where int8 activations bought no speed here
-        // but cost accuracy: fp32 activations on the same repacked weights
-        if (M > I8_ROWS && !int8_prefill) {
-            t.linear(ptr<void>(out), ptr<const void>(x), ptr<const void>(packed), ptr<const void>(bias), M, N, K, xs, adt,
-                     W_INT8X4 + fmt);
-            return;
-        }
-        linear_int8(k, ptr<void>(out), ptr<const void>(x), ptr<const uint8_t>(packed), ptr<const void>(bias), M, N, K,
-                    xs, adt, fmt);
+        run_linear_int8(ptr<void>(out), ptr<const void>(x), ptr<const void>(packed), ptr<const void>(bias), M, N, K, xs,
+                        adt, fmt);
     });
 }

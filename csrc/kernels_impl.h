@@ -264,6 +264,9 @@ static const int GEMV_MAX_M = 4;
 // block-quantized weights: rows of x per GEMV pass (decode of up to 8 sequences reads the weights
 // once; the GEMM path dequantizes every tile, which cost a batch of 8 ~4x one sequence)
 static const int QGEMV_MAX_M = 8;
+// up to this many GEMV passes (M <= 16: a server's decode step over 16 slots) before the GEMM path,
+// whose per-tile dequantization cost a step of 16 rows ~4x one (the passes: ~2x)
+static const int QGEMV_PASSES = 2;
 static const int64_t KC = 256;  // k per GEMM block: a 256 x 32 fp32 block is 32 KiB (L1)
 static const int MR = Vec::GEMM_MR;
 static const int64_t MC_MAX = 1024;  // rows per GEMM task at most (a 1024 x 32 fp32 tile: 128 KiB, L2)
@@ -639,6 +642,12 @@ static void gemv_quant(void* out, const float* A, int64_t lda, const uint8_t* bl
 template <int FMT>
 static void linear_quant_t(void* out, const float* A, int64_t lda, const uint8_t* blocks, const void* bias, int64_t M,
                            int64_t N, int64_t K, int adt) {
+    if (M > QGEMV_MAX_M && M <= QGEMV_PASSES * QGEMV_MAX_M) {  // a wide decode step: GEMV passes of <= 8 rows
+        for (int64_t m0 = 0; m0 < M; m0 += QGEMV_MAX_M)
+            linear_quant_t<FMT>((char*)out + m0 * N * dtype_bytes(adt), A + m0 * lda, lda, blocks, bias,
+                                imin(QGEMV_MAX_M, M - m0), N, K, adt);
+        return;
+    }
     if (M <= QGEMV_MAX_M) {
         switch (M) {
             case 1: gemv_quant<FMT, 1>(out, A, lda, blocks, bias, N, K, adt); break;

@@ -239,6 +239,12 @@ static void gemv_kquant(void* out, const float* A, int64_t lda, const uint8_t* b
 template <int FMT>
 static void linear_kquant_t(void* out, const float* A, int64_t lda, const uint8_t* blocks, const void* bias,
                             int64_t M, int64_t N, int64_t K, int adt) {
+    if (M > QGEMV_MAX_M && M <= QGEMV_PASSES * QGEMV_MAX_M) {  // a wide decode step: GEMV passes of <= 8 rows
+        for (int64_t m0 = 0; m0 < M; m0 += QGEMV_MAX_M)
+            linear_kquant_t<FMT>((char*)out + m0 * N * dtype_bytes(adt), A + m0 * lda, lda, blocks, bias,
+                                 imin(QGEMV_MAX_M, M - m0), N, K, adt);
+        return;
+    }
     if (M <= QGEMV_MAX_M) {
         switch (M) {
             case 1: gemv_kquant<FMT, 1>(out, A, lda, blocks, bias, N, K, adt); break;

@@ -42,7 +42,7 @@ void kv_write(char* cache, const char* src, const int32_t* q_pos, const int32_t*
 
 }  // namespace
 
-void plan_run(const std::vector<PlanNode>& nodes, const PlanRun& run, const KernelTable& k) {
+void plan_run(const std::vector<PlanNode>& nodes, const PlanRun& run, const KernelTable& k, LinearFn linear_int8) {
     for (const PlanNode& n : nodes) {
         const int64_t* i = n.i;
         switch (n.op) {
@@ -61,6 +61,11 @@ void plan_run(const std::vector<PlanNode>& nodes, const PlanRun& run, const Kern
                              (int)i[3]);
                 break;
             case P_LINEAR:
+                if (i[6]) {  // weights repacked for the int8 route; i[5] its format code
+                    linear_int8(at(n.r[0], run), at(n.r[1], run), at(n.r[2], run), at(n.r[3], run), i[0], i[1], i[2],
+                                i[3], (int)i[4], (int)i[5]);
+                    break;
+                }
                 k.linear(at(n.r[0], run), at(n.r[1], run), at(n.r[2], run), at(n.r[3], run), i[0], i[1], i[2], i[3],
                          (int)i[4], (int)i[5]);
                 break;

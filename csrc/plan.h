@@ -48,4 +48,8 @@ struct PlanRun {
     int64_t T = 0;
 };
 
-void plan_run(const std::vector<PlanNode>& nodes, const PlanRun& run, const KernelTable& k);
+// linear on int8-route weights (bindings.cpp run_linear_int8): a P_LINEAR node with i[6] = 1
+typedef void (*LinearFn)(void* out, const void* x, const void* w, const void* bias, int64_t M, int64_t N, int64_t K,
+                         int64_t xs, int adt, int fmt);
+
+void plan_run(const std::vector<PlanNode>& nodes, const PlanRun& run, const KernelTable& k, LinearFn linear_int8);

@@ -95,7 +95,7 @@ def test_quantized_gemv_every_block_count_and_row_count(cpu, path, fmt):
     for K in (32, 96, 160, 4128):
         w = quant.quantize(torch.randn(300, K, generator=gen) / K ** 0.5, fmt)
         wp, wr = cpu.prepare_linear(w, torch.float32), REFERENCE.prepare_linear(w, torch.float32)
-        for M in (1, 2, 3, 4, 5, 6, 7, 8):
+        for M in (1, 2, 3, 4, 5, 6, 7, 8, 9, 16, 17):  # 9..16: two GEMV passes; 17: the GEMM
             x = torch.randn(M, K, generator=gen) + 0.5  # a mean, so Q4_1's m * sum(x) term matters
             y, y_ref = cpu.linear(x, wp), REFERENCE.linear(x, wr)
             assert relative_error(y, y_ref) <= budget("linear", torch.float32, K), (K, M)

@@ -276,7 +276,7 @@ def test_cpu_kernels_match_reference_on_every_simd_path(cpu_paths, fmt):
         cpu.set_simd(path)
         w = cpu.prepare_linear(qw, torch.float32)
         assert w.format == fmt  # computed from the blocks, not dequantized at prepare
-        for m in (1, 2, 3, 4, 5, 8, 9):
+        for m in (1, 2, 3, 4, 5, 8, 9, 16, 17):
             x = torch.randn(m, 768 + 5, generator=g)[:, :768]  # row stride 773
             y = cpu.linear(x, w, bias)
             expected = ref.linear(x, wr, bias).double()

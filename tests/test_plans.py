@@ -147,3 +147,18 @@ def test_graph_executor_replays_static_buffers(tiny, monkeypatch):
     assert [g.token_ids for g in replayed.generate(PROMPTS, max_new_tokens=10, eos_token_id=[])] == expected
     executors = list(replayed.decoder._plans.values())
     assert any(isinstance(e, graph.GraphExecutor) and e.graphs for e in executors)
+
+
+def test_cpu_int8_route_runs_natively_and_gives_the_op_paths_tokens(monkeypatch):
+    """Weights repacked for the cpu backend's int8 route take their own kernel inside a native plan."""
+    if "cpu" not in available_backends():
+        pytest.skip("the cpu backend's extension is not built here")
+    from portinfer.backends.cpu_plan import CpuPlanExecutor
+    from portinfer.runtime.loader import default_model_path
+    monkeypatch.setenv("PORTINFER_CPU_QUANT_ROUTE", "int8")
+    models = [portinfer.load(default_model_path(), backend="cpu", plans=p) for p in (False, True)]
+    assert models[1].decoder.layers[0]["qkv"].extra.get("layout") == "int8x4"
+    prompts = ["The capital of France is", "One, two, three,"]
+    tokens = [[g.token_ids for g in m.generate(prompts, max_new_tokens=8, eos_token_id=[])] for m in models]
+    assert tokens[0] == tokens[1]
+    assert {type(e) for e in models[1].decoder._plans.values()} == {CpuPlanExecutor}

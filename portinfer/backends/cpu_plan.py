@@ -154,13 +154,15 @@ class CpuPlanExecutor:
             return [(P_LAYER_NORM, [out.ref, x.ref, w.ref, b.ref], [x.shape[0], x.shape[1], x.stride[0], dt],
                      a[3].value)]
         if op == "linear":
+            from . import cpu
             x, w = self._rows(a[0]), a[1].value
             bias = NONE_REF if a[2].value is None else self._arg(a[2]).ref
-            if w.extra.get("layout") == "int8x4":  # the int8 route's repacked blocks: no plan node reads them yet
-                raise _Unsupported("int8-route weights")
             payload = self._const(Const(w.payload))
+            # weights repacked for the int8 route take its kernel (csrc/plan.cpp: i[6] = 1, i[5] its format)
+            int8 = w.extra.get("layout") == cpu._INT8_LAYOUT
+            code = cpu._INT8_FORMATS[w.format] if int8 else self._wf[w.format]
             return [(P_LINEAR, [out.ref, x.ref, payload.ref, bias],
-                     [x.shape[0], w.out_features, x.shape[1], x.stride[0], dt, self._wf[w.format]], 0.0)]
+                     [x.shape[0], w.out_features, x.shape[1], x.stride[0], dt, code, int(int8)], 0.0)]
         if op == "rope":
             x, pos, rotary = self._arg(a[0]), self._arg(a[1]), a[2].value
             inv_freq = self._const(Const(rotary.inv_freq.to(device="cpu", dtype=torch.float64).contiguous()))
