@@ -281,7 +281,7 @@ PYBIND11_MODULE(_cpu, m) {
         }))
         .def("add", [](PlanProgram& p, int op, std::vector<std::vector<int64_t>> refs, std::vector<int64_t> ints,
                        float f) {
-            if (op < P_EMBEDDING || op > P_LAYER_NORM) throw py::value_error("plan node: unknown op " + std::to_string(op));
+            if (op < P_EMBEDDING || op > P_ROWS_COPY) throw py::value_error("plan node: unknown op " + std::to_string(op));
             if (refs.size() > 6 || ints.size() > 20) throw py::value_error("plan node: at most 6 refs and 20 ints");
             PlanNode n;
             n.op = op;

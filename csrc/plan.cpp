@@ -139,6 +139,13 @@ void plan_run(const std::vector<PlanNode>& nodes, const PlanRun& run, const Kern
                 }
                 break;
             }
+            case P_ROWS_COPY: {
+                char* out = at(n.r[0], run);
+                const char* x = at(n.r[1], run);
+                const int64_t M = i[0], C = i[1], xs = i[2], eb = i[3];
+                for (int64_t m = 0; m < M; ++m) std::memcpy(out + m * C * eb, x + m * xs * eb, (size_t)(C * eb));
+                break;
+            }
             default:
                 break;  // cpu_plan.py emits only the ops above
         }

@@ -26,6 +26,7 @@ enum PlanOp : int {
     P_LAST_ROWS = 9,    // [B*S, C] -> [B, C]: row b*S + max(n_new - 1, 0)
     P_GELU = 10,
     P_LAYER_NORM = 11,
+    P_ROWS_COPY = 12,   // out [M, C] contiguous = x [M, C] with row stride xs (heads as rows: head_rows)
 };
 
 struct PlanRef {

@@ -162,3 +162,17 @@ def test_cpu_int8_route_runs_natively_and_gives_the_op_paths_tokens(monkeypatch)
     tokens = [[g.token_ids for g in m.generate(prompts, max_new_tokens=8, eos_token_id=[])] for m in models]
     assert tokens[0] == tokens[1]
     assert {type(e) for e in models[1].decoder._plans.values()} == {CpuPlanExecutor}
+
+
+@pytest.mark.parametrize("arch", ["qwen3", "glm4"])
+def test_new_architectures_compile_natively_on_cpu(arch, tmp_path):
+    """Qwen3's per-head q/k norms (heads copied out as rows) and GLM-4-0414's extra norms run inside
+    the one native call, with the op path's tokens."""
+    if "cpu" not in available_backends():
+        pytest.skip("the cpu backend's extension is not built here")
+    from portinfer.backends.cpu_plan import CpuPlanExecutor
+    hf_models.build(arch, tmp_path / arch)
+    models = [_load(tmp_path / arch, "cpu", p) for p in (False, True)]
+    tokens = [[g.token_ids for g in m.generate(PROMPTS, max_new_tokens=8, eos_token_id=[])] for m in models]
+    assert tokens[0] == tokens[1]
+    assert {type(e) for e in models[1].decoder._plans.values()} == {CpuPlanExecutor}

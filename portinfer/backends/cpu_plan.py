@@ -21,7 +21,7 @@ from . import spec
 
 # csrc/plan.h PlanOp
 P_EMBEDDING, P_RMS_NORM, P_LINEAR, P_ROPE, P_SILU_MUL, P_ATTENTION, P_ADD, P_KV_WRITE, P_MERGE_HEADS, \
-    P_LAST_ROWS, P_GELU, P_LAYER_NORM = range(12)
+    P_LAST_ROWS, P_GELU, P_LAYER_NORM, P_ROWS_COPY = range(13)
 
 NONE_REF = (-1, 0, 0)
 
@@ -130,7 +130,7 @@ class CpuPlanExecutor:
     def _node(self, node):
         op, m, a = node.op, node.meta, node.args
         dt = self._dt.get(m.get("dtype"))
-        if op in ("heads",) or (op in ("merge_heads", "last_rows") and m.get("view_of") == 0):
+        if op in ("heads",) or (op in ("merge_heads", "last_rows", "head_rows") and m.get("view_of") == 0):
             self.loc[node.out] = self._view(node, self.loc[a[0]])
             return []
         if op == "kv_cache":
@@ -199,6 +199,11 @@ class CpuPlanExecutor:
                 raise _Unsupported("merge_heads of a non-contiguous value")
             B, H, S, D = x.shape
             return [(P_MERGE_HEADS, [out.ref, x.ref], [B, H, S, D, x.elem], 0.0)]
+        if op == "head_rows":  # heads start..start+count of each token's fused projection, as rows [M*count, D]
+            x, start, count = self._rows(a[0]), a[1].value, a[2].value
+            D = out.shape[1]
+            src = Loc(x.slot, x.offset + start * D * x.elem, (x.shape[0], count * D), (x.stride[0], 1), x.dtype)
+            return [(P_ROWS_COPY, [out.ref, src.ref], [x.shape[0], count * D, x.stride[0], x.elem], 0.0)]
         if op == "last_rows":
             x = self._arg(a[0])
             if not x.contiguous():
