@@ -8,6 +8,8 @@ max_new_tokens, or the context's end. `stream=True` returns an iterator of text 
 from __future__ import annotations
 
 import math
+import os
+import sys
 import time
 from dataclasses import dataclass, field
 
@@ -449,7 +451,12 @@ def _load_parallel(path, backend, dtype, fallback, device, plans, world_size) ->
     if not group.is_leader:
         parallel.follow(decoder, group)
         group.close()
-        raise SystemExit(0)
+        # leave without the interpreter's teardown: a C++ thread (the collective library's or the cpu
+        # pool's) still joinable while static destructors run aborted a follower once in CI
+        # ("terminate called without an active exception", SIGABRT after its work was done)
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)
 
     def stop():
         model.decoder.stop()
