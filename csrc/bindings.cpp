@@ -161,6 +161,7 @@ struct PlanProgram {
     std::vector<PlanNode> nodes;
     std::vector<uintptr_t> slots;
     size_t dynamic = 0;
+    std::vector<double> seconds;  // per node, accumulated by runs with profile=True
 };
 
 }  // namespace
@@ -295,7 +296,7 @@ PYBIND11_MODULE(_cpu, m) {
             n.f = f;
             p.nodes.push_back(n);
         })
-        .def("run", [](PlanProgram& p, std::vector<uintptr_t> dynamic, int64_t row0, int64_t T) {
+        .def("run", [](PlanProgram& p, std::vector<uintptr_t> dynamic, int64_t row0, int64_t T, bool profile) {
             if (dynamic.size() != p.dynamic)
                 throw py::value_error("plan run: expected " + std::to_string(p.dynamic) + " step pointers, got " +
                                       std::to_string(dynamic.size()));
@@ -304,8 +305,12 @@ PYBIND11_MODULE(_cpu, m) {
             const KernelTable& k = kernels();
             py::gil_scoped_release release;  // once for the whole step
             std::lock_guard<std::mutex> lock(kernel_lock);
-            plan_run(p.nodes, run, k, run_linear_int8);
-        });
+            if (profile) p.seconds.resize(p.nodes.size(), 0.0);
+            plan_run(p.nodes, run, k, run_linear_int8, profile ? p.seconds.data() : nullptr);
+        }, py::arg("dynamic"), py::arg("row0"), py::arg("T"), py::arg("profile") = false)
+        .def("node_seconds", [](PlanProgram& p) { return p.seconds; },
+             "seconds per node accumulated by runs with profile=True (empty before the first)")
+        .def("clear_seconds", [](PlanProgram& p) { p.seconds.assign(p.seconds.size(), 0.0); });
     m.def("int8_paths", [] {
         std::vector<std::string> names;
         for (const Int8Path& p : int8_paths_compiled())

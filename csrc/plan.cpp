@@ -1,6 +1,7 @@
 // Runs a compiled step plan (plan.h): every node's kernel in order, with no Python in between.
 #include "plan.h"
 
+#include <chrono>
 #include <cstring>
 
 void embedding(void* out, const int64_t* ids, const void* table, int64_t N, int64_t H, int64_t ts, int64_t elem_bytes);
@@ -42,8 +43,13 @@ void kv_write(char* cache, const char* src, const int32_t* q_pos, const int32_t*
 
 }  // namespace
 
-void plan_run(const std::vector<PlanNode>& nodes, const PlanRun& run, const KernelTable& k, LinearFn linear_int8) {
-    for (const PlanNode& n : nodes) {
+void plan_run(const std::vector<PlanNode>& nodes, const PlanRun& run, const KernelTable& k, LinearFn linear_int8,
+              double* seconds) {
+    using clock = std::chrono::steady_clock;
+    clock::time_point t0;
+    if (seconds) t0 = clock::now();
+    for (size_t node = 0; node < nodes.size(); ++node) {
+        const PlanNode& n = nodes[node];
         const int64_t* i = n.i;
         switch (n.op) {
             case P_EMBEDDING:  // i[4]: -1 a dense table, else the prepared weight's format (rows of panels / blocks)
@@ -148,6 +154,11 @@ void plan_run(const std::vector<PlanNode>& nodes, const PlanRun& run, const Kern
             }
             default:
                 break;  // cpu_plan.py emits only the ops above
+        }
+        if (seconds) {
+            const clock::time_point t1 = clock::now();
+            seconds[node] += std::chrono::duration<double>(t1 - t0).count();
+            t0 = t1;
         }
     }
 }

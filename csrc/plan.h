@@ -53,4 +53,7 @@ struct PlanRun {
 typedef void (*LinearFn)(void* out, const void* x, const void* w, const void* bias, int64_t M, int64_t N, int64_t K,
                          int64_t xs, int adt, int fmt);
 
-void plan_run(const std::vector<PlanNode>& nodes, const PlanRun& run, const KernelTable& k, LinearFn linear_int8);
+// seconds: nullptr, or one accumulator per node (each node's wall time is added: the profile that
+// `CpuPlanExecutor.profile` reads; two clock reads per node)
+void plan_run(const std::vector<PlanNode>& nodes, const PlanRun& run, const KernelTable& k, LinearFn linear_int8,
+              double* seconds = nullptr);

@@ -22,6 +22,10 @@ from . import spec
 # csrc/plan.h PlanOp
 P_EMBEDDING, P_RMS_NORM, P_LINEAR, P_ROPE, P_SILU_MUL, P_ATTENTION, P_ADD, P_KV_WRITE, P_MERGE_HEADS, \
     P_LAST_ROWS, P_GELU, P_LAYER_NORM, P_ROWS_COPY = range(13)
+_OP_NAMES = {P_EMBEDDING: "embedding", P_RMS_NORM: "rms_norm", P_LINEAR: "linear", P_ROPE: "rope",
+             P_SILU_MUL: "silu_mul", P_ATTENTION: "attention", P_ADD: "add", P_KV_WRITE: "kv_cache",
+             P_MERGE_HEADS: "merge_heads", P_LAST_ROWS: "last_rows", P_GELU: "gelu", P_LAYER_NORM: "layer_norm",
+             P_ROWS_COPY: "head_rows"}
 
 NONE_REF = (-1, 0, 0)
 
@@ -85,10 +89,26 @@ class CpuPlanExecutor:
             pending.extend(self._node(node))
         self.out = self._buffer_of(plan.output)
         self.kernel_s = 0.0
-        self.profile = False  # always measured: one clock read per step
+        # kernel_s is always measured (one clock read per step); profile=True also times each native
+        # node (node_seconds: the bench's per-op breakdown of the one native call)
+        self.profile = False
         self.program = cpu_module.Plan(self.dynamic, [t.data_ptr() for t in self._fixed])
+        self.node_ops = []  # the plan op code of each native node
         for op, refs, ints, f in pending:
             self.program.add(op, [list(r) for r in refs], [int(i) for i in ints], float(f))
+            self.node_ops.append(op)
+
+    def reset_profile(self):
+        self.kernel_s = 0.0
+        self.program.clear_seconds()
+
+    def node_seconds(self) -> dict:
+        """Seconds per native node kind over the runs made with profile=True."""
+        totals = {}
+        for op, s in zip(self.node_ops, self.program.node_seconds()):
+            name = _OP_NAMES.get(op, str(op))
+            totals[name] = totals.get(name, 0.0) + s
+        return totals
 
     # ------------------------------------------------------------ places
 
@@ -253,7 +273,7 @@ class CpuPlanExecutor:
             ptrs += [t.data_ptr() for t in cache.k] + [t.data_ptr() for t in cache.v]
             row0, T = inputs.rows.start or 0, cache.max_len
         t0 = time.perf_counter()
-        self.program.run(ptrs, row0, T)
+        self.program.run(ptrs, row0, T, self.profile)
         self.kernel_s += time.perf_counter() - t0  # the whole native step (bench model's breakdown)
         self.plan.runs += 1
         return self.out.clone()

@@ -76,14 +76,22 @@ def step_breakdown(model, fn, steps):
         return None
     for e in executors:
         e.profile, e.kernel_s = True, 0.0
+        if hasattr(e, "reset_profile"):
+            e.reset_profile()
     wall = _timed(model, fn)
     kernel = sum(e.kernel_s for e in executors)
+    by_op = {}  # a compiled cpu plan also times each native node: ms per step by op
     for e in executors:
         e.profile = False
+        for op, s in (e.node_seconds() if hasattr(e, "node_seconds") else {}).items():
+            by_op[op] = by_op.get(op, 0.0) + 1e3 * s / steps
     step_ms, kernel_ms = 1e3 * wall / steps, 1e3 * kernel / steps
-    return {"step_ms": step_ms, "kernel_ms": kernel_ms, "host_ms": step_ms - kernel_ms,
-            "host_pct": 100.0 * (step_ms - kernel_ms) / step_ms,
-            "executor": type(executors[0]).__name__}
+    out = {"step_ms": step_ms, "kernel_ms": kernel_ms, "host_ms": step_ms - kernel_ms,
+           "host_pct": 100.0 * (step_ms - kernel_ms) / step_ms,
+           "executor": type(executors[0]).__name__}
+    if by_op:
+        out["kernel_ms_by_op"] = dict(sorted(by_op.items(), key=lambda kv: -kv[1]))
+    return out
 
 
 def _load(model_path, name, dtype, plans):
