@@ -40,6 +40,8 @@ class Shape:
 SHAPES = {
     "qwen2-0.5b": Shape(151936, 896, 4864, 24, 14, 2),
     "test": Shape(32000, 512, 1024, 2, 8, 2),  # tests/test_memory.py: the embedding dominates, as in small models
+    # tests/test_memory.py: the layers dominate (their fused q/k/v and gate/up copies are most of the file)
+    "test-layers": Shape(2048, 512, 2048, 6, 8, 2),
     "tiny": Shape(256, 64, 128, 1, 4, 2),  # the warm-up load
 }
 FORMATS = ("f32", "f16", "q8_0", "q4_0", "q4_1")

@@ -15,8 +15,12 @@ file ends in GGUFFormatError, never in a huge allocation, an overflow or a deep 
 """
 from __future__ import annotations
 
+import ctypes
 import math
+import mmap
 import struct
+import sys
+import weakref
 from dataclasses import dataclass
 
 import numpy as np
@@ -34,6 +38,59 @@ MAX_ALIGNMENT = 1 << 20
 # the fewest bytes each record can occupy: a bound on the counts the header may claim
 _MIN_KV_BYTES = 8 + 4 + 1  # empty key, value type, smallest value
 _MIN_TENSOR_BYTES = 8 + 4 + 4 + 8  # empty name, n_dims, type, offset
+
+
+# address ranges [start, end) of the live file maps (removed when a map's last view is gone, before
+# the kernel can hand the range to anything else): release_pages acts only inside them
+_LIVE_MAPS = {}
+
+
+def _register_map(array: np.ndarray):
+    start = array.ctypes.data
+    key = (start, start + array.nbytes)
+    _LIVE_MAPS[key] = True
+    weakref.finalize(array, _LIVE_MAPS.pop, key, None)
+
+
+def _madvise():
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        fn = ctypes.CDLL(None, use_errno=True).madvise
+    except (OSError, AttributeError):
+        return None
+    fn.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
+    fn.restype = ctypes.c_int
+    return fn
+
+
+_MADVISE = _madvise()
+_MADV_DONTNEED = 4
+
+
+def release_pages(*tensors) -> int:
+    """Drop this process's pages of file-map views that nothing will read again (the sources of a
+    weight the loader concatenated into memory of its own): -> bytes released.
+
+    Only whole pages inside a view are released, and only views into a live GGUF map (MAP_PRIVATE,
+    never written): a later read of a released page faults it back from the file, so this changes
+    what is resident, never what is read. Anything else (anonymous memory, other platforms) is left
+    as it is."""
+    if _MADVISE is None:
+        return 0
+    page, released = mmap.PAGESIZE, 0
+    for t in tensors:
+        nbytes = t.numel() * t.element_size()
+        if nbytes == 0 or not t.is_contiguous():
+            continue
+        start = t.data_ptr()
+        end = start + nbytes
+        if not any(lo <= start and end <= hi for lo, hi in _LIVE_MAPS):
+            continue
+        first, last = -(-start // page) * page, end // page * page
+        if last > first and _MADVISE(first, last - first, _MADV_DONTNEED) == 0:
+            released += last - first
+    return released
 
 
 class GGUFFormatError(ValueError):
@@ -54,6 +111,7 @@ class GGUFFile:
         # copy-on-write (MAP_PRIVATE): tensors are zero-copy views that torch may treat as writable;
         # a write (none is made) would copy that page privately, never reach the file
         self._map = np.memmap(self.path, dtype=np.uint8, mode="c")
+        _register_map(self._map)
         self._buf = memoryview(self._map)
         self._pos = 0
         if self._take(4) != MAGIC:

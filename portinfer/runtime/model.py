@@ -22,6 +22,7 @@ from ..backends import quant, spec
 from ..backends.placement import Placement
 from . import graph
 from .config import ModelConfig
+from .gguf_file import release_pages
 from .loader import CheckpointError
 
 # plans kept per decoder (least recently used dropped first): decode buckets and prefill chunks
@@ -297,7 +298,11 @@ def _concat_rows(weights: list):
     formats = {spec.weight_format(w) for w in weights}
     if len(formats) == 1 and isinstance(weights[0], spec.QuantizedWeight):
         blocks = torch.cat([w.blocks for w in weights])
-        return spec.QuantizedWeight(weights[0].format, blocks, (blocks.shape[0], weights[0].shape[1]))
-    dense = [quant.dequantize(w) if isinstance(w, spec.QuantizedWeight) else w for w in weights]
-    dtype = dense[0].dtype if len({d.dtype for d in dense}) == 1 else torch.float32
-    return torch.cat([d.to(dtype) for d in dense])
+        out = spec.QuantizedWeight(weights[0].format, blocks, (blocks.shape[0], weights[0].shape[1]))
+    else:
+        dense = [quant.dequantize(w) if isinstance(w, spec.QuantizedWeight) else w for w in weights]
+        dtype = dense[0].dtype if len({d.dtype for d in dense}) == 1 else torch.float32
+        out = torch.cat([d.to(dtype) for d in dense])
+    # the sources' pages of a mapped file were read once, for this copy: give them back (docs/memory.md)
+    release_pages(*[w.blocks if isinstance(w, spec.QuantizedWeight) else w for w in weights])
+    return out
