@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ..runtime.detokenize import IncrementalDetokenizer
+from ..runtime.model import all_finite
 from ..runtime.sampling import Sampler, SamplingParams
 from .protocol import APIError
 
@@ -331,7 +332,7 @@ class Scheduler:
             self._free(s)
 
     def _sample(self, job: Job, logits):
-        if not bool(torch.isfinite(logits).all()):
+        if not all_finite(logits):
             raise FloatingPointError("the model produced non-finite logits for this sequence")
         x = logits
         if job.seen is not None or job.counts is not None:
