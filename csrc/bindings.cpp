@@ -199,7 +199,9 @@ PYBIND11_MODULE(_cpu, m) {
         embedding(ptr<void>(out), ptr<const int64_t>(ids), ptr<const void>(table), N, H, ts, eb);
     });
     m.def("embedding_prepared", [](uintptr_t out, uintptr_t ids, uintptr_t w, int64_t N, int64_t H, int wfmt, int dt) {
-        if (!(wfmt >= W_F32 && wfmt <= W_Q4_1)) throw std::invalid_argument("embedding_prepared: weight format code");
+        if (!(wfmt >= W_F32 && wfmt <= W_Q6_K)) throw std::invalid_argument("embedding_prepared: weight format code");
+        if (wfmt >= W_Q4_K && H % 256 != 0)
+            throw std::invalid_argument("embedding_prepared: K-quant rows need H a multiple of 256");
         if (wfmt >= W_Q8_0 && H % QK) throw std::invalid_argument("embedding_prepared: H must be whole blocks of 32");
         py::gil_scoped_release release;
         embedding_prepared(ptr<void>(out), ptr<const int64_t>(ids), ptr<const void>(w), N, H, wfmt, dt);

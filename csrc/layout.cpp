@@ -1,4 +1,6 @@
 // Data movement: packing dense weights for the GEMM, and embedding rows (of a table or a prepared weight).
+#include <cstring>
+
 #include "common.h"
 
 // P [ceil(N/32)][K][32] = W [N, K] (row stride ws elements), padded with zeros; elem_bytes 2 or 4
@@ -47,10 +49,54 @@ void embedding(void* out, const int64_t* ids, const void* table, int64_t N, int6
 // [ceil(V/32)][H][32] (pack_dense) or GGUF blocks uint8 [V, H/32 * block bytes], dequantized exactly as
 // ggml's get_rows does (fp32: d * q, d * (q - 8), d * q + m), then stored in dt. ids already checked.
 // A tied output head is the embedding table this way, and a quantized table is never expanded.
+// One K-quant super-block (256 weights; layouts in kquant_impl.h) -> fp32, in ggml's order of
+// operations (d sc q - dmin m; Q6_K: d sc (q - 32)): the values of quant.dequantize, exactly.
+static void kquant_block_f32(float* y, const uint8_t* b, int wfmt) {
+    if (wfmt == W_Q6_K) {
+        const uint8_t *ql = b, *qh = b + 128;
+        const int8_t* sc = (const int8_t*)(b + 192);
+        uint16_t hd;
+        std::memcpy(&hd, b + 208, 2);
+        const float d = f16_to_f32(hd);
+        for (int i = 0; i < 256; ++i) {
+            const int h = i / 128, q = (i % 128) / 32, l = i % 32;
+            const int lo = (ql[64 * h + 32 * (q % 2) + l] >> (4 * (q / 2))) & 0x0F;
+            const int hi = (qh[32 * h + l] >> (2 * q)) & 3;
+            y[i] = d * (float)sc[i / 16] * (float)((lo | (hi << 4)) - 32);
+        }
+        return;
+    }
+    uint16_t hd, hm;
+    std::memcpy(&hd, b, 2);
+    std::memcpy(&hm, b + 2, 2);
+    const float d = f16_to_f32(hd), dmin = f16_to_f32(hm);
+    const uint8_t* s = b + 4;  // 8 x 6-bit scales, 8 x 6-bit mins in 12 bytes
+    const uint8_t *qh = b + 16, *qs = b + 16 + (wfmt == W_Q5_K ? 32 : 0);
+    for (int j = 0; j < 8; ++j) {
+        const int sc = j < 4 ? s[j] & 63 : (s[j + 4] & 0x0F) | ((s[j - 4] >> 6) << 4);
+        const int m = j < 4 ? s[j + 4] & 63 : (s[j + 4] >> 4) | ((s[j] >> 6) << 4);
+        const float dsc = d * (float)sc, dmn = dmin * (float)m;
+        for (int l = 0; l < 32; ++l) {
+            int q = (qs[32 * (j / 2) + l] >> (4 * (j % 2))) & 0x0F;
+            if (wfmt == W_Q5_K) q |= ((qh[l] >> j) & 1) << 4;
+            y[32 * j + l] = dsc * (float)q - dmn;
+        }
+    }
+}
+
 void embedding_prepared(void* out, const int64_t* ids, const void* weights, int64_t N, int64_t H, int wfmt, int dt) {
     const uint8_t* w = (const uint8_t*)weights;
     for (int64_t n = 0; n < N; ++n) {
         const int64_t v = ids[n];
+        if (wfmt == W_Q4_K || wfmt == W_Q5_K || wfmt == W_Q6_K) {  // super-blocks of 256: H % 256 == 0
+            const int64_t bb = kquant_block_bytes(wfmt), nb = H / 256;
+            float y[256];
+            for (int64_t b = 0; b < nb; ++b) {
+                kquant_block_f32(y, w + (v * nb + b) * bb, wfmt);
+                for (int i = 0; i < 256; ++i) store_scalar(out, dt, n * H + b * 256 + i, y[i]);
+            }
+            continue;
+        }
         if (wfmt == W_F32 || wfmt == W_F16 || wfmt == W_BF16) {  // element k of row v: panel v/32, lane v%32
             const int wdt = wfmt == W_F32 ? DT_F32 : wfmt == W_F16 ? DT_F16 : DT_BF16;
             const int64_t base = (v / PANEL) * H * PANEL + v % PANEL;

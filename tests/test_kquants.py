@@ -80,11 +80,14 @@ def test_quantizer_rejects_k_not_a_multiple_of_256():
 def test_reference_linear_is_float64_of_the_dequantized_weight(fmt):
     ref = portinfer.backends.get("reference")
     qw = random_blocks(fmt, 7, 512, seed=5)
-    x = torch.randn(3, 512, dtype=torch.float64).float()
-    # gguf's fp32 weights are the exact ones rounded once (d * sc * q - dmin * m), hence the tolerance
+    x = torch.randn(3, 512, dtype=torch.float64, generator=torch.Generator().manual_seed(5)).float()
+    # gguf's fp32 weights are the exact ones rounded once (d * sc * q - dmin * m), hence the tolerance,
+    # relative to the sum of |x w| (an output that cancels to near 0 keeps the absolute error of its terms)
     dense = torch.from_numpy(gguf_dequantize(qw)).double()
     expected = (x.double() @ dense.T).float()
-    torch.testing.assert_close(ref.linear(x, ref.prepare_linear(qw, torch.float32)), expected, rtol=1e-6, atol=0)
+    scale = float((x.double().abs() @ dense.abs().T).max())
+    torch.testing.assert_close(ref.linear(x, ref.prepare_linear(qw, torch.float32)), expected, rtol=1e-6,
+                               atol=1e-7 * scale)
 
 
 # ---------------------------------------------------------------------------- loader
@@ -367,7 +370,12 @@ gc.collect()
 base = rss()
 model = portinfer.load(sys.argv[1], backend="cpu", dtype="fp32")
 gc.collect()
-print(json.dumps({"checkpoint": checkpoint, "model": rss() - base}))
+loaded = rss() - base
+cache = model.new_cache(1, 64)
+kv = sum(t.numel() * t.element_size() for t in cache.k + cache.v)
+model.step(model.step(torch.tensor([[1, 2, 3, 4]]), cache).argmax(-1).view(1, 1), cache)  # prefill + decode
+gc.collect()
+print(json.dumps({"checkpoint": checkpoint, "model": loaded, "step": rss() - base - kv}))
 """
 
 
@@ -397,8 +405,8 @@ def test_checkpoint_of_a_q4_k_m_file_is_resident_in_its_size(resident_bytes):
     assert resident_bytes["checkpoint"] <= 1.15, resident_bytes
 
 
-@pytest.mark.xfail(strict=True, reason="runtime/model.py (the lead's, issue 13 note) dequantizes the token "
-                   "embedding to the activation dtype (fp32: 7x its Q4_K bytes) and fuses q/k/v of mixed formats "
-                   "(Q4_K q/k + Q6_K v) into one fp32 matrix; quant.dequantize_rows lets the embedding stay blocks")
 def test_model_of_a_q4_k_m_file_is_resident_in_115_percent_of_its_size(resident_bytes):
+    """After load and after a prefill + a decode step (every page read; the KV cache not counted): K-quant
+    embedding rows gathered from blocks, mixed-format q/k/v kept as three linears in blocks."""
     assert resident_bytes["model"] <= 1.15, resident_bytes
+    assert resident_bytes["step"] <= 1.15, resident_bytes

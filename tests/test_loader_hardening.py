@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the repo root: fuzz/ (seed corpus)
 
@@ -203,11 +204,27 @@ def test_gguf_chat_prompt_keeps_one_bos(seeds):
     assert ids[0] == bos and ids.count(bos) == 1
 
 
-def test_mixed_formats_in_a_fused_projection_are_said(seeds):
-    """q/k in Q4_1 and v in Q8_0 (as the seed, like llama.cpp's mixes) become one dense matrix: a warning says so."""
-    with pytest.warns(UserWarning, match=r"smollm2.gguf: layer 0 q_proj/k_proj/v_proj are in mixed formats "
-                                         r"\(q4_1, q4_1, q8_0\)"):
+def test_mixed_formats_in_q_k_v_stay_blocks(seeds):
+    """q/k in Q4_1 and v in Q8_0 (as the seed, like llama.cpp's mixes): three linears, each in its own
+    blocks (not one dense matrix, which the loader used to warn about), with the reference backend's logits
+    through plans and the op path."""
+    import warnings
+
+    import portinfer
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
         load_checkpoint(seeds["smollm2.gguf"])
+    ids = torch.tensor([[1, 5, 9, 3, 7]])
+    want = portinfer.load(seeds["smollm2.gguf"], backend="reference").logits(ids)
+    for plans in (True, False):
+        model = portinfer.load(seeds["smollm2.gguf"], backend="cpu", plans=plans)
+        layer = model.decoder.layers[0]
+        assert layer["qkv"] is None
+        assert [w.format for w, _ in layer["qkv_parts"]] == ["q4_1", "q4_1", "q8_0"]
+        for step_ids in (ids, ids[:, :1]):  # a prefill (GEMM) and one token (GEMV)
+            got = model.logits(step_ids)
+            torch.testing.assert_close(got, want[:, :step_ids.shape[1]], rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.parametrize("index", [5601, 8084])

@@ -85,7 +85,7 @@ class CpuBackend(Backend):
     model_logits_budget = 2e-2
     # embedding gathers rows natively out of dense panels and Q8_0/Q4_0/Q4_1 blocks (csrc/layout.cpp);
     # not out of the int8 route's repacked groups (their format carries the layout: "q4_0@...")
-    embedding_table_formats = ("fp32", "fp16", "bf16", "q8_0", "q4_0", "q4_1")
+    embedding_table_formats = ("fp32", "fp16", "bf16", "q8_0", "q4_0", "q4_1", "q4_k", "q5_k", "q6_k")
 
     @classmethod
     def probe(cls):

@@ -305,12 +305,13 @@ def load_gguf(path: Path) -> Checkpoint:
 
 
 def _warn_mixed_fused_formats(path, weights, num_layers):
-    """Say so when q/k/v (or gate/up) of a layer come in different GGUF formats (llama.cpp's Q4_K_M mixes
-    Q4_K and Q6_K): the decoder fuses them into one linear, which then cannot stay in blocks and is
-    dequantized to one dense matrix (more memory, a dense GEMV) -- issue 13 keeps them separate."""
+    """Say so when gate/up of a layer come in different GGUF formats: the decoder fuses them into one
+    linear (silu_mul takes [gate | up]), which then cannot stay in blocks and is dequantized to one dense
+    matrix (more memory, a dense GEMV). q/k/v of mixed formats (llama.cpp's Q4_K_M: Q6_K v) are kept as
+    three linears in their own blocks instead (model.py), so they need no warning."""
     import warnings
 
-    groups = (("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), ("mlp.gate_proj", "mlp.up_proj"))
+    groups = (("mlp.gate_proj", "mlp.up_proj"),)
     for names in groups:
         for i in range(num_layers):
             found = [weights.get(f"model.layers.{i}.{n}.weight") for n in names]

@@ -83,8 +83,12 @@ class Decoder:
             q = get(p + "self_attn.q_proj.weight", (q_size, H))
             k = get(p + "self_attn.k_proj.weight", (kv_size, H))
             v = get(p + "self_attn.v_proj.weight", (kv_size, H))
-            qkv_bias = _concat_rows([get(p + f"self_attn.{n}_proj.bias", (size,)) for n, size in
-                                     (("q", q_size), ("k", kv_size), ("v", kv_size))]) if c.qkv_bias else None
+            qkv_biases = [get(p + f"self_attn.{n}_proj.bias", (size,)) for n, size in
+                          (("q", q_size), ("k", kv_size), ("v", kv_size))] if c.qkv_bias else [None] * 3
+            # q/k/v in one linear, unless they come in different block formats (llama.cpp's Q4_K_M: Q6_K v):
+            # then three, each kept in its blocks, instead of one dense matrix (7x the bytes in fp32)
+            fuse_qkv = len({spec.weight_format(w) for w in (q, k, v)}) == 1 or not any(
+                isinstance(w, spec.QuantizedWeight) for w in (q, k, v))
             gate = get(p + "mlp.gate_proj.weight", (inter, H))
             up = get(p + "mlp.up_proj.weight", (inter, H))
             gate_up_bias = _concat_rows([get(p + f"mlp.{n}_proj.bias", (inter,))
@@ -94,8 +98,10 @@ class Decoder:
             down_bias = get(p + "mlp.down_proj.bias", (H,)) if c.mlp_bias and shard.adds_row_bias else None
             self.layers.append(dict(
                 attn_norm=self._dense(get(p + "input_layernorm.weight", (H,))),
-                qkv=placement.prepare_linear(_concat_rows([q, k, v])),
-                qkv_bias=self._dense(qkv_bias),
+                qkv=placement.prepare_linear(_concat_rows([q, k, v])) if fuse_qkv else None,
+                qkv_bias=self._dense(_concat_rows(qkv_biases) if c.qkv_bias else None) if fuse_qkv else None,
+                qkv_parts=None if fuse_qkv else [(placement.prepare_linear(w), self._dense(b))
+                                                 for w, b in zip((q, k, v), qkv_biases)],
                 o=placement.prepare_linear(get(p + "self_attn.o_proj.weight", (H, q_size))),
                 o_bias=self._dense(o_bias),
                 mlp_norm=self._dense(get(p + "post_attention_layernorm.weight", (H,))),
@@ -166,15 +172,19 @@ class Decoder:
             x = g.embedding(g.ids, self.embed)  # [B*S, H]
         for li, layer in enumerate(self.layers):
             h = g.rms_norm(x, layer["attn_norm"], c.rms_norm_eps)
-            qkv = g.linear(h, layer["qkv"], layer["qkv_bias"])  # [B*S, (Hq + 2 Hkv) D]
+            if layer["qkv"] is not None:
+                qkv = g.linear(h, layer["qkv"], layer["qkv_bias"])  # [B*S, (Hq + 2 Hkv) D]
+                (qs, q0), (ks, k0), (vs, v0) = (qkv, 0), (qkv, Hq), (qkv, Hq + Hkv)
+            else:  # q, k, v in three linears (mixed block formats): each its own [B*S, heads * D]
+                (qs, q0), (ks, k0), (vs, v0) = [(g.linear(h, w, b), 0) for w, b in layer["qkv_parts"]]
             if c.qk_norm:  # qwen3: rms_norm over each head of q and of k ([B*S*Hx, D] rows), before rope
-                q = g.heads(g.rms_norm(g.head_rows(qkv, 0, Hq), layer["q_norm"], c.rms_norm_eps), 0, Hq)
-                k = g.heads(g.rms_norm(g.head_rows(qkv, Hq, Hkv), layer["k_norm"], c.rms_norm_eps), 0, Hkv)
+                q = g.heads(g.rms_norm(g.head_rows(qs, q0, Hq), layer["q_norm"], c.rms_norm_eps), 0, Hq)
+                k = g.heads(g.rms_norm(g.head_rows(ks, k0, Hkv), layer["k_norm"], c.rms_norm_eps), 0, Hkv)
             else:
-                q, k = g.heads(qkv, 0, Hq), g.heads(qkv, Hq, Hkv)
+                q, k = g.heads(qs, q0, Hq), g.heads(ks, k0, Hkv)
             q = g.rope(q, g.pos, self.rotary)  # [B, Hq, S, D]
             k = g.rope(k, g.pos, self.rotary)  # [B, Hkv, S, D]
-            v = g.heads(qkv, Hq + Hkv, Hkv)  # [B, Hkv, S, D]
+            v = g.heads(vs, v0, Hkv)  # [B, Hkv, S, D]
             k, v = g.kv_cache(li, k, v)  # [B, Hkv, kv, D]: the cache rows after this step's writes
             a = g.attention(q, k, v, g.q_pos, g.kv_len, True, self.scale)  # [B, Hq, S, D]
             o = self._reduce(g, g.linear(g.merge_heads(a), layer["o"], layer["o_bias"]))  # [B*S, H]
