@@ -1,6 +1,8 @@
 """Step plans vs the op path (runtime/graph.py): the same greedy tokens and logits within the ops'
 budgets, on every backend here, for one prompt, a padded batch and rows of a cache driven one
 slice at a time (the server's slots); a plan refuses a shape it was not built for."""
+import math
+
 import pytest
 import torch
 
@@ -119,6 +121,26 @@ def test_cpu_backend_compiles_plans_natively(tiny):
     model.generate(PROMPTS, max_new_tokens=3, eos_token_id=[])
     kinds = {type(e).__name__ for e in model.decoder._plans.values()}
     assert kinds == {CpuPlanExecutor.__name__}, kinds
+
+
+def test_cpu_plan_reuses_buffers_by_liveness(tmp_path):
+    """A compiled cpu plan holds about one layer's values, not every layer's: with 6 layers its buffers
+    are well under the sum of all its op outputs, and its logits are still the op path's, prefill and
+    decode (buffers reused between layers must not be read after they were overwritten)."""
+    if "cpu" not in available_backends():
+        pytest.skip("the cpu backend's extension is not built here")
+    hf_models.build("qwen2_bias_tied", tmp_path, layers=6)
+    plan_model, op_model = _load(tmp_path, "cpu", True), _load(tmp_path, "cpu", False)
+    ids = torch.tensor([PROMPTS[2]])
+    caches = [m.new_cache(1, 32) for m in (plan_model, op_model)]
+    for step in range(3):
+        got, want = (m.step(ids, c) for m, c in zip((plan_model, op_model), caches))
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+        ids = want.argmax(-1).view(1, 1)
+    for executor in plan_model.decoder._plans.values():
+        all_outputs = sum(math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+                          for shape, dtype in executor._virtual)
+        assert executor.buffer_bytes < all_outputs / 3, (executor.buffer_bytes, all_outputs)
 
 
 def test_a_plan_refuses_a_cache_of_another_model(tiny, tmp_path):

@@ -1,9 +1,11 @@
 """The cpu backend's `compile(plan)`: a traced step plan (runtime/graph.py) as one native call.
 
 Every value of the plan gets a place: the step inputs and the KV-cache layers are slots rebound
-on every run; each op's output gets a buffer of its own, allocated once here (the plan's shape
-class is fixed); views (heads of the fused qkv, a merge of heads that is a view) are offsets
-into the buffer they view. The nodes become csrc/plan.h nodes calling the same kernels as the
+on every run; each op's output gets a buffer, allocated once here (the plan's shape class is
+fixed); views (heads of the fused qkv, a merge of heads that is a view) are offsets into the
+buffer they view. Buffers are reused by liveness: once the last node that reads a buffer (or a
+view of it) has run, a later output of the same byte size takes it, so a plan holds about one
+layer's values, not every layer's (SmolLM2 at 256 tokens: ~250 MB -> ~12 MB). The nodes become csrc/plan.h nodes calling the same kernels as the
 op path, run in order by `_cpu.Plan.run`: the GIL released once per step, the thread pool hot
 across nodes, and the glue (residual adds, KV-cache writes, head merges, last-row gathers)
 done natively. A plan with a node this compiler does not know, or one that fell back to another
@@ -11,6 +13,7 @@ backend, is left to the generic executor (compile returns None).
 """
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass
 
@@ -28,6 +31,7 @@ _OP_NAMES = {P_EMBEDDING: "embedding", P_RMS_NORM: "rms_norm", P_LINEAR: "linear
              P_ROWS_COPY: "head_rows"}
 
 NONE_REF = (-1, 0, 0)
+_VIRTUAL = 1 << 40  # slots of buffers before allocation (_allocate maps them to real ones)
 
 
 class _Unsupported(Exception):
@@ -82,12 +86,17 @@ class CpuPlanExecutor:
         for v, meta in enumerate(plan.input_meta):
             self.loc[v] = Loc(v, 0, meta["shape"], meta["stride"], meta["dtype"])
         self.cache_meta = None
+        self._virtual = []  # (shape, dtype) of each output buffer, slot _VIRTUAL + index
         pending = []  # (op, refs, ints, f)
         for node in plan.nodes:
             if node.backend is not None and node.backend is not backend:
                 raise _Unsupported(f"{node.op} runs on {node.backend.name}")
             pending.extend(self._node(node))
-        self.out = self._buffer_of(plan.output)
+        out = self.loc[plan.output]
+        if out.slot < _VIRTUAL or out.offset or not out.contiguous():
+            raise _Unsupported("the plan's output is not a buffer of its own")
+        pending, self.out = self._allocate(pending, out)
+        self.buffer_bytes = sum(t.numel() * t.element_size() for t in self._buffers)
         self.kernel_s = 0.0
         # kernel_s is always measured (one clock read per step); profile=True also times each native
         # node (node_seconds: the bench's per-op breakdown of the one native call)
@@ -130,14 +139,52 @@ class CpuPlanExecutor:
         return self._const(a) if isinstance(a, Const) else self.loc[a]
 
     def _new_buffer(self, meta) -> Loc:
-        t = torch.empty(meta["shape"], dtype=meta["dtype"])
-        return Loc(self._fix(t), 0, tuple(t.shape), tuple(t.stride()), t.dtype)
+        shape = tuple(meta["shape"])
+        stride, size = [], 1
+        for n in reversed(shape):
+            stride.append(size)
+            size *= n
+        self._virtual.append((shape, meta["dtype"]))
+        return Loc(_VIRTUAL + len(self._virtual) - 1, 0, shape, tuple(reversed(stride)), meta["dtype"])
 
-    def _buffer_of(self, value):
-        loc = self.loc[value]
-        if loc.slot < self.dynamic or loc.offset or not loc.contiguous():
-            raise _Unsupported("the plan's output is not a buffer of its own")
-        return self._fixed[loc.slot - self.dynamic]
+    def _allocate(self, pending, out: Loc):
+        """Give the output buffers real memory, reusing by liveness: a buffer is live from the first node
+        that refers to it (its producer) to the last (every read, through any view, is a ref of a node),
+        then its memory goes back to a free list of its byte size. An output is allocated before the
+        node's inputs are released, so a node never writes over what it reads; the plan's output is
+        never released. -> (pending with real slots, the output tensor)."""
+        first, last = {}, {}
+        for i, (_, refs, _, _) in enumerate(pending):
+            for r in refs:
+                if r[0] >= _VIRTUAL:
+                    first.setdefault(r[0], i)
+                    last[r[0]] = i
+        last[out.slot] = len(pending)
+        ends = {}
+        for v, i in last.items():
+            ends.setdefault(i, []).append(v)
+        starts = {}
+        for v, i in first.items():
+            starts.setdefault(i, []).append(v)
+        free, slot_of, self._buffers = {}, {}, []
+        nbytes = {v: math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+                  for v, (shape, dtype) in ((_VIRTUAL + k, sd) for k, sd in enumerate(self._virtual))}
+        for i in range(len(pending)):
+            for v in starts.get(i, ()):
+                size = nbytes[v]
+                if free.get(size):
+                    slot_of[v] = free[size].pop()
+                else:
+                    t = torch.empty(max(size, 1), dtype=torch.uint8)
+                    self._buffers.append(t)
+                    slot_of[v] = self._fix(t)
+            for v in ends.get(i, ()):
+                free.setdefault(nbytes[v], []).append(slot_of[v])
+        remapped = [(op, [(slot_of[r[0]], r[1], r[2]) if r[0] >= _VIRTUAL else r for r in refs], ints, f)
+                    for op, refs, ints, f in pending]
+        shape, dtype = self._virtual[out.slot - _VIRTUAL]
+        output = self._fixed[slot_of[out.slot] - self.dynamic][:nbytes[out.slot]].view(dtype).view(shape)
+        return remapped, output
 
     def _view(self, node, base: Loc):
         m = node.meta

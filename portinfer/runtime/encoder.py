@@ -247,10 +247,10 @@ class Encoder:
 
     @property
     def _token_bytes(self) -> int:
-        """A plan's buffers per token: every op output of every layer (a plan does not reuse buffers)."""
+        """A plan's buffers per token, at most: the op outputs of one layer (a compiled cpu plan reuses a
+        buffer once its last reader has run; a generic executor allocates as it goes)."""
         c = self.config
-        return (c.num_layers * (9 * c.hidden_size + 2 * c.intermediate_size) + 3 * c.hidden_size) * \
-            self.dtype.itemsize
+        return (12 * c.hidden_size + 2 * c.intermediate_size) * self.dtype.itemsize
 
     def _run_plan(self, inputs):
         from . import graph
@@ -267,7 +267,7 @@ class Encoder:
         compile_plan = getattr(self.placement.primary, "compile", None)
         executor = (compile_plan(plan) if compile_plan is not None else None) or graph.GenericExecutor(plan)
         self.placement.plans.append(plan)
-        nbytes = inputs.B * inputs.S * self._token_bytes
+        nbytes = getattr(executor, "buffer_bytes", inputs.B * inputs.S * self._token_bytes)
         self._plans[key] = (executor, nbytes)
         self._plan_bytes += nbytes
         while self._plan_bytes > PLANS_BUDGET_BYTES and len(self._plans) > 1:
