@@ -367,3 +367,33 @@ def test_the_op_path_serves_the_same_tokens(chat_dir, reference):
 
         got = [r.choices[0].text for r in asyncio.run(run())]
     assert got == [ref_generate(reference, p, max_new_tokens=8, eos_token_id=[]).text for p in prompts]
+
+
+# ---------------------------------------------------------------------- the engine loop itself
+
+@pytest.mark.parametrize("plans", [True, False])
+def test_a_burst_of_prompts_is_prefilled_in_shared_steps(chat_dir, reference, plans):
+    """Five prompts that arrive together take consecutive slots and are read in shared prefill steps
+    (one step for all of them when they fit the chunk budget), not one step each; every sequence still
+    gets exactly the tokens it gets alone. Driven turn by turn on this thread (no HTTP)."""
+    from portinfer.runtime.sampling import SamplingParams
+    from portinfer.serve.scheduler import Job, Scheduler
+
+    model = portinfer.load(chat_dir, plans=plans)
+    prompts = [reference.encode(reference.apply_chat_template([{"role": "user", "content": "x" * n}]))
+               for n in (1, 5, 2, 9, 3)]
+    sched = Scheduler(model, max_batch=8, max_context=128, prefill_chunk=256)
+    sched.cache = model.new_cache(sched.max_batch, sched.max_context)
+    assert sum(map(len, prompts)) <= 256
+    out = {i: [] for i in range(len(prompts))}
+    jobs = [Job(p, 6, SamplingParams(temperature=0), sink=lambda e, i=i: out[i].append(e), index=i, ignore_eos=True)
+            for i, p in enumerate(prompts)]
+    sched.submit(jobs)
+    sched._turn()  # admits all five, prefills them in one step (their prompts fit the budget), decodes once
+    assert sched.steps == 2, sched.steps
+    assert all(state.value == "decode" for state in sched.states[:5]), sched.states
+    while any(job.slot is not None for job in jobs):
+        sched._turn()
+    for i, p in enumerate(prompts):
+        want = reference.generate(p, max_new_tokens=6, temperature=0, eos_token_id=[]).token_ids
+        assert [e.token_id for e in out[i] if e.kind == "token"] == list(want), i

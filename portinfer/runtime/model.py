@@ -26,8 +26,10 @@ from .config import ModelConfig
 from .gguf_file import release_pages
 from .loader import CheckpointError
 
-# plans kept per decoder (least recently used dropped first): decode buckets and prefill chunks
-MAX_PLANS = 16
+# plans kept per decoder (least recently used dropped first): decode widths and prefill (rows, chunk)
+# classes of a server (5 widths + 5 x 5 prefill shapes at 16 slots and 256-token chunks); a compiled cpu
+# plan reuses its buffers (about one layer's values), so 32 of them stay small
+MAX_PLANS = 32
 
 
 class NonFiniteError(RuntimeError):

@@ -6,9 +6,11 @@ One KV cache of `max_batch` rows x `max_context` positions is allocated once; sl
 row s (llama.cpp's server slots). Each turn of the loop, at a step boundary:
   1. cancelled jobs leave (their slot is free for this very turn), waiting jobs take free slots
      (the lowest first, so running rows stay packed at the top of the cache);
-  2. one prefill chunk of at most `prefill_chunk` prompt tokens runs on one new job's row
-     (model.step(ids[1, C], cache, rows=slice(s, s + 1))): a long prompt is read over several
-     turns, and running streams keep getting a token every turn;
+  2. one prefill step reads at most `prefill_chunk` prompt tokens: a chunk of the oldest new job's
+     prompt, and of the new jobs in the slots next to it while the budget lasts (a burst of
+     requests lands on consecutive slots: model.step(ids[k, C], cache, n_new, rows=slice(a, a + k)),
+     rows of other slots in the slice get n_new = 0 and are left as they are); a long prompt is
+     read over several turns, and running streams keep getting a token every turn;
   3. one decode step runs every decoding slot at once (model.step(ids[b, 1], cache, n_new=1 or 0
      per row, rows=slice(0, b))): the weights are read once per step for the whole batch.
 A step that fails (NaN logits, say) is retried row by row, so only the failing job fails.
@@ -237,26 +239,62 @@ class Scheduler:
         self.cache.reset(s)
 
     def _prefill_chunk(self):
-        """One chunk of the oldest prefilling job's prompt, on its own cache row."""
+        """One prefill step: chunks of the oldest prefilling job's prompt and of the prefilling jobs in the
+        slots next to it, at most `prefill_chunk` prompt tokens in all, in one step over those rows."""
         pending = [s for s in range(self.max_batch) if self.states[s] is SlotState.PREFILL]
         if not pending:
             return
-        s = min(pending, key=lambda i: self.slots[i].submitted_s)
-        job = self.slots[s]
-        chunk = job.prompt[job.prefilled:job.prefilled + self.prefill_chunk]
-        ids = torch.zeros(1, _bucket(len(chunk), self.prefill_chunk) if self.plans else len(chunk),
-                          dtype=torch.int64)
-        ids[0, :len(chunk)] = torch.tensor(chunk)
+        oldest = min(pending, key=lambda i: self.slots[i].submitted_s)
+        chunks = {oldest: self._next_chunk(oldest, self.prefill_chunk)}
+        budget = self.prefill_chunk - len(chunks[oldest])
+        for direction in (1, -1):  # grow the run of consecutive prefilling slots, up then down
+            s = oldest + direction
+            while budget > 0 and 0 <= s < self.max_batch and self.states[s] is SlotState.PREFILL:
+                chunks[s] = self._next_chunk(s, budget)
+                budget -= len(chunks[s])
+                s += direction
+        a, b = min(chunks), max(chunks) + 1
+        longest = max(len(c) for c in chunks.values())
+        if self.plans:  # a few shape classes: rows and chunk length rounded up to powers of two
+            width, length = _bucket(b - a, self.max_batch), _bucket(max(longest, 16), self.prefill_chunk)
+            a = min(a, self.max_batch - width)
+            b = a + width
+        else:
+            length = longest
+        ids = torch.zeros(b - a, length, dtype=torch.int64)
+        n_new = [0] * (b - a)
+        for s, chunk in chunks.items():
+            ids[s - a, :len(chunk)] = torch.tensor(chunk)
+            n_new[s - a] = len(chunk)
+        before = list(self.cache.filled)
         try:
-            logits = self.model.step(ids, self.cache, [len(chunk)], slice(s, s + 1))
-        except Exception as exc:  # noqa: BLE001 - this job's failure, not the batch's
-            self._fail(s, exc)
+            logits = self.model.step(ids, self.cache, n_new, slice(a, b))
+        except Exception:  # noqa: BLE001 - find the failing rows: each one again, alone
+            self.cache.filled[:] = before
+            for s, chunk in sorted(chunks.items()):
+                try:
+                    row = self.model.step(ids[s - a:s - a + 1, :len(chunk)], self.cache, [len(chunk)],
+                                          slice(s, s + 1))
+                except Exception as exc:  # noqa: BLE001 - this job's failure, not the batch's
+                    self._fail(s, exc)
+                    continue
+                self._prefilled(s, len(chunk), row[0])
+            self.steps += 1
             return
         self.steps += 1
-        job.prefilled += len(chunk)
+        for s, chunk in sorted(chunks.items()):
+            self._prefilled(s, len(chunk), logits[s - a])
+
+    def _next_chunk(self, s, budget) -> list:
+        job = self.slots[s]
+        return job.prompt[job.prefilled:job.prefilled + min(budget, self.prefill_chunk)]
+
+    def _prefilled(self, s, count, logits):
+        job = self.slots[s]
+        job.prefilled += count
         if job.prefilled == len(job.prompt):
             self.states[s] = SlotState.DECODE
-            self._accept(s, logits[0].float().cpu())
+            self._accept(s, logits.float().cpu())
 
     def _decode_step(self):
         decoding = [s for s in range(self.max_batch) if self.states[s] is SlotState.DECODE]
