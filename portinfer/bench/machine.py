@@ -11,6 +11,7 @@ import math
 import os
 import platform
 import subprocess
+import time
 from importlib import metadata
 from pathlib import Path
 
@@ -95,7 +96,10 @@ def provenance(command: str) -> dict:
     """Where and how the figures were taken, so a reader can tell which machine they hold for."""
     gpu = None
     if torch.cuda.is_available():
-        gpu = {"name": torch.cuda.get_device_name(0), "count": torch.cuda.device_count(), "cuda": torch.version.cuda}
+        props = torch.cuda.get_device_properties(0)
+        gpu = {"name": torch.cuda.get_device_name(0), "count": torch.cuda.device_count(), "cuda": torch.version.cuda,
+               "compute_capability": f"{props.major}.{props.minor}",
+               "memory_gib": round(props.total_memory / 2 ** 30, 1), "multiprocessors": props.multi_processor_count}
     commit = _git("rev-parse", "HEAD")
     dirty = _git("status", "--porcelain", "--untracked-files=no")
     try:
@@ -149,13 +153,17 @@ def matmul_peak(device, dtype, max_n=2048, repeats=5, target_call_s=2.0) -> dict
     return {"flop_s": flops / stats.min_s, "n": n, "flops": flops, "timing": stats.to_dict()}
 
 
-def copy_bandwidth(device, nbytes, repeats=5) -> dict:
-    """The best copy rate on `device` (bytes read + bytes written per second) for a tensor of `nbytes`."""
+def copy_bandwidth(device, nbytes, repeats=5, timer=time.perf_counter) -> dict:
+    """The best copy rate on `device` (bytes read + bytes written per second) for a tensor of `nbytes`.
+
+    timer: as measure's; time.thread_time gives bytes per CPU-second of the calling thread (with
+    one thread, a rate that other processes' turns on the core do not lower)."""
     device = torch.device(device)
     numel = max(1, nbytes // 4)
     src = torch.empty(numel, device=device).uniform_()  # written, so no page is a shared zero page
     dst = torch.empty_like(src).uniform_()
-    stats = measure(lambda: dst.copy_(src), warmup=1, warmup_s=0.0, repeats=repeats, min_time_s=0.0, device=device)
+    stats = measure(lambda: dst.copy_(src), warmup=1, warmup_s=0.0, repeats=repeats, min_time_s=0.0, device=device,
+                    timer=timer)
     moved = 2 * numel * 4
     return {"bytes_s": moved / stats.min_s, "tensor_bytes": numel * 4, "bytes": moved, "timing": stats.to_dict()}
 

@@ -114,7 +114,8 @@ def measure(fn, *, inputs=None, warmup=2, warmup_s=0.02, repeats=10, min_time_s=
         (rotating input sets). None: fn() with no arguments.
     device: where fn's work runs; "cuda" times with CUDA events, other devices with `timer`
         around a device synchronization (`sync`, derived from the device when not given).
-    timer: the host clock (a parameter so the core can be tested with a fake clock).
+    timer: the host clock (a parameter so the core can be tested with a fake clock); on a CPU,
+        time.thread_time times the calling thread's CPU time instead of the wall.
     """
     if repeats < 1:
         raise ValueError(f"repeats: expected an integer >= 1, got {repeats}")
