@@ -7,13 +7,17 @@ Every ratio is measured side by side in one run (issue 4's targets):
   - Q8_0 / Q4_0 / Q4_1 GEMV: quantized bytes/s vs the copy bandwidth;
   - attention decode (1 query, 2048 keys, 14 q heads over 2 kv heads, D=64) and
     prefill (S=512, causal) vs torch.nn.functional.scaled_dot_product_attention.
-Copy bandwidth = (bytes read + bytes written) / time of a 256 MiB torch tensor copy (the best of
-1 and N threads), measured again right before each GEMV row. Both sides run with the same thread
-count (--threads, default: usable cores). Each time is taken over repetitions after warm-up;
-ratios use the fastest repetition of each side (on a shared machine the least disturbed one),
-medians are recorded next to them. With --threads 1 the GEMV rows are repeated per CPU-second of
-the calling thread (weights and copy alike), which other processes' turns on the core do not
-distort. Absolute numbers only hold on the machine that made them.
+Copy bandwidth = (bytes read + bytes written) / time of a 256 MiB torch tensor copy, read bandwidth =
+bytes / time of a sum over a tensor of 4x the last-level cache (>= 256 MiB), each the best of 1 and
+N threads, measured again right before each GEMV row (portinfer.bench.machine's probes). Both sides
+run with the same thread count (--threads, default: usable cores). Every time is
+portinfer.bench.timing.measure's (the timing of every portinfer benchmark): per-call times of
+repeats after a warm-up, each repeat a batch of calls lasting ~0.1 s / repeats in all; ratios use the
+fastest repeat of each side (on a shared machine the least disturbed one), medians are recorded next
+to them. With --threads 1 the GEMV rows are repeated per CPU-second of the calling thread (measure
+with time.thread_time; weights and copy alike), which other processes' turns on the core do not
+distort. Provenance (CPU model and flags, commit, load) is portinfer.bench.machine.provenance's.
+Absolute numbers only hold on the machine that made them.
 
   python bench/cpu_kernels.py [--quick] [--threads N] [--out bench/results/cpu-<date>-<N>t.json]
 """
@@ -24,8 +28,6 @@ import datetime
 import json
 import os
 import platform
-import statistics
-import subprocess
 import time
 
 import torch
@@ -33,70 +35,30 @@ import torch.nn.functional as F
 
 from portinfer import backends
 from portinfer.backends import spec
+from portinfer.bench.machine import copy_bandwidth, provenance, read_bandwidth
+from portinfer.bench.timing import measure
 
 MIB = 1 << 20
+COPY_BYTES = 256 * MIB  # the copy probe's tensor, as in the results under bench/results/
 
 
-def times_s(fn, reps, warmup=2):
-    """(fastest, median) seconds of fn over `reps` runs after `warmup` runs."""
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return min(times), statistics.median(times)
-
-
-def thread_cpu_s(fn, reps):
-    """Fastest CPU time of the calling thread: with 1 thread, the kernel's own time even when other
-    processes take turns on the core (memory bandwidth is still shared)."""
-    fn()
-    best = float("inf")
-    for _ in range(reps):
-        t0 = time.thread_time()
-        fn()
-        best = min(best, time.thread_time() - t0)
-    return best
-
-
-def cpu_model():
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def git_commit():
-    try:
-        return subprocess.check_output(["git", "rev-parse", "HEAD"], text=True, stderr=subprocess.DEVNULL).strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-
-
-def copy_bandwidth(reps, threads):
-    """(read + write) bytes/s of a 256 MiB tensor copy: the best of torch with 1 and `threads`
-    threads (the higher one is the stricter yardstick)."""
-    src = torch.rand(256 * MIB // 4)
-    dst = torch.empty_like(src)
-    best = 0.0
+def bandwidths(reps, threads):
+    """(copy, read) bytes/s, each the best of torch with 1 and `threads` threads (the higher one is
+    the stricter yardstick)."""
+    copy = read = 0.0
     for n in sorted({1, threads}):
         torch.set_num_threads(n)
-        best = max(best, 2 * src.numel() * 4 / times_s(lambda: dst.copy_(src), reps)[0])
+        copy = max(copy, copy_bandwidth("cpu", COPY_BYTES, repeats=reps)["bytes_s"])
+        read = max(read, read_bandwidth("cpu", repeats=reps)["bytes_s"])
     torch.set_num_threads(threads)
-    return best
+    return copy, read
 
 
 def per_core_rows(cpu, reps, gen):
-    """1 thread: GEMV weight bytes per CPU-second vs the copy's, robust to other processes' turns."""
+    """1 thread: GEMV weight bytes per CPU-second vs the copy's, robust to other processes' turns
+    (memory bandwidth is still shared)."""
     torch.set_num_threads(1)
-    src = torch.rand(256 * MIB // 4)
-    dst = torch.empty_like(src)
-    copy = 2 * src.numel() * 4 / thread_cpu_s(lambda: dst.copy_(src), reps)
+    copy = copy_bandwidth("cpu", COPY_BYTES, repeats=reps, timer=time.thread_time)["bytes_s"]
     x = torch.randn(1, 4096, generator=gen)
     weights = [("fp32", torch.randn(4096, 4096, generator=gen)), ("bf16", torch.randn(8192, 4096, generator=gen).bfloat16())]
     weights += [(fmt, random_blocks(fmt, n, 4096, gen)) for fmt, n in (("q8_0", 16384), ("q4_0", 28672), ("q4_1", 28672))]
@@ -104,7 +66,7 @@ def per_core_rows(cpu, reps, gen):
     for name, w in weights:
         wp = cpu.prepare_linear(w, torch.float32)
         nbytes = w.nbytes if isinstance(w, spec.QuantizedWeight) else w.numel() * w.element_size()
-        rate = nbytes / thread_cpu_s(lambda: cpu.linear(x, wp), reps)
+        rate = nbytes / measure(lambda: cpu.linear(x, wp), repeats=reps, timer=time.thread_time).min_s
         rows.append({"name": f"per-core gemv {name} weights fp32 x M=1 K=4096 ({nbytes // MIB} MiB)",
                      "cpu_GB_per_cpu_s": round(rate / 1e9, 2), "copy_GB_per_cpu_s": round(copy / 1e9, 2),
                      "ratio_vs_copy": round(rate / copy, 3)})
@@ -131,15 +93,16 @@ def run(quick=False, threads=None):
     cpu.set_num_threads(threads)
     torch.set_num_threads(threads)
     gen = torch.Generator().manual_seed(0)
-    load_before = os.getloadavg()
-    results = {"provenance": {
-        "cpu_model": cpu_model(), "machine": platform.machine(), "cpu_backend": cpu.info(),
-        "torch_threads": torch.get_num_threads(), "torch_version": torch.__version__, "git_commit": git_commit(),
-        "date_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "load_average_before": load_before,
-        "command": "python bench/cpu_kernels.py" + (" --quick" if quick else "") + f" --threads {threads}"}}
+    p = provenance("python bench/cpu_kernels.py" + (" --quick" if quick else "") + f" --threads {threads}")
+    # what machine.provenance does not record, and the names this script gave its fields before
+    # (the results under bench/results/ have them)
+    legacy = {"cpu_model": p["cpu"], "machine": platform.machine(), "cpu_backend": cpu.info(),
+              "torch_threads": p["threads"], "torch_version": p["torch"], "date_utc": p["date"],
+              "load_average_before": p["load_avg_start"]}
+    results = {"provenance": {**p, **legacy}}
 
-    results["copy_bandwidth_GBps"] = copy_bandwidth(reps, threads) / 1e9
+    copy, read = bandwidths(reps, threads)
+    results["copy_bandwidth_GBps"], results["read_bandwidth_GBps"] = copy / 1e9, read / 1e9
     rows = []
 
     def row(name, **fields):
@@ -153,11 +116,12 @@ def run(quick=False, threads=None):
         w = torch.randn(n, k, generator=gen)
         wp = cpu.prepare_linear(w)
         wt = w.T
-        (t_cpu, med_cpu), (t_torch, med_torch) = times_s(lambda: cpu.linear(x, wp), reps), times_s(
-            lambda: torch.matmul(x, wt), reps)
+        ours, theirs = measure(lambda: cpu.linear(x, wp), repeats=reps), measure(lambda: torch.matmul(x, wt),
+                                                                                 repeats=reps)
         flops = 2 * m * n * k
-        row(f"gemm fp32 M={m} K={k} N={n}", cpu_GFLOPs=flops / t_cpu / 1e9, torch_GFLOPs=flops / t_torch / 1e9,
-            ratio_vs_torch=t_torch / t_cpu, median_ratio_vs_torch=med_torch / med_cpu, target=0.9)
+        row(f"gemm fp32 M={m} K={k} N={n}", cpu_GFLOPs=flops / ours.min_s / 1e9,
+            torch_GFLOPs=flops / theirs.min_s / 1e9, ratio_vs_torch=theirs.min_s / ours.min_s,
+            median_ratio_vs_torch=theirs.median_s / ours.median_s, target=0.9)
 
     # ---------------------------------------------------------------- GEMV, dense weights, vs copy bandwidth
     k = 4096
@@ -165,13 +129,15 @@ def run(quick=False, threads=None):
         w = torch.randn(n, k, generator=gen).to(dtype)
         x = torch.randn(1, k, generator=gen).to(dtype)
         wp = cpu.prepare_linear(w)
-        bandwidth = copy_bandwidth(reps, threads)
-        (t_cpu, med_cpu), (t_torch, _) = times_s(lambda: cpu.linear(x, wp), reps), times_s(lambda: F.linear(x, w), reps)
+        copy, read = bandwidths(reps, threads)
+        ours, theirs = measure(lambda: cpu.linear(x, wp), repeats=reps), measure(lambda: F.linear(x, w), repeats=reps)
         nbytes = w.numel() * w.element_size()
         row(f"gemv {spec.dtype_name(dtype)} weights M=1 K={k} N={n} ({nbytes // MIB} MiB)",
-            cpu_GBps=nbytes / t_cpu / 1e9, torch_GBps=nbytes / t_torch / 1e9, copy_GBps=bandwidth / 1e9,
-            ratio_vs_copy_bandwidth=nbytes / t_cpu / bandwidth, median_ratio_vs_copy_bandwidth=nbytes / med_cpu / bandwidth,
-            speedup_vs_torch=t_torch / t_cpu, target=0.85)
+            cpu_GBps=nbytes / ours.min_s / 1e9, torch_GBps=nbytes / theirs.min_s / 1e9, copy_GBps=copy / 1e9,
+            ratio_vs_copy_bandwidth=nbytes / ours.min_s / copy,
+            median_ratio_vs_copy_bandwidth=nbytes / ours.median_s / copy, read_GBps=read / 1e9,
+            ratio_vs_read_bandwidth=nbytes / ours.min_s / read, speedup_vs_torch=theirs.min_s / ours.min_s,
+            target=0.85)
         del w, wp
 
     # ---------------------------------------------------------------- GEMV, GGUF block weights
@@ -179,11 +145,13 @@ def run(quick=False, threads=None):
     for fmt, n in (("q8_0", 16384), ("q4_0", 28672), ("q4_1", 28672)):
         qw = random_blocks(fmt, n, k, gen)
         wp = cpu.prepare_linear(qw)
-        bandwidth = copy_bandwidth(reps, threads)
-        t_cpu, med_cpu = times_s(lambda: cpu.linear(x, wp), reps)
-        row(f"gemv {fmt} weights fp32 x M=1 K={k} N={n} ({qw.nbytes // MIB} MiB)", cpu_GBps=qw.nbytes / t_cpu / 1e9,
-            copy_GBps=bandwidth / 1e9, ratio_vs_copy_bandwidth=qw.nbytes / t_cpu / bandwidth,
-            median_ratio_vs_copy_bandwidth=qw.nbytes / med_cpu / bandwidth, target=0.8)
+        copy, read = bandwidths(reps, threads)
+        ours = measure(lambda: cpu.linear(x, wp), repeats=reps)
+        row(f"gemv {fmt} weights fp32 x M=1 K={k} N={n} ({qw.nbytes // MIB} MiB)",
+            cpu_GBps=qw.nbytes / ours.min_s / 1e9, copy_GBps=copy / 1e9,
+            ratio_vs_copy_bandwidth=qw.nbytes / ours.min_s / copy,
+            median_ratio_vs_copy_bandwidth=qw.nbytes / ours.median_s / copy, read_GBps=read / 1e9,
+            ratio_vs_read_bandwidth=qw.nbytes / ours.min_s / read, target=0.8)
         del qw, wp
 
     # ---------------------------------------------------------------- attention vs torch SDPA
@@ -194,13 +162,13 @@ def run(quick=False, threads=None):
         kk = torch.randn(1, 2, sk, 64, generator=gen).to(dtype)
         v = torch.randn(1, 2, sk, 64, generator=gen).to(dtype)
         q_pos, kv_len = torch.tensor([sk - sq], dtype=i32), torch.tensor([sk], dtype=i32)
-        t_cpu, med_cpu = times_s(lambda: cpu.attention(q, kk, v, q_pos, kv_len, causal=True), reps)
+        ours = measure(lambda: cpu.attention(q, kk, v, q_pos, kv_len, causal=True), repeats=reps)
         # decode: the one query sees every key, so no mask is the same function
-        t_torch, med_torch = times_s(
-            lambda: F.scaled_dot_product_attention(q, kk, v, is_causal=sq > 1, enable_gqa=True), reps)
-        row(f"attention {label} {spec.dtype_name(dtype)} Sq={sq} Sk={sk} Hq=14 Hkv=2 D=64", cpu_ms=t_cpu * 1e3,
-            torch_sdpa_ms=t_torch * 1e3, speedup_vs_torch=t_torch / t_cpu, median_speedup_vs_torch=med_torch / med_cpu,
-            target=">1" if label == "decode" else 1.0)
+        theirs = measure(lambda: F.scaled_dot_product_attention(q, kk, v, is_causal=sq > 1, enable_gqa=True),
+                         repeats=reps)
+        row(f"attention {label} {spec.dtype_name(dtype)} Sq={sq} Sk={sk} Hq=14 Hkv=2 D=64", cpu_ms=ours.min_s * 1e3,
+            torch_sdpa_ms=theirs.min_s * 1e3, speedup_vs_torch=theirs.min_s / ours.min_s,
+            median_speedup_vs_torch=theirs.median_s / ours.median_s, target=">1" if label == "decode" else 1.0)
 
     if threads == 1:
         rows += per_core_rows(cpu, reps, gen)
@@ -222,7 +190,8 @@ def main(argv=None):
     os.makedirs(os.path.dirname(out), exist_ok=True)
     with open(out, "w") as f:
         json.dump(results, f, indent=2)
-    print(f"copy bandwidth at the start {results['copy_bandwidth_GBps']:.1f} GB/s; wrote {out}")
+    print(f"copy bandwidth at the start {results['copy_bandwidth_GBps']:.1f} GB/s, read bandwidth "
+          f"{results['read_bandwidth_GBps']:.1f} GB/s; wrote {out}")
 
 
 if __name__ == "__main__":

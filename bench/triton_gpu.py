@@ -14,24 +14,24 @@ Needs a CUDA GPU (exits with a message otherwise). What it does, in order:
   5. one decode step of a Qwen2-0.5B-shaped layer stack (random weights, ops only, KV length
      1024), triton backend vs torch backend: tokens/s.
 `--smoke` runs the same code at tiny shapes on CPU under the Triton interpreter (no GPU, no
-conformance, one timed call each): it checks the script, its figures mean nothing, and its JSON
-says so. tests/test_triton_bench.py runs it.
+conformance, one timed call each after an untimed one): it checks the script, its figures mean
+nothing, and its JSON says so. tests/test_triton_bench.py runs it.
 
-Times are CUDA-event medians over --repeats after --warmup calls (and after autotuning). The
-"kernel" times call the launcher directly; "op" times go through the backend (validation,
-output allocation) as the runtime does. speedup = torch time / triton time (>1: triton faster).
-Each benchmark also reports the relative L2 difference of the two outputs (a sanity check;
-conformance is step 1).
+Times are portinfer.bench.timing.measure's (the timing of every portinfer benchmark): the median
+per-call time over --repeats repeats after at least --warmup calls (and after autotuning), each
+repeat a batch of calls lasting ~0.1 s / repeats in all, timed with CUDA events. Provenance is
+portinfer.bench.machine.provenance's (GPU, CPU, versions, commit). The "kernel" times call the
+launcher directly; "op" times go through the backend (validation, output allocation) as the
+runtime does. speedup = torch time / triton time (>1: triton faster). Each benchmark also reports
+the relative L2 difference of the two outputs (a sanity check; conformance is step 1).
 """
 from __future__ import annotations
 
 import argparse
-import datetime
 import importlib
 import json
 import os
 import platform
-import statistics
 import subprocess
 import sys
 import time
@@ -43,34 +43,24 @@ import torch.nn.functional as F
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from portinfer.bench.machine import provenance  # noqa: E402  (after the path: runs from a checkout)
+from portinfer.bench.timing import measure  # noqa: E402
+
 
 def fail(message):
     print(f"bench/triton_gpu.py: {message}", file=sys.stderr)
     sys.exit(2)
 
 
-def provenance():
-    import triton
-
-    def git(*args):
-        try:
-            return subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True, timeout=30).stdout.strip()
-        except (OSError, subprocess.SubprocessError):
-            return ""
-    gpu = {"gpu": None}
-    if torch.cuda.is_available():
-        props = torch.cuda.get_device_properties(0)
-        gpu = {"gpu": torch.cuda.get_device_name(0), "compute_capability": f"{props.major}.{props.minor}",
-               "gpu_memory_gib": round(props.total_memory / 2 ** 30, 1),
-               "multiprocessors": props.multi_processor_count}
-    return {
-        **gpu,
-        "torch": torch.__version__, "cuda": torch.version.cuda, "triton": triton.__version__,
-        "python": platform.python_version(), "host": platform.node(),
-        "git_commit": git("rev-parse", "HEAD"), "git_dirty": bool(git("status", "--porcelain", "--untracked-files=no")),
-        "date_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "command": " ".join([Path(sys.executable).name, *sys.argv]),
-    }
+def provenance_record():
+    """machine.provenance, plus the host and the flat names this script gave some of its fields before
+    (machine.provenance's "gpu" is a record: name, count, cuda, compute_capability, memory_gib, ...)."""
+    p = provenance(" ".join([Path(sys.executable).name, *sys.argv]))
+    record = {**p, "date_utc": p["date"], "cuda": torch.version.cuda, "host": platform.node()}
+    if p["gpu"]:
+        record.update(compute_capability=p["gpu"]["compute_capability"], gpu_memory_gib=p["gpu"]["memory_gib"],
+                      multiprocessors=p["gpu"]["multiprocessors"])
+    return record
 
 
 SHAPES = {
@@ -81,24 +71,9 @@ SHAPES = {
 }
 
 
-def cuda_time_ms(fn, warmup, repeats):
-    """Median wall time of fn() on the GPU, in ms (CUDA events around each call); on CPU (--smoke), perf_counter."""
-    if not torch.cuda.is_available():
-        start = time.perf_counter()
-        fn()
-        return (time.perf_counter() - start) * 1e3
-    for _ in range(warmup):
-        fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(repeats):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
-    return statistics.median(times)
+def median_ms(fn, args):
+    """Median per-call time of fn() in ms, as `args.timing` says (CUDA events on a GPU)."""
+    return measure(fn, **args.timing).median_s * 1e3
 
 
 def rel_diff(a, b):
@@ -141,9 +116,9 @@ def bench_linear(backend, args, shapes):
     w = torch.randn(N, K, device=dev, dtype=torch.bfloat16) / K ** 0.5
     prepared = backend.prepare_linear(w)
     out = torch.empty(M, N, device=dev, dtype=torch.bfloat16)
-    t_kernel = cuda_time_ms(lambda: linear_kernel.linear(x, prepared.payload, None, out), args.warmup, args.repeats)
-    t_op = cuda_time_ms(lambda: backend.linear(x, prepared), args.warmup, args.repeats)
-    t_torch = cuda_time_ms(lambda: torch.matmul(x, w.T), args.warmup, args.repeats)
+    t_kernel = median_ms(lambda: linear_kernel.linear(x, prepared.payload, None, out), args)
+    t_op = median_ms(lambda: backend.linear(x, prepared), args)
+    t_torch = median_ms(lambda: torch.matmul(x, w.T), args)
     flops = 2 * M * N * K
     return {"name": f"linear bf16 {M}x{N}x{K}", "baseline": "torch.matmul(x, w.T)",
             "triton_kernel_ms": t_kernel, "triton_op_ms": t_op, "torch_ms": t_torch,
@@ -162,11 +137,9 @@ def bench_prefill(backend, args, shapes):
     q_pos_d, kv_len_d = q_pos.to(shapes["device"]), kv_len.to(shapes["device"])
     scale = D ** -0.5
     out = torch.empty_like(q)
-    t_kernel = cuda_time_ms(lambda: attention_kernel.attention(q, k, v, q_pos_d, kv_len_d, True, scale, out),
-                            args.warmup, args.repeats)
-    t_op = cuda_time_ms(lambda: backend.attention(q, k, v, q_pos, kv_len, True, scale), args.warmup, args.repeats)
-    t_torch = cuda_time_ms(lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale),
-                           args.warmup, args.repeats)
+    t_kernel = median_ms(lambda: attention_kernel.attention(q, k, v, q_pos_d, kv_len_d, True, scale, out), args)
+    t_op = median_ms(lambda: backend.attention(q, k, v, q_pos, kv_len, True, scale), args)
+    t_torch = median_ms(lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale), args)
     flops = 4 * B * H * S * S * D / 2  # causal: half of QK^T and PV
     return {"name": f"attention prefill bf16 B={B} H={H} S={S} D={D} causal",
             "baseline": "F.scaled_dot_product_attention(is_causal=True)",
@@ -189,13 +162,12 @@ def bench_decode(backend, args, shapes, B):
     q_pos_d, kv_len_d = q_pos.to(dev), kv_len.to(dev)
     scale = D ** -0.5
     out = torch.empty_like(q)
-    t_kernel = cuda_time_ms(lambda: attention_decode.decode_attention(q, k, v, q_pos_d, kv_len_d, True, scale, out),
-                            args.warmup, args.repeats)
-    t_op = cuda_time_ms(lambda: backend.attention(q, k, v, q_pos, kv_len, True, scale), args.warmup, args.repeats)
+    t_kernel = median_ms(lambda: attention_decode.decode_attention(q, k, v, q_pos_d, kv_len_d, True, scale, out), args)
+    t_op = median_ms(lambda: backend.attention(q, k, v, q_pos, kv_len, True, scale), args)
 
     def sdpa():
         return F.scaled_dot_product_attention(q, k, v, scale=scale, enable_gqa=True)
-    t_torch = cuda_time_ms(sdpa, args.warmup, args.repeats)
+    t_torch = median_ms(sdpa, args)
     kv_bytes = 2 * B * Hkv * Sk * D * 2
     return {"name": f"decode attention bf16 B={B} Hq={Hq} Hkv={Hkv} Sk={Sk} D={D}",
             "baseline": "F.scaled_dot_product_attention(enable_gqa=True)",
@@ -247,7 +219,7 @@ def bench_qwen2_decode_step(args, shapes):
                 m = b.silu_mul(b.linear(b.rms_norm(h, lw["ln2"], 1e-6), lw["gate_up"]))
                 h = h + b.linear(m, lw["down"])
             return b.linear(b.rms_norm(h, weights["norm"], 1e-6), lm_head)
-        ms = cuda_time_ms(step, args.warmup, args.repeats)
+        ms = median_ms(step, args)
         result[f"{name}_ms_per_token"] = ms
         result[f"{name}_tok_s"] = 1000.0 / ms
         result[f"{name}_logits"] = step().float()
@@ -288,9 +260,14 @@ def main(argv=None):
     out_path = Path(args.out)
     out_path.parent.mkdir(parents=True, exist_ok=True)
     shapes = SHAPES["smoke" if args.smoke else "gpu"]
-    timing = ({"statistic": "one perf_counter-timed call, ms (smoke: not a measurement)"} if args.smoke else
-              {"warmup": args.warmup, "repeats": args.repeats, "statistic": "median of CUDA-event times, ms"})
-    report = {"smoke": args.smoke, "provenance": provenance(), "timing": timing}
+    if args.smoke:  # the interpreter takes seconds a call: one timed call after the warm-up one
+        args.timing = dict(warmup=1, warmup_s=0.0, repeats=1, min_time_s=0.0, device=shapes["device"])
+        timing = {"statistic": "one perf_counter-timed call after one warm-up call, ms (smoke: not a measurement)"}
+    else:
+        args.timing = dict(warmup=args.warmup, repeats=args.repeats, device=shapes["device"])
+        timing = {"warmup": args.warmup, "repeats": args.repeats, "method": "portinfer.bench.timing.measure",
+                  "statistic": "median per-call time over the repeats (batches of calls timed with CUDA events), ms"}
+    report = {"smoke": args.smoke, "provenance": provenance_record(), "timing": timing}
     if not args.skip_conformance:
         print("conformance (full profile)...", flush=True)
         report["conformance"] = conformance(args.seed, args.conformance_max_examples, args.conformance_timeout)
