@@ -8,6 +8,7 @@
   with this tree's runs so both see the same machine.
 
     python bench/step_plans.py --json bench/results/step-plans-smollm2-cpu.json [--baseline-commit bf98f19]
+    python bench/step_plans.py --model FILE.gguf --batches 1 8 16 -p 16 -n 16 --json ...   (another model)
 """
 from __future__ import annotations
 
@@ -78,10 +79,17 @@ def main(argv=None):
     ap.add_argument("-r", type=int, default=5, help="repetitions")
     ap.add_argument("--rounds", type=int, default=2, help="alternations of plans / op path / baseline")
     ap.add_argument("--baseline-commit", help="also measure this commit (built in a temporary worktree)")
+    ap.add_argument("--model", help="a model file or directory (default: the embedded SmolLM2); "
+                                    "not with --baseline-commit, which runs the embedded model")
+    ap.add_argument("--batches", type=int, nargs="+", default=[1, 2, 4, 8],
+                    help="sequences per decode step to time (default 1 2 4 8); the first is the reference")
     args = ap.parse_args(argv)
+    if args.model and args.baseline_commit:
+        ap.error("--baseline-commit measures the embedded model: leave out --model")
     prov = provenance(" ".join(["python", "bench/step_plans.py", *(argv if argv is not None else sys.argv[1:])]))
 
-    models = {"plans": portinfer.load(backend="cpu", plans=True), "op path": portinfer.load(backend="cpu", plans=False)}
+    models = {"plans": portinfer.load(args.model, backend="cpu", plans=True),
+              "op path": portinfer.load(args.model, backend="cpu", plans=False)}
     base = baseline_tree(args.baseline_commit) if args.baseline_commit else None
     rates = {}
     breakdowns = {}
@@ -99,7 +107,8 @@ def main(argv=None):
         if base is not None:
             subprocess.run(["git", "-C", str(ROOT), "worktree", "remove", "--force", str(base)], capture_output=True)
 
-    batch = {B: decode_step_ms(models["plans"], B, 32, args.r) for B in (1, 2, 4, 8)}
+    batch = {B: decode_step_ms(models["plans"], B, 32, args.r) for B in args.batches}
+    one = batch[args.batches[0]]
     rows = [{"run": label, "test": name, "tok_s_mean": statistics.fmean(v),
              "tok_s_sd": statistics.stdev(v) if len(v) > 1 else 0.0, "tok_s": v} for (label, name), v in rates.items()]
     doc = {"provenance": prov, "model": models["plans"].name, "backend": "cpu", "rows": rows,
@@ -107,14 +116,14 @@ def main(argv=None):
                                                                                    "host_pct")}
                               for k, v in breakdowns.items()},
            "decode_step_ms_by_batch": batch,
-           "decode_step_vs_one": {B: ms / batch[1] for B, ms in batch.items()}}
+           "decode_step_vs_one": {B: ms / one for B, ms in batch.items()}}
     for r in rows:
         print(f"{r['run']:>16} {r['test']:>6}: {r['tok_s_mean']:8.2f} ± {r['tok_s_sd']:.2f} tok/s")
     for k, b in doc["step_breakdown"].items():
         print(f"{k:>16} step {b['step_ms']:.2f} ms: kernels {b['kernel_ms']:.2f} ms, host {b['host_ms']:.2f} ms "
               f"({b['host_pct']:.1f}%)")
     for B, ms in batch.items():
-        print(f"decode step of {B} sequences: {ms:.2f} ms ({ms / batch[1]:.2f}x one)")
+        print(f"decode step of {B} sequences: {ms:.2f} ms ({ms / one:.2f}x {args.batches[0]})")
     if args.json:
         Path(args.json).write_text(json.dumps(doc, indent=2))
         print(f"wrote {args.json}", file=sys.stderr)
