@@ -478,6 +478,8 @@ class EncoderModel(_engine_model()):
 
     def _run(self, ids, batch_size, out, progress):
         """Longest first (as sentence-transformers), batches right-padded, rows written in the caller's order."""
+        from .model import all_finite
+
         order = sorted(range(len(ids)), key=lambda i: -len(ids[i]))
         pooling = self.pipeline.pooling
         done = 0
@@ -490,7 +492,7 @@ class EncoderModel(_engine_model()):
             lengths_t = torch.tensor(lengths, dtype=torch.int64)
             hidden = self.encoder.forward(batch, lengths_t, self.plans)
             pooled = pooling(hidden, lengths_t).cpu()
-            if not bool(torch.isfinite(pooled).all()):
+            if not all_finite(pooled):
                 from .model import NonFiniteError
 
                 raise NonFiniteError(f"embed: non-finite embeddings (activations {spec.dtype_name(self.dtype)}; "
