@@ -1,9 +1,10 @@
 """The cpu backend: C++ kernels (csrc/) through the private extension `portinfer._cpu`.
 
-Tensors go to C++ as data pointers + sizes + strides (no libtorch, no copies): the base
-class has already validated every input against the op contract; here we only make sure
+Tensors go to C++ as (data pointer, bytes held) pairs + sizes + strides (no libtorch, no copies):
+the base class has already validated every input against the op contract; here we only make sure
 what the kernels assume (CPU memory, unit stride in the last dimension, int index tensors
-contiguous). Kernels run with the GIL released on the extension's own thread pool.
+contiguous). The extension checks every call again against the bytes each buffer holds, so even a
+wrong call from Python is a ValueError, not an access out of bounds. Kernels run with the GIL released on the extension's own thread pool.
 
 Instruction sets: the extension carries an AVX-512, an AVX2+FMA+F16C and a portable path
 and picks the best one this CPU has at first use; `PORTINFER_CPU_SIMD=portable|avx2|avx512`
@@ -73,6 +74,15 @@ def _unit_rows(t):
 
 def _index(t, dtype):
     return t.to(device="cpu", dtype=dtype).contiguous()
+
+
+def _buf(t):
+    """(data pointer, bytes its storage holds from there on) of a CPU tensor, (0, 0) for None: every
+    native call checks its sizes and strides against these (csrc/bindings.cpp, "checks"), so a wrong
+    call cannot make a kernel touch memory the tensor does not own."""
+    if t is None:
+        return (0, 0)
+    return (t.data_ptr(), t.untyped_storage().nbytes() - t.storage_offset() * t.element_size())
 
 
 class CpuBackend(Backend):
@@ -178,7 +188,7 @@ class CpuBackend(Backend):
             if self.quant_route == "int8" and code is not None:
                 groups = (n + 3) // 4
                 packed = torch.empty(groups * _cpu.int8_group_bytes(code, k), dtype=torch.uint8)
-                _cpu.int8_repack(packed.data_ptr(), blocks.data_ptr(), n, k, code)
+                _cpu.int8_repack(_buf(packed), _buf(blocks), n, k, code)
                 return spec.PreparedLinear(self.name, n, k, dtype, weight.format, weight.format, packed,
                                            extra={"layout": _INT8_LAYOUT})
             if weight.format in _WEIGHT_CODE:
@@ -187,7 +197,7 @@ class CpuBackend(Backend):
             weight = quant.dequantize(spec.QuantizedWeight(weight.format, blocks, weight.shape), torch.float32)
         w = _unit_rows(_on_cpu("weight", weight))
         packed = torch.zeros((n + PANEL - 1) // PANEL, k, PANEL, dtype=w.dtype)
-        _cpu.pack_dense(packed.data_ptr(), w.data_ptr(), n, k, w.stride(0), w.element_size())
+        _cpu.pack_dense(_buf(packed), _buf(w), n, k, w.stride(0), w.element_size())
         fmt = spec.dtype_name(w.dtype)
         return spec.PreparedLinear(self.name, n, k, dtype, fmt, source, packed)
 
@@ -195,36 +205,35 @@ class CpuBackend(Backend):
         ids = _index(ids, torch.int64)
         if isinstance(table, spec.PreparedLinear):  # rows of a prepared weight: panels or blocks
             out = self.new_output((ids.shape[0], table.in_features), table.dtype)
-            _cpu.embedding_prepared(out.data_ptr(), ids.data_ptr(), table.payload.data_ptr(), ids.shape[0],
-                                    table.in_features, _WEIGHT_CODE[table.format], _DTYPE_CODE[table.dtype])
+            _cpu.embedding_prepared(_buf(out), _buf(ids), _buf(table.payload), ids.shape[0], table.in_features,
+                                    table.out_features, _WEIGHT_CODE[table.format], _DTYPE_CODE[table.dtype])
             return out
         n, h = ids.shape[0], table.shape[1]
         out = self.new_output((n, h), table.dtype)
-        _cpu.embedding(out.data_ptr(), ids.data_ptr(), table.data_ptr(), n, h, table.stride(0), table.element_size())
+        _cpu.embedding(_buf(out), _buf(ids), _buf(table), n, h, table.shape[0], table.stride(0), table.element_size())
         return out
 
     def _linear(self, x, w, bias):
         m, k = x.shape
         out = self.new_output((m, w.out_features), x.dtype)
         if w.extra.get("layout") == _INT8_LAYOUT:
-            _cpu.linear_int8(out.data_ptr(), x.data_ptr(), w.payload.data_ptr(), 0 if bias is None else bias.data_ptr(),
-                             m, w.out_features, k, x.stride(0), _DTYPE_CODE[x.dtype], _INT8_FORMATS[w.format])
+            _cpu.linear_int8(_buf(out), _buf(x), _buf(w.payload), _buf(bias), m, w.out_features, k, x.stride(0),
+                             _DTYPE_CODE[x.dtype], _INT8_FORMATS[w.format])
             return out
-        _cpu.linear(out.data_ptr(), x.data_ptr(), w.payload.data_ptr(), 0 if bias is None else bias.data_ptr(), m,
-                    w.out_features, k, x.stride(0), _DTYPE_CODE[x.dtype], _WEIGHT_CODE[w.format])
+        _cpu.linear(_buf(out), _buf(x), _buf(w.payload), _buf(bias), m, w.out_features, k, x.stride(0),
+                    _DTYPE_CODE[x.dtype], _WEIGHT_CODE[w.format])
         return out
 
     def _rms_norm(self, x, weight, eps):
         m, h = x.shape
         out = self.new_output((m, h), x.dtype)
-        _cpu.rms_norm(out.data_ptr(), x.data_ptr(), weight.data_ptr(), m, h, x.stride(0), eps, _DTYPE_CODE[x.dtype])
+        _cpu.rms_norm(_buf(out), _buf(x), _buf(weight), m, h, x.stride(0), eps, _DTYPE_CODE[x.dtype])
         return out
 
     def _layer_norm(self, x, weight, bias, eps):
         m, h = x.shape
         out = self.new_output((m, h), x.dtype)
-        _cpu.layer_norm(out.data_ptr(), x.data_ptr(), weight.data_ptr(), bias.data_ptr(), m, h, x.stride(0), eps,
-                        _DTYPE_CODE[x.dtype])
+        _cpu.layer_norm(_buf(out), _buf(x), _buf(weight), _buf(bias), m, h, x.stride(0), eps, _DTYPE_CODE[x.dtype])
         return out
 
     def _rope(self, x, pos, rotary):
@@ -233,21 +242,21 @@ class CpuBackend(Backend):
         inv_freq = _index(rotary.inv_freq, torch.float64)
         out = self.new_output(x.shape, x.dtype)
         sb, sh, ss, _ = x.stride()
-        _cpu.rope(out.data_ptr(), x.data_ptr(), pos.data_ptr(), inv_freq.data_ptr(), b, h, s, d, rotary.rotary_dim,
-                  sb, sh, ss, rotary.style == "interleaved", _DTYPE_CODE[x.dtype])
+        _cpu.rope(_buf(out), _buf(x), _buf(pos), _buf(inv_freq), b, h, s, d, rotary.rotary_dim, sb, sh, ss,
+                  rotary.style == "interleaved", _DTYPE_CODE[x.dtype])
         return out
 
     def _silu_mul(self, x):
         m, two_i = x.shape
         out = self.new_output((m, two_i // 2), x.dtype)
-        _cpu.silu_mul(out.data_ptr(), x.data_ptr(), m, two_i // 2, x.stride(0), _DTYPE_CODE[x.dtype])
+        _cpu.silu_mul(_buf(out), _buf(x), m, two_i // 2, x.stride(0), _DTYPE_CODE[x.dtype])
         return out
 
     def _gelu(self, x, approximate):
         cols = x.shape[-1]
         rows = x.reshape(-1, cols)  # a view whenever the leading dims can be merged
         out = self.new_output(x.shape, x.dtype)
-        _cpu.gelu(out.data_ptr(), rows.data_ptr(), rows.shape[0], cols, rows.stride(0), approximate == "tanh",
+        _cpu.gelu(_buf(out), _buf(rows), rows.shape[0], cols, rows.stride(0), approximate == "tanh",
                   _DTYPE_CODE[x.dtype])
         return out
 
@@ -256,7 +265,7 @@ class CpuBackend(Backend):
         hkv, sk = k.shape[1], k.shape[2]
         q_pos, kv_len = _index(q_pos, torch.int32), _index(kv_len, torch.int32)
         out = self.new_output(q.shape, q.dtype)
-        _cpu.attention(out.data_ptr(), q.data_ptr(), k.data_ptr(), v.data_ptr(), q_pos.data_ptr(), kv_len.data_ptr(),
-                       [b, hq, hkv, sq, sk, d], list(q.stride()[:3]), list(k.stride()[:3]), list(v.stride()[:3]),
-                       causal, scale, _DTYPE_CODE[q.dtype])
+        _cpu.attention(_buf(out), _buf(q), _buf(k), _buf(v), _buf(q_pos), _buf(kv_len), [b, hq, hkv, sq, sk, d],
+                       list(q.stride()[:3]), list(k.stride()[:3]), list(v.stride()[:3]), causal, scale,
+                       _DTYPE_CODE[q.dtype])
         return out

@@ -8,7 +8,9 @@ view of it) has run, a later output of the same byte size takes it, so a plan ho
 layer's values, not every layer's (SmolLM2 at 256 tokens: ~250 MB -> ~12 MB). The nodes become csrc/plan.h nodes calling the same kernels as the
 op path, run in order by `_cpu.Plan.run`: the GIL released once per step, the thread pool hot
 across nodes, and the glue (residual adds, KV-cache writes, head merges, last-row gathers)
-done natively. A plan with a node this compiler does not know, or one that fell back to another
+done natively. The native plan checks every node against the bytes of the buffers it names when it
+is added, and every run's buffers, cache rows and per-row values before it runs (csrc/bindings.cpp,
+"step plans"): a wrong offset here is a ValueError, not memory corruption. A plan with a node this compiler does not know, or one that fell back to another
 backend, is left to the generic executor (compile returns None).
 """
 from __future__ import annotations
@@ -21,6 +23,7 @@ import torch
 
 from ..runtime.graph import Const, PlanShapeError
 from . import spec
+from .cpu import _buf
 
 # csrc/plan.h PlanOp
 P_EMBEDDING, P_RMS_NORM, P_LINEAR, P_ROPE, P_SILU_MUL, P_ATTENTION, P_ADD, P_KV_WRITE, P_MERGE_HEADS, \
@@ -101,7 +104,8 @@ class CpuPlanExecutor:
         # kernel_s is always measured (one clock read per step); profile=True also times each native
         # node (node_seconds: the bench's per-op breakdown of the one native call)
         self.profile = False
-        self.program = cpu_module.Plan(self.dynamic, [t.data_ptr() for t in self._fixed])
+        # fixed slots carry their bytes: add() checks every node's extent against them (csrc/bindings.cpp)
+        self.program = cpu_module.Plan(self.dynamic, [_buf(t) for t in self._fixed])
         self.node_ops = []  # the plan op code of each native node
         for op, refs, ints, f in pending:
             self.program.add(op, [list(r) for r in refs], [int(i) for i in ints], float(f))
@@ -209,10 +213,10 @@ class CpuPlanExecutor:
                 w = a[1].value
                 payload = self._const(Const(w.payload))
                 return [(P_EMBEDDING, [out.ref, ids.ref, payload.ref], [ids.shape[0], w.in_features, 0, 0,
-                                                                        self._wf[w.format], dt], 0.0)]
+                                                                        self._wf[w.format], dt, w.out_features], 0.0)]
             table = self._arg(a[1])
             return [(P_EMBEDDING, [out.ref, ids.ref, table.ref], [ids.shape[0], table.shape[1], table.stride[0],
-                                                                   table.elem, -1], 0.0)]
+                                                                   table.elem, -1, 0, table.shape[0]], 0.0)]
         if op == "rms_norm":
             x, w = self._rows(a[0]), self._arg(a[1])
             return [(P_RMS_NORM, [out.ref, x.ref, w.ref], [x.shape[0], x.shape[1], x.stride[0], dt], a[2].value)]
@@ -307,7 +311,10 @@ class CpuPlanExecutor:
 
     def run(self, inputs):
         self.plan.check(inputs)
-        ptrs = [inputs.ids.data_ptr(), inputs.pos.data_ptr(), inputs.q_pos.data_ptr(), inputs.kv_len.data_ptr()]
+        # (pointer, bytes) of every buffer rebound per run: run() checks them, and the ids / q_pos / kv_len
+        # values, against what the nodes need (csrc/bindings.cpp, "step plans"). The kernels read these
+        # tensors as contiguous, so their own nbytes is the extent (cheaper than the storage's size).
+        ptrs = [(t.data_ptr(), t.nbytes) for t in (inputs.ids, inputs.pos, inputs.q_pos, inputs.kv_len)]
         row0, T = 0, 0
         cache = inputs.cache
         if cache is not None:
@@ -317,7 +324,7 @@ class CpuPlanExecutor:
                     or tuple(k0.shape[1:2]) + tuple(k0.shape[3:]) != (Hkv, D) or not k0.is_contiguous()):
                 raise PlanShapeError(f"cache: expected {self.layers} layers of contiguous {spec.dtype_name(dtype)} "
                                      f"[rows, {Hkv}, T, {D}], got {len(cache.k)} of {k0.dtype} {list(k0.shape)}")
-            ptrs += [t.data_ptr() for t in cache.k] + [t.data_ptr() for t in cache.v]
+            ptrs += [(t.data_ptr(), t.nbytes) for t in cache.k] + [(t.data_ptr(), t.nbytes) for t in cache.v]
             row0, T = inputs.rows.start or 0, cache.max_len
         t0 = time.perf_counter()
         self.program.run(ptrs, row0, T, self.profile)

@@ -100,9 +100,10 @@ def weight_shape(weight) -> tuple:
     return tuple(weight.shape)
 
 
-@dataclass
+@dataclass(frozen=True)
 class PreparedLinear:
-    """The handle `prepare_linear` returns and `linear` takes.
+    """The handle `prepare_linear` returns and `linear` takes. Immutable: kernels trust the sizes it
+    records (the cpu backend's native calls also check them against the payload's bytes).
 
     `payload` is whatever the backend keeps (a packed tensor, raw blocks, ...);
     `format` is the format it computes in (after any dequantization at prepare time),
