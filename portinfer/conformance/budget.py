@@ -52,6 +52,25 @@ themselves are near the bottom of the dtype's range.
 
 The constants are small and live only in this table: a kernel that needs larger ones has a
 real accuracy problem, not a tolerance problem.
+
+The bias test (fp16 / bf16 outputs). The L2 budget bounds the size of the error, not its
+direction, and in bf16 it is wide: c_out * u is 1.2% for the norms, 1.6% for attention. So a
+kernel that scales its output by 1.01, or rounds its results toward zero instead of to nearest,
+passes it. Both leave a signature a correct kernel does not: the errors lean one way. With
+e_i = y_i - y_ref_i and s_i = sign(y_ref_i) over the finite outputs,
+
+    b = sum(s_i e_i) / sum(|y_ref_i|)     the mean relative error toward larger magnitudes
+    t = sum(s_i e_i) / sqrt(sum(e_i^2))   the same in units of its own spread (sqrt(n) mean / rms)
+
+Round-to-nearest (ties to even) errors are symmetric, so t is about a standard normal; a scale
+error or a directed rounding mode moves every e_i the same way, so t grows like sqrt(n): a 1%
+scale error in bf16 gives t ~ 0.78 sqrt(n), truncation toward zero t ~ -0.87 sqrt(n) and
+b ~ -0.7 u. A case fails when |t| > Z_BIAS and |b| > C_BIAS_FLOOR * u: the first keeps a correct
+kernel out (no false alarm below n = Z_BIAS^2 outputs, and one in ~10^6 cases above), the second
+ignores a bias too small to matter (an fp32 approximation of exp or rsqrt that leans by 1e-7 is
+far below u/4 of fp16). fp32 outputs are left to the L2 budget, which already sees 1% there.
+Every op's edge set (cases.edge_examples) has 512 or more outputs, enough to see both on every
+seed.
 """
 from __future__ import annotations
 
@@ -65,6 +84,9 @@ U_FP32 = UNIT_ROUNDOFF[torch.float32]
 U_INT8 = 1.0 / 254  # half an int8 step, relative to the block max (see above)
 C_INT8_TAIL = 4.0
 KAPPA_INT8_DEFAULT = 4.0
+
+Z_BIAS = 5.0  # |t| above this many standard deviations ...
+C_BIAS_FLOOR = 0.25  # ... and |b| above this fraction of the output dtype's unit roundoff: a biased result
 
 # op -> (c_out, c_acc, c_cond)
 CONSTANTS = {
@@ -115,3 +137,24 @@ def relative_error(y: torch.Tensor, y_ref: torch.Tensor) -> float:
     if not math.isfinite(diff_norm):
         return math.inf
     return diff_norm / ref_norm if ref_norm > 0 else diff_norm
+
+
+def bias_statistics(y: torch.Tensor, y_ref: torch.Tensor) -> tuple:
+    """(b, t) of the bias test above, over the positions where y_ref is finite: b the mean relative error
+    toward larger magnitudes, t that sum in units of the errors' own spread ((0, 0) when y is exact)."""
+    finite = torch.isfinite(y_ref)
+    ref = y_ref[finite].to(torch.float64)
+    err = y[finite].to(torch.float64) - ref
+    toward_larger = float((torch.sign(ref) * err).sum())
+    spread = float(torch.linalg.vector_norm(err))
+    scale = float(ref.abs().sum())
+    if spread == 0 or scale == 0 or not math.isfinite(spread):
+        return 0.0, 0.0
+    return toward_larger / scale, toward_larger / spread
+
+
+def biased(dtype: torch.dtype, b: float, t: float) -> bool:
+    """Does the bias test fail? Only for fp16 / bf16 outputs (see above)."""
+    if dtype not in (torch.float16, torch.bfloat16):
+        return False
+    return abs(t) > Z_BIAS and abs(b) > C_BIAS_FLOOR * UNIT_ROUNDOFF[dtype]

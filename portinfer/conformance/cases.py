@@ -137,15 +137,36 @@ def attention_params(draw, profile="full"):
                 cache_pad=draw(st.sampled_from((0, 0, 5))), seed=draw(seeds))
 
 
-def edge_examples(op) -> list:
-    """Fixed cases run on every check besides the random ones (hypothesis finds these only by chance):
-    key counts at tile boundaries (63/64/65, 127/128/129), Sq = 1, a fully masked row, GQA ratio 8,
-    one head, and a prefill chunk across a boundary."""
+def edge_examples(op, variant=None) -> list:
+    """Fixed cases run on every check besides the random ones (hypothesis finds these only by chance).
+
+    Every op: one case of 512 to 1024 outputs, so the bias test (budget.bias_statistics) has the
+    samples to see a systematic error within the L2 budget -- a 1% scale error or results rounded
+    toward zero in bf16 -- on every seed, whatever sizes the random examples draw.
+    Attention also: key counts at tile boundaries (63/64/65, 127/128/129), Sq = 1, a fully masked
+    row, GQA ratio 8, one head, and a prefill chunk across a boundary."""
+    if op == "embedding":
+        table = variant or "dense"
+        return [dict(V=40, H=256 if table in spec.K_QUANT_FORMATS else 64, N=16, pad=0, table=table, seed=11)]
+    if op == "linear":
+        fmt = variant or "dense"
+        K = 256 if fmt in spec.K_QUANT_FORMATS else 64
+        return [dict(M=8, K=K, N=64, bias=True, pad=0, weight_format=fmt, seed=12)]
+    if op in ("rms_norm", "layer_norm"):
+        return [dict(M=4, H=160, eps=1e-6, scale=1.0, offset=0.0, pad=0, seed=13)]
+    if op == "rope":
+        return [dict(B=1, H=4, S=8, D=32, rotary_dim=32, style="neox", theta=10000.0, max_pos=64, seq_major=False,
+                     seed=14)]
+    if op == "silu_mul":
+        return [dict(M=8, I=80, scale=1.0, pad=0, seed=15)]
+    if op == "gelu":
+        return [dict(shape=[8, 80], approximate="none", scale=1.0, seed=16)]
     if op != "attention":
         return []
     base = dict(B=1, Hkv=1, group=1, Sq=1, Sk=64, D=16, causal=True, kv_len=[64], q_pos=[63], magnitude=1.0,
                 fused_q=False, cache_pad=0, seed=0)
-    cases = [dict(base, Sk=n, kv_len=[n], q_pos=[n - 1]) for n in (63, 64, 65, 127, 128, 129)]  # decode, H = 1
+    cases = [dict(base, B=2, Hkv=2, group=2, Sq=8, Sk=40, kv_len=[40, 37], q_pos=[32, 29], seed=17)]  # 1024 outputs
+    cases += [dict(base, Sk=n, kv_len=[n], q_pos=[n - 1]) for n in (63, 64, 65, 127, 128, 129)]  # decode, H = 1
     cases += [dict(base, Sk=129, kv_len=[129], q_pos=[121], Sq=8),  # a prefill chunk across the 128 boundary
               dict(base, Sk=65, kv_len=[65], q_pos=[0], Sq=1, causal=False),
               dict(base, B=2, Sk=5, kv_len=[0, 5], q_pos=[0, 4]),  # sequence 0: every row fully masked
