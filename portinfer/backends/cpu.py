@@ -4,7 +4,8 @@ Tensors go to C++ as (data pointer, bytes held) pairs + sizes + strides (no libt
 the base class has already validated every input against the op contract; here we only make sure
 what the kernels assume (CPU memory, unit stride in the last dimension, int index tensors
 contiguous). The extension checks every call again against the bytes each buffer holds, so even a
-wrong call from Python is a ValueError, not an access out of bounds. Kernels run with the GIL released on the extension's own thread pool.
+wrong call from Python is a ValueError, not an access out of bounds. Kernels run with the GIL
+released on the extension's own thread pool.
 
 Instruction sets: the extension carries an AVX-512, an AVX2+FMA+F16C and a portable path
 and picks the best one this CPU has at first use; `PORTINFER_CPU_SIMD=portable|avx2|avx512`

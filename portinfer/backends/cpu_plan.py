@@ -8,10 +8,12 @@ view of it) has run, a later output of the same byte size takes it, so a plan ho
 layer's values, not every layer's (SmolLM2 at 256 tokens: ~250 MB -> ~12 MB). The nodes become csrc/plan.h nodes calling the same kernels as the
 op path, run in order by `_cpu.Plan.run`: the GIL released once per step, the thread pool hot
 across nodes, and the glue (residual adds, KV-cache writes, head merges, last-row gathers)
-done natively. The native plan checks every node against the bytes of the buffers it names when it
-is added, and every run's buffers, cache rows and per-row values before it runs (csrc/bindings.cpp,
-"step plans"): a wrong offset here is a ValueError, not memory corruption. A plan with a node this compiler does not know, or one that fell back to another
+done natively. A plan with a node this compiler does not know, or one that fell back to another
 backend, is left to the generic executor (compile returns None).
+
+The native plan checks each node against the bytes of the buffers it names when it is added, and
+each run's buffers, cache rows and per-row values before it runs (csrc/bindings.cpp, "step plans"):
+a wrong offset here is a ValueError, not memory corruption.
 """
 from __future__ import annotations
 
