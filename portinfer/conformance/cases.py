@@ -206,8 +206,18 @@ class Case:
         self.op, self.params, self.dtype = op, params, dtype
         self.reduction, self.cond = 1, 0.0
         self.magnitude = None  # float64 tensor that rounding errors scale with (budget.py: kappa)
-        self.magnitude_int8 = None  # the same for int8 activation rounding (budget.py: kappa8; linear)
+        self._int8_operands = None  # linear: (x, exact weights) for magnitude_int8, computed on first use
         getattr(self, "_build_" + op)(params, dtype)
+
+    @property
+    def magnitude_int8(self):
+        """The magnitude int8 activation rounding scales with (budget.py: kappa8; linear), or None. Only a
+        backend that quantizes activations needs it, so it is computed on first use."""
+        if self._int8_operands is None:
+            return None
+        if not hasattr(self, "_magnitude_int8"):
+            self._magnitude_int8 = budget_mod.int8_magnitude(*self._int8_operands)
+        return self._magnitude_int8
 
     def _build_embedding(self, p, dtype):
         table = p.get("table", "dense")
@@ -235,7 +245,7 @@ class Case:
         if self.bias is not None:
             square = square + self.bias.double() ** 2
         self.magnitude = square.sqrt()
-        self.magnitude_int8 = budget_mod.int8_magnitude(self.x, exact_w)
+        self._int8_operands = (self.x, exact_w)
 
     def _build_rms_norm(self, p, dtype):
         s = p["seed"]
