@@ -5,7 +5,9 @@ config values of the wrong type; and the Llama 3 chat prompt encoded exactly as 
 (one BOS, though both the template and the tokenizer.json post-processor write it)."""
 import json
 import random
+import re
 import struct
+import subprocess
 import sys
 from pathlib import Path
 
@@ -227,6 +229,24 @@ def test_mixed_formats_in_q_k_v_stay_blocks(seeds):
             torch.testing.assert_close(got, want[:, :step_ids.shape[1]], rtol=1e-4, atol=1e-4)
 
 
+def test_a_bpe_merge_the_prefix_cannot_be_cut_from_is_a_tokenizer_error(seeds, tmp_path):
+    """Fuzz case tokenizer:67 (seed 4): continuing_subword_prefix "\\u0000" (one byte) cut from a merge's
+    second part "Ġ" (two bytes) made tokenizers panic inside a destructor: SIGABRT, the process gone.
+    Checked in Python first, in a child process here so a regression cannot take pytest down."""
+    from fuzz.__main__ import case_bytes
+
+    path = _hf_copy(seeds, tmp_path)
+    data = case_bytes("tokenizer", 67, 4, [(Path(seeds["llama3-hf"]) / "tokenizer.json").read_bytes()])
+    (path / "tokenizer.json").write_bytes(data)
+    code = ("import sys\nfrom portinfer.runtime.loader import load_checkpoint\nfrom portinfer.runtime.tokenizer "
+            "import TokenizerError\ntry:\n    load_checkpoint(sys.argv[1])\nexcept TokenizerError as exc:\n"
+            "    print('TokenizerError:', exc)\n")
+    done = subprocess.run([sys.executable, "-c", code, str(path)], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert re.search(r"tokenizer.json: model.merges\[\d+\]: the second part .* continuing_subword_prefix",
+                     done.stdout), done.stdout
+
+
 @pytest.mark.parametrize("index", [5601, 8084])
 def test_tokenizers_panic_is_a_tokenizer_error(seeds, tmp_path, index):
     """Fuzz cases (seed 3) whose tokenizer.json made the tokenizers library panic (pyo3 PanicException, a
@@ -237,5 +257,5 @@ def test_tokenizers_panic_is_a_tokenizer_error(seeds, tmp_path, index):
     path = _hf_copy(seeds, tmp_path)
     data = case_bytes("tokenizer", index, 3, [(Path(seeds["llama3-hf"]) / "tokenizer.json").read_bytes()])
     (path / "tokenizer.json").write_bytes(data)
-    with pytest.raises(TokenizerError, match=r"tokenizer.json: cannot build the tokenizer"):
+    with pytest.raises(TokenizerError, match=r"tokenizer.json: (cannot build the tokenizer|model.merges\[0\]: the second)"):
         load_checkpoint(path)

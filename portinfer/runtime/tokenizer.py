@@ -67,6 +67,7 @@ class Tokenizer:
         from tokenizers import Tokenizer as HFTokenizer
 
         file = path / "tokenizer.json"
+        _check_bpe_merges(_read_json(file), file)
         try:
             backend = HFTokenizer.from_file(str(file))
         except Exception as exc:  # tokenizers raises bare Exception / TypeError for a malformed file
@@ -265,6 +266,34 @@ def _token_text(value):
 def _short(exc) -> str:
     text = str(exc) or type(exc).__name__
     return text if len(text) <= 300 else text[:300] + "..."
+
+
+def _check_bpe_merges(data: dict, file: Path):
+    """What tokenizers would abort the process on (not raise: a panic inside a destructor, SIGABRT;
+    fuzz case tokenizer:67 seed 4): a BPE model with a continuing_subword_prefix slices that many bytes
+    off the second part of every merge, so each second part must be at least that long and the cut must
+    fall between characters."""
+    model = data.get("model")
+    if not isinstance(model, dict) or model.get("type") != "BPE":
+        return
+    prefix = model.get("continuing_subword_prefix")
+    merges = model.get("merges")
+    if not isinstance(prefix, str) or not prefix or not isinstance(merges, list):
+        return
+    cut = len(prefix.encode("utf-8"))
+    for i, merge in enumerate(merges):
+        if isinstance(merge, str):
+            parts = merge.split(" ", 1)
+        elif isinstance(merge, list):
+            parts = merge
+        else:
+            continue  # tokenizers refuses it with an error of its own
+        if len(parts) != 2 or not isinstance(parts[1], str):
+            continue
+        second = parts[1].encode("utf-8")
+        if len(second) < cut or (len(second) > cut and (second[cut] & 0xC0) == 0x80):
+            raise TokenizerError(f"{file}: model.merges[{i}]: the second part {parts[1]!r} cannot lose the "
+                                 f"continuing_subword_prefix {prefix!r} ({cut} bytes) at a character boundary")
 
 
 def _read_json(file: Path) -> dict:
