@@ -99,6 +99,17 @@ def test_gguf_head_count_zero_is_a_config_error(seeds, tmp_path):
         load_checkpoint(path)
 
 
+def test_gguf_architecture_of_another_type_is_a_config_error(seeds, tmp_path):
+    """Fuzz cases gguf:4161/6317/6373 (seed 5): general.architecture an array of strings was looked up in
+    a dict (TypeError: unhashable type: 'list')."""
+    def edit(g):
+        g.kv = [(k, 9, (8, ["llama", "qwen2"])) if k == "general.architecture" else (k, t, v) for k, t, v in g.kv]
+
+    path = _edit_gguf(seeds["smollm2.gguf"], tmp_path / "a.gguf", edit)
+    with pytest.raises(ConfigError, match=r"a\.gguf.*general\.architecture \['llama', 'qwen2'\] is not supported"):
+        load_checkpoint(path)
+
+
 def test_gguf_rope_freqs_of_the_wrong_length_is_refused(seeds, tmp_path):
     def edit(g):
         for t in g.tensors:

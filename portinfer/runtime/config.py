@@ -245,7 +245,7 @@ class ModelConfig:
     def from_gguf(cls, meta: dict, tensor_names: set, rope_freq_factors=None) -> "ModelConfig":
         """From GGUF metadata (key -> value) and the set of tensor names in the file."""
         gguf_arch = meta.get("general.architecture")
-        if gguf_arch not in GGUF_ARCHITECTURES:
+        if not isinstance(gguf_arch, str) or gguf_arch not in GGUF_ARCHITECTURES:  # (a list is unhashable)
             raise ConfigError(f"GGUF general.architecture {gguf_arch!r} is not supported; supported are "
                               f"{', '.join(GGUF_ARCHITECTURES)}")
         arch = GGUF_ARCHITECTURES[gguf_arch]
