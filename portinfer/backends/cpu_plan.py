@@ -332,4 +332,6 @@ class CpuPlanExecutor:
         self.program.run(ptrs, row0, T, self.profile)
         self.kernel_s += time.perf_counter() - t0  # the whole native step (bench model's breakdown)
         self.plan.runs += 1
-        return self.out.clone()
+        # a copy the caller owns (the buffer is the next run's): numpy's memcpy, one thread, where torch's
+        # clone of a vocabulary of logits wakes its intra-op pool
+        return torch.from_numpy(self.out.numpy().copy()) if self.out.dtype != torch.bfloat16 else self.out.clone()

@@ -63,6 +63,8 @@ class Sampler:
         """logits fp32 [B, V] (any device), seen: per sequence the token ids so far (needed only
         for the repetition penalty) -> next ids."""
         p = self.params
+        if p.greedy and p.repetition_penalty == 1.0:  # numpy's argmax (SIMD, one thread), no copy
+            return logits.detach().float().cpu().numpy().argmax(axis=-1).tolist()
         logits = logits.detach().float().cpu().clone()  # sampling is glue: [B, V] on the host
         if p.repetition_penalty != 1.0:
             for b, ids in enumerate(seen or ()):
