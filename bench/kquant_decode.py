@@ -170,7 +170,7 @@ def main(argv=None):
             path = Path(tmp) / f"{shape}-q4_k_m.gguf"
             formats = write_q4_k_m(path, shape)
             model = portinfer.load(path, backend=args.backend, dtype="fp32", fallback="allow")
-            [(test, tok_s)] = bench_backend(model, 0, args.n_gen, args.repetitions)
+            [(test, tok_s, *_)] = bench_backend(model, 0, args.n_gen, args.repetitions)
             mean = statistics.fmean(tok_s)
             per_token = file_bytes_per_token(path, SHAPES[shape][6])
             read = prepared_bytes(model)
