@@ -67,9 +67,10 @@ class Tokenizer:
         from tokenizers import Tokenizer as HFTokenizer
 
         file = path / "tokenizer.json"
-        _check_bpe_merges(_read_json(file), file)
+        text, data = _read_json_text(file)
+        _check_bpe_merges(data, file)
         try:
-            backend = HFTokenizer.from_file(str(file))
+            backend = HFTokenizer.from_str(text)  # the text already read and checked: the file is read once
         except Exception as exc:  # tokenizers raises bare Exception / TypeError for a malformed file
             raise TokenizerError(f"{file}: cannot build the tokenizer: {_short(exc)}") from None
         except BaseException as exc:  # a Rust panic inside tokenizers (pyo3's PanicException is a BaseException)
@@ -297,10 +298,16 @@ def _check_bpe_merges(data: dict, file: Path):
 
 
 def _read_json(file: Path) -> dict:
+    return _read_json_text(file)[1]
+
+
+def _read_json_text(file: Path) -> tuple:
+    """-> (the file's text, its JSON object); TokenizerError naming the file otherwise."""
     try:
-        value = json.loads(file.read_text(encoding="utf-8"))
+        text = file.read_text(encoding="utf-8")
+        value = json.loads(text)
     except (json.JSONDecodeError, UnicodeDecodeError, RecursionError, OSError) as exc:
         raise TokenizerError(f"{file}: not valid JSON ({type(exc).__name__}: {_short(exc)})") from None
     if not isinstance(value, dict):
         raise TokenizerError(f"{file}: expected a JSON object, got {type(value).__name__}")
-    return value
+    return text, value
