@@ -286,8 +286,9 @@ class Scheduler:
             self._prefilled(s, len(chunk), logits[s - a])
 
     def _next_chunk(self, s, budget) -> list:
+        """At most `budget` (<= prefill_chunk) of slot s's prompt tokens not read yet."""
         job = self.slots[s]
-        return job.prompt[job.prefilled:job.prefilled + min(budget, self.prefill_chunk)]
+        return job.prompt[job.prefilled:job.prefilled + budget]
 
     def _prefilled(self, s, count, logits):
         job = self.slots[s]
