@@ -9,6 +9,7 @@
 #include <cstddef>
 #include <cstdint>
 #include <cstring>
+#include <vector>
 
 enum DType : int { DT_F32 = 0, DT_F16 = 1, DT_BF16 = 2 };
 enum QFormat : int { Q8_0 = 0, Q4_0 = 1, Q4_1 = 2 };

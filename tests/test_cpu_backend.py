@@ -212,3 +212,33 @@ def test_bf16_outputs_round_like_torch(cpu, path):
         expected = cpu.gelu(x.float(), approximate=approximate).to(torch.bfloat16)
         assert torch.equal(y.isnan(), expected.isnan()) and bool(y.isnan()[1, 7])
         assert torch.equal(y.nan_to_num(), expected.nan_to_num())
+
+
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("dtype,style", [(torch.float32, "neox"), (torch.float32, "interleaved"),
+                                         (torch.bfloat16, "neox")])
+def test_rope_angles_kept_between_calls_follow_their_values(cpu, path, dtype, style):
+    """The cpu rope keeps the last call's cos / sin table (csrc/kernels_impl.h rope_angles): a call with
+    the same positions and frequencies reuses it, anything else must recompute. Positions and
+    frequencies changed in place (same buffers, new values), a new batch shape and a new rotary_dim
+    must each give the reference's result, never the previous call's angles."""
+    cpu.set_simd(path)
+    gen = torch.Generator().manual_seed(11)
+    rotary = spec.RotaryParams.from_theta(64, 10000.0, style=style)
+    pos = torch.tensor([[5, 6, 7], [900, 901, 902]], dtype=torch.int64)
+
+    def check(x, pos, rotary):
+        got = cpu.rope(x, pos, rotary).double()
+        want = REFERENCE.rope(x.float(), pos, rotary).double()
+        assert relative_error(got, want) < budget("rope", dtype), (path, dtype, style)
+
+    x = torch.randn(2, 3, 3, 64, generator=gen).to(dtype)
+    check(x, pos, rotary)
+    check(torch.randn(2, 3, 3, 64, generator=gen).to(dtype), pos, rotary)  # same angles, new x: reused
+    pos[1, 2] = 4000  # in place: the same buffer, one position new
+    check(x, pos, rotary)
+    rotary.inv_freq.mul_(0.5)  # in place: every frequency new
+    check(x, pos, rotary)
+    check(x[:1], pos[:1], rotary)  # fewer positions: a prefix of the last table's key
+    check(x[..., :48].contiguous(), pos, spec.RotaryParams.from_theta(48, 10000.0, style=style))
+    check(x, pos, spec.RotaryParams.from_theta(64, 10000.0, rotary_dim=32, style=style))
