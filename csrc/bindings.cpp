@@ -99,7 +99,7 @@ std::vector<Int8Path> int8_paths_compiled() {
 }
 
 const Int8Kernels* int8_active = nullptr;
-bool int8_prefill = false;  // M > 4 on int8 activations too (set_int8_prefill; benchmarks and tests)
+bool int8_prefill = false;  // M > I8_DECODE_MAX_M on int8 activations too (set_int8_prefill; benchmarks and tests)
 
 std::string int8_usable_names() {
     std::string names;
@@ -148,9 +148,11 @@ void run_linear_int8(void* out, const void* x, const void* packed, const void* b
                      int64_t xs, int adt, int fmt) {
     const Int8Kernels* k = int8_kernels();
     const KernelTable& t = kernels();
-    // prefill (M > 4): the GEMM is compute-bound, where int8 activations bought no speed here
-    // but cost accuracy: fp32 activations on the same repacked weights
-    if (M > I8_ROWS && !int8_prefill) {
+    // prefill (M > 16): the GEMM is compute-bound, where int8 activations bought no speed here
+    // but cost accuracy: fp32 activations on the same repacked weights. A decode step of up to 16
+    // sequences (a server's batch) stays on the integer kernels, chunks of 4 rows over weights kept
+    // in cache: the GEMM dequantizes every tile, which made a step of 8 rows ~3x slower than this
+    if (M > I8_DECODE_MAX_M && !int8_prefill) {
         t.linear(out, x, packed, bias, M, N, K, xs, adt, W_INT8X4 + fmt);
         return;
     }

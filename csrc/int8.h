@@ -20,6 +20,9 @@
 #include "common.h"
 
 static const int I8_ROWS = 4;
+// rows of x (sequences of a decode step) that run on int8 activations by default; more rows are a
+// prefill, which runs on fp32 activations unless set_int8_prefill(true)
+static const int I8_DECODE_MAX_M = 16;
 
 struct Int8Kernels {
     const char* name;

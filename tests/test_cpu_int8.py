@@ -37,7 +37,8 @@ def _restore_path():
 
 
 def test_prefill_runs_on_fp32_activations_by_default():
-    """M > 4 (prefill): the same repacked weights, fp32 activations (the fp32 route's numbers)."""
+    """M > 16 (prefill): the same repacked weights, fp32 activations (the fp32 route's numbers);
+    a decode step of up to 16 rows on int8."""
     cpu_mod._cpu.set_int8_prefill(False)
     be8, be32 = CpuBackend(quant_route="int8"), CpuBackend(quant_route="fp32")
     for fmt in FORMATS:
@@ -46,8 +47,9 @@ def test_prefill_runs_on_fp32_activations_by_default():
         y8 = be8.linear(x, be8.prepare_linear(w, torch.float32), b)
         y32 = be32.linear(x, be32.prepare_linear(w, torch.float32), b)
         assert torch.equal(y8, y32), fmt
-        y1 = be8.linear(x[:1], be8.prepare_linear(w, torch.float32), b)  # decode: int8
-        assert relative_error(y1, _emulate_int8(x[:1], w, b)) <= 1e-5
+        for m in (1, 8, 16):  # a decode step of up to 16 sequences: int8
+            y1 = be8.linear(x[:m], be8.prepare_linear(w, torch.float32), b)
+            assert relative_error(y1, _emulate_int8(x[:m], w, b)) <= 1e-5, (fmt, m)
 
 
 def _case(M, N, K, fmt, seed, dtype=torch.float32, bias=True):
