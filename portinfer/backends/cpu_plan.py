@@ -326,7 +326,7 @@ class CpuPlanExecutor:
                     or tuple(k0.shape[1:2]) + tuple(k0.shape[3:]) != (Hkv, D) or not k0.is_contiguous()):
                 raise PlanShapeError(f"cache: expected {self.layers} layers of contiguous {spec.dtype_name(dtype)} "
                                      f"[rows, {Hkv}, T, {D}], got {len(cache.k)} of {k0.dtype} {list(k0.shape)}")
-            ptrs += [(t.data_ptr(), t.nbytes) for t in cache.k] + [(t.data_ptr(), t.nbytes) for t in cache.v]
+            ptrs += cache.layer_buffers()
             row0, T = inputs.rows.start or 0, cache.max_len
         t0 = time.perf_counter()
         self.program.run(ptrs, row0, T, self.profile)

@@ -38,6 +38,14 @@ def _timed(model, fn):
     return time.perf_counter() - t0
 
 
+def _greedy(logits):
+    """The next tokens as generate's greedy sampling picks them on the host (numpy's argmax over CPU
+    logits: one thread, no torch op; portinfer/runtime/sampling.py), torch's argmax elsewhere."""
+    if logits.device.type == "cpu" and logits.dtype == torch.float32:
+        return torch.from_numpy(logits.numpy().argmax(-1))
+    return logits.argmax(-1)
+
+
 def bench_backend(model, prompt_tokens, gen_tokens, repetitions, seed=0, batch=1):
     """[(test name, [tok/s per repetition], step breakdown or None)] for one loaded model. tg with
     batch B decodes B sequences at once (one step = B tokens; tok/s counts all of them)."""
@@ -51,7 +59,7 @@ def bench_backend(model, prompt_tokens, gen_tokens, repetitions, seed=0, batch=1
         cache = model.new_cache(batch, gen_tokens)
         token = ids[:, 0]
         for _ in range(gen_tokens):
-            token = model.decode(token, cache).argmax(-1)
+            token = _greedy(model.decode(token, cache))
 
     tests = []
     if prompt_tokens:

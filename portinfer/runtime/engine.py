@@ -140,7 +140,11 @@ class Model:
                              f"{ids.dtype if isinstance(ids, torch.Tensor) else type(ids).__name__}")
         if ids.numel() == 0:
             raise ValueError(f"{what}: expected at least one token, got an empty tensor")
-        lo, hi = int(ids.min()), int(ids.max())
+        if ids.device.type == "cpu" and not ids.requires_grad:  # numpy's min / max: no torch op per step
+            a = ids.numpy()
+            lo, hi = int(a.min()), int(a.max())
+        else:
+            lo, hi = int(ids.min()), int(ids.max())
         if lo < 0 or hi >= self.config.vocab_size:
             raise ValueError(f"{what}: token id {lo if lo < 0 else hi} is outside the vocabulary "
                              f"[0, {self.config.vocab_size})")

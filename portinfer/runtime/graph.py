@@ -26,6 +26,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 
 from ..backends import spec
@@ -60,12 +61,16 @@ class StepInputs:
     @classmethod
     def build(cls, ids2d: torch.Tensor, n_new, filled, cache, rows, device):
         B, S = ids2d.shape
-        start = torch.tensor(filled, dtype=torch.int64)
-        new = torch.tensor(n_new, dtype=torch.int64)
-        pos = start[:, None] + torch.arange(S)[None, :]  # [B, S]
-        return cls(B, S, ids2d.reshape(-1).to(device), pos.to(device), start.to(torch.int32).to(device),
-                   (start + new).to(torch.int32).to(device), list(n_new), list(filled), cache, rows,
-                   max(f + n for f, n in zip(filled, n_new)))
+        # numpy, wrapped without a copy: each torch op here costs more than the arithmetic, and right
+        # after a step has streamed the weights through the caches a cold torch op costs ~10x a warm one
+        start = np.asarray(filled, dtype=np.int64)
+        end = start + np.asarray(n_new, dtype=np.int64)
+        pos = torch.from_numpy(start[:, None] + np.arange(S, dtype=np.int64)[None, :])  # [B, S]
+        q_pos, kv_len = torch.from_numpy(start.astype(np.int32)), torch.from_numpy(end.astype(np.int32))
+        ids = ids2d.reshape(-1)
+        if device.type != "cpu":
+            ids, pos, q_pos, kv_len = (t.to(device) for t in (ids, pos, q_pos, kv_len))
+        return cls(B, S, ids, pos, q_pos, kv_len, list(n_new), list(filled), cache, rows, int(end.max()))
 
 
 # ---------------------------------------------------------------------------- glue shared by both paths

@@ -40,9 +40,20 @@ class NonFiniteError(RuntimeError):
 class KVCache:
     """Keys and values of every layer, allocated once per generation and written in place."""
 
-    k: list  # per layer [B, Hkv, max_len, D]
-    v: list
+    k: tuple  # per layer [B, Hkv, max_len, D]; tuples: the layers are fixed for the cache's life
+    v: tuple
     filled: list  # per row: positions filled so far
+
+    def layer_buffers(self) -> list:
+        """[(data pointer, bytes)] of every layer's keys, then values: what a compiled step plan passes
+        to its native call each step. Computed once (k and v are tuples of the same tensors for the
+        cache's whole life): 4 x layers tensor calls a step, each slow right after the weights have
+        streamed through the CPU caches, were a large part of a SmolLM2 step's host time."""
+        buffers = self.__dict__.get("_layer_buffers")
+        if buffers is None:
+            buffers = [(t.data_ptr(), t.nbytes) for t in self.k] + [(t.data_ptr(), t.nbytes) for t in self.v]
+            self.__dict__["_layer_buffers"] = buffers
+        return buffers
 
     @property
     def max_len(self) -> int:
@@ -160,7 +171,7 @@ class Decoder:
         # one allocation, viewed per layer (each view contiguous): 2 x layers small fills were 2 x layers
         # wake-ups of torch's intra-op pool, ~1 ms each on a busy 2-core machine, for every generate()
         whole = torch.zeros((2, c.num_layers) + shape, dtype=self.dtype, device=self.device)
-        return KVCache(list(whole[0]), list(whole[1]), [0] * batch_size)
+        return KVCache(tuple(whole[0]), tuple(whole[1]), [0] * batch_size)
 
     # ------------------------------------------------------------------ the step, written once
 
