@@ -330,3 +330,28 @@ def test_bench_embed_reports_both_engines(minilm_path, tmp_path, capsys):
     assert set(doc["speedup_vs_sentence_transformers"]["cpu fp32"]) == {"1", "4"}
     assert doc["provenance"]["command"].startswith("portinfer bench embed") and doc["workload"]["sentences"] == 8
     assert "vs sentence-transformers (same run)" in capsys.readouterr().out
+    # the useful work's rate beside torch's fp32 matmul peak from the same run (how far any engine could go)
+    assert doc["cpu_fp32_matmul_peak_flop_s"] > 0 and doc["workload"]["useful_flops"] > 0
+    assert all(r["gflop_s"] > 0 and r["pct_of_matmul_peak"] > 0 for r in doc["rows"])
+
+
+def test_bench_embed_counts_the_flops_torch_counts():
+    """useful_flops against torch's own FLOP counter over transformers' BERT (no pooler, eager attention):
+    the linear layers and the attention matmuls of one text of T tokens, for a few T."""
+    transformers = pytest.importorskip("transformers", reason="the independent count runs transformers' BERT")
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from portinfer.bench.embed import useful_flops
+
+    cfg = transformers.BertConfig(vocab_size=50, hidden_size=32, intermediate_size=80, num_hidden_layers=3,
+                                  num_attention_heads=4, attn_implementation="eager")
+    bert = transformers.BertModel(cfg, add_pooling_layer=False).eval()
+
+    class Config:
+        hidden_size, intermediate_size, num_layers = 32, 80, 3
+    for T in (1, 7, 20):
+        counter = FlopCounterMode(display=False)
+        with counter, torch.no_grad():
+            bert(torch.randint(0, 50, (1, T)))
+        assert useful_flops(Config, [T]) == counter.get_total_flops(), T
+    assert useful_flops(Config, [7, 20]) == useful_flops(Config, [7]) + useful_flops(Config, [20])

@@ -20,7 +20,7 @@ import time
 
 import torch
 
-from .machine import provenance
+from .machine import matmul_peak, provenance
 from .timing import device_sync
 
 WORDS = (
@@ -53,12 +53,27 @@ def _time(fn, device) -> float:
     return time.perf_counter() - t0
 
 
-def _row(engine, backend, device, dtype, threads, batch_size, count, tokens, seconds):
+def useful_flops(config, num_tokens) -> int:
+    """The FLOPs an encoder must do for these texts, padding excluded: per token 2 x every layer's
+    linear weights (q, k, v, o: 4 H^2; the MLP: 2 H I), per text of T tokens 4 H T^2 per layer in
+    attention (scores and the weighted sum). Embeddings, norms and pooling are left out (< 1%)."""
+    H, I, L = config.hidden_size, config.intermediate_size, config.num_layers
+    return sum(2 * L * (4 * H * H + 2 * H * I) * t + 4 * L * H * t * t for t in num_tokens)
+
+
+def _row(engine, backend, device, dtype, threads, batch_size, count, tokens, seconds, flops=None, peak=None):
     sent_s = [count / s for s in seconds]
-    return {"engine": engine, "backend": backend, "device": device, "dtype": dtype, "threads": threads,
-            "batch_size": batch_size, "sentences": count, "tokens": tokens,
-            "sent_s_mean": statistics.fmean(sent_s), "sent_s_sd": statistics.stdev(sent_s) if len(sent_s) > 1 else 0.0,
-            "tok_s_mean": statistics.fmean(tokens / s for s in seconds), "sent_s": sent_s}
+    row = {"engine": engine, "backend": backend, "device": device, "dtype": dtype, "threads": threads,
+           "batch_size": batch_size, "sentences": count, "tokens": tokens,
+           "sent_s_mean": statistics.fmean(sent_s), "sent_s_sd": statistics.stdev(sent_s) if len(sent_s) > 1 else 0.0,
+           "tok_s_mean": statistics.fmean(tokens / s for s in seconds), "sent_s": sent_s}
+    if flops:
+        # the useful work's rate, and its share of torch's fp32 matmul peak measured in the same run:
+        # how far any engine could still go at this dtype on this machine
+        row["gflop_s"] = flops / min(seconds) / 1e9
+        if peak:
+            row["pct_of_matmul_peak"] = 100.0 * flops / min(seconds) / peak
+    return row
 
 
 def run(model_path, backends, batch_sizes=(1, 32), count=512, min_words=5, max_words=40, repetitions=3, dtype=None,
@@ -75,7 +90,10 @@ def run(model_path, backends, batch_sizes=(1, 32), count=512, min_words=5, max_w
     if backends is None:
         backends = [n for n in registry.names() if n != "reference" and registry.available(n)
                     and registry.entry(n).cls.auto_eligible()]
-    rows, tokens, name = [], None, None
+    rows, tokens, name, flops = [], None, None, None
+    peak = matmul_peak("cpu", torch.float32)["flop_s"]
+    if log:
+        log(f"bench embed: torch fp32 matmul peak {peak / 1e9:.1f} GFLOP/s")
     for backend in backends:
         if log:
             log(f"bench embed: loading on {backend}")
@@ -86,11 +104,12 @@ def run(model_path, backends, batch_sizes=(1, 32), count=512, min_words=5, max_w
         info_threads = (primary.info() or {}).get("threads") or torch.get_num_threads()
         _, info = model.embed(texts, return_info=True)
         tokens, name = info.total_tokens, model.name
+        flops = useful_flops(model.config, info.num_tokens)
         for bs in batch_sizes:
             model.embed(texts[:WARMUP_SENTENCES], batch_size=bs)
             seconds = [_time(lambda: model.embed(texts, batch_size=bs), model.device) for _ in range(repetitions)]
             rows.append(_row("portinfer", backend, str(model.device), spec.dtype_name(model.dtype), info_threads, bs,
-                             count, tokens, seconds))
+                             count, tokens, seconds, flops, peak if model.device.type == "cpu" else None))
             if log:
                 log(f"bench embed: {backend} batch {bs}: {rows[-1]['sent_s_mean']:.1f} sentences/s")
         del model
@@ -109,13 +128,14 @@ def run(model_path, backends, batch_sizes=(1, 32), count=512, min_words=5, max_w
                 seconds = [_time(lambda: st.encode(texts, batch_size=bs, show_progress_bar=False), torch.device("cpu"))
                            for _ in range(repetitions)]
                 rows.append(_row("sentence-transformers", "torch", "cpu", st_dtype, torch.get_num_threads(), bs, count,
-                                 tokens, seconds))
+                                 tokens, seconds, flops, peak))
                 if log:
                     log(f"bench embed: sentence-transformers batch {bs}: {rows[-1]['sent_s_mean']:.1f} sentences/s")
     prov["load_avg_end"] = list(os.getloadavg()) if hasattr(os, "getloadavg") else None
     return {"provenance": prov, "model": name, "workload": {
         "sentences": count, "min_words": min_words, "max_words": max_words, "seed": 0, "tokens": tokens,
-        "repetitions": repetitions}, "sentence_transformers": st_version, "sentence_transformers_skipped": st_skipped,
+        "repetitions": repetitions, "useful_flops": flops}, "cpu_fp32_matmul_peak_flop_s": peak,
+        "sentence_transformers": st_version, "sentence_transformers_skipped": st_skipped,
         "rows": rows, "speedup_vs_sentence_transformers": speedups(rows)}
 
 
@@ -131,20 +151,30 @@ def speedups(rows) -> dict:
 
 def format_table(doc) -> str:
     head = (f"| {'engine':<21} | {'backend':<8} | {'dtype':<5} | {'threads':>7} | {'batch':>5} | "
-            f"{'sentences/s':>16} | {'tokens/s':>9} |")
+            f"{'sentences/s':>16} | {'tokens/s':>9} | {'GFLOP/s: % of peak':>18} |")
     lines = [f"{doc['model']}: {doc['workload']['sentences']} sentences of {doc['workload']['min_words']}-"
              f"{doc['workload']['max_words']} words, {doc['workload']['tokens']} tokens", head,
              "|" + "|".join("-" * len(c) for c in head.split("|")[1:-1]) + "|"]
     for r in doc["rows"]:
         lines.append(f"| {r['engine']:<21} | {r['backend']:<8} | {r['dtype']:<5} | {str(r['threads']):>7} | "
                      f"{r['batch_size']:>5} | {r['sent_s_mean']:>8.1f} ± {r['sent_s_sd']:>5.1f} | "
-                     f"{r['tok_s_mean']:>9.0f} |")
+                     f"{r['tok_s_mean']:>9.0f} | {_rate(r):>18} |")
+    if doc.get("cpu_fp32_matmul_peak_flop_s"):
+        lines.append(f"useful GFLOP/s (padding excluded) against torch's fp32 matmul peak measured in the same run: "
+                     f"{doc['cpu_fp32_matmul_peak_flop_s'] / 1e9:.1f} GFLOP/s")
     for backend, by_batch in doc["speedup_vs_sentence_transformers"].items():
         lines.append(f"{backend} vs sentence-transformers (same run): "
                      + ", ".join(f"batch {bs} {x:.2f}x" for bs, x in by_batch.items()))
     if doc["sentence_transformers_skipped"]:
         lines.append(f"sentence-transformers not measured: {doc['sentence_transformers_skipped']}")
     return "\n".join(lines)
+
+
+def _rate(row):
+    if "gflop_s" not in row:
+        return "-"
+    pct = row.get("pct_of_matmul_peak")
+    return f"{row['gflop_s']:.1f}" + (f": {pct:.0f}%" if pct is not None else "")
 
 
 def _positive_int(text):
