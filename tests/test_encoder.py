@@ -355,3 +355,20 @@ def test_bench_embed_counts_the_flops_torch_counts():
             bert(torch.randint(0, 50, (1, T)))
         assert useful_flops(Config, [T]) == counter.get_total_flops(), T
     assert useful_flops(Config, [7, 20]) == useful_flops(Config, [7]) + useful_flops(Config, [20])
+
+
+def test_host_pooling_matches_the_torch_pooling():
+    """Pooling runs in numpy for CPU tensors (no torch op per batch) and in torch elsewhere (here: a tensor
+    that requires grad takes the torch code): every mode, on a padded batch, the same numbers."""
+    from portinfer.runtime.pooling import Pooling
+
+    g = torch.Generator().manual_seed(5)
+    hidden = torch.randn(3, 7, 16, generator=g)
+    hidden[1, 2:] = 1e4  # padding rows: never pooled
+    lengths = torch.tensor([7, 2, 5])
+    modes = ["cls", "max", "mean", "mean_sqrt_len_tokens", "weightedmean", "lasttoken"]
+    host = Pooling(tuple(modes))(hidden, lengths)
+    torch_path = Pooling(tuple(modes))(hidden.clone().requires_grad_(True), lengths).detach()
+    assert host.shape == (3, 6 * 16) and host.dtype == torch.float32
+    assert torch.allclose(host, torch_path, rtol=1e-6, atol=1e-6)
+    assert host.abs().max() < 100  # the padding's 1e4 went into no mode

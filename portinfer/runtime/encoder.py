@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import ClassVar
 
+import numpy as np
 import torch
 
 from ..backends import quant, spec
@@ -193,9 +194,11 @@ class Encoder:
         to the pad id position padding_idx (Hugging Face's rule); padded rows get any valid position."""
         c = self.config
         B, S = ids.shape
+        if c.architecture == "bert":  # numpy: no torch op per batch on the host path
+            pos = np.empty((B, S), dtype=np.int64)
+            pos[:] = np.arange(c.position_offset, c.position_offset + S, dtype=np.int64)
+            return torch.from_numpy(pos)
         pos = torch.arange(c.position_offset, c.position_offset + S, dtype=torch.int64).expand(B, S)
-        if c.architecture == "bert":
-            return pos
         real = torch.arange(S)[None, :] < lengths[:, None]
         not_pad = (ids != c.pad_token_id) & real
         if bool(not_pad.eq(real).all()):
@@ -235,9 +238,15 @@ class Encoder:
         B, S = ids.shape
         dev = self.device
         pos = self.positions(ids, lengths)
-        inputs = graph.StepInputs(B, S, ids.reshape(-1).to(dev), pos.reshape(-1).to(dev),
-                                  torch.zeros(B, dtype=torch.int32, device=dev), lengths.to(dev, torch.int32),
-                                  lengths.tolist(), [0] * B, None, slice(None), S)
+        n_new = lengths.tolist()
+        # the per-call values built on the host in numpy (each torch op costs more than its arithmetic
+        # here, and a cold one right after a plan has streamed the weights ~5x a warm one)
+        q_pos = torch.from_numpy(np.zeros(B, dtype=np.int32))
+        kv_len = torch.from_numpy(np.asarray(n_new, dtype=np.int32))
+        ids, pos = ids.reshape(-1), pos.reshape(-1)
+        if dev.type != "cpu":
+            ids, pos, q_pos, kv_len = (t.to(dev) for t in (ids, pos, q_pos, kv_len))
+        inputs = graph.StepInputs(B, S, ids, pos, q_pos, kv_len, n_new, [0] * B, None, slice(None), S)
         with _torch_glue_threads(self.placement.primary):
             if plans and B * S * self._token_bytes <= PLAN_MAX_BYTES:
                 x = self._run_plan(inputs)
@@ -486,18 +495,18 @@ class EncoderModel(_engine_model()):
         for start in range(0, len(order), batch_size):
             rows = order[start:start + batch_size]
             lengths = [len(ids[i]) for i in rows]
-            batch = torch.zeros(len(rows), max(lengths), dtype=torch.int64)
+            batch = np.zeros((len(rows), max(lengths)), dtype=np.int64)  # numpy: no torch op per row
             for b, i in enumerate(rows):
-                batch[b, :lengths[b]] = torch.tensor(ids[i], dtype=torch.int64)
-            lengths_t = torch.tensor(lengths, dtype=torch.int64)
-            hidden = self.encoder.forward(batch, lengths_t, self.plans)
+                batch[b, :lengths[b]] = ids[i]
+            lengths_t = torch.from_numpy(np.asarray(lengths, dtype=np.int64))
+            hidden = self.encoder.forward(torch.from_numpy(batch), lengths_t, self.plans)
             pooled = pooling(hidden, lengths_t).cpu()
             if not all_finite(pooled):
                 from .model import NonFiniteError
 
                 raise NonFiniteError(f"embed: non-finite embeddings (activations {spec.dtype_name(self.dtype)}; "
                                      f"fp16 overflows past 65504: try dtype='bf16' or 'fp32')")
-            out[torch.tensor(rows)] = pooled
+            out.numpy()[rows] = pooled.numpy()
             done += len(rows)
             if progress is not None:
                 progress(done, len(ids))

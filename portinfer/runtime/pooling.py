@@ -19,6 +19,7 @@ import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
 
 # sentence-transformers' concatenation order (Pooling.POOLING_MODES) and the legacy boolean keys
@@ -82,6 +83,8 @@ class Pooling:
     def __call__(self, hidden: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
         """hidden [B, S, H] (pooled in fp32), lengths int64 [B] (each >= 1) -> fp32 [B, len(modes) * H]."""
         hidden = hidden.float()
+        if hidden.device.type == "cpu" and not hidden.requires_grad and lengths.device.type == "cpu":
+            return torch.from_numpy(self._pool_numpy(hidden.numpy(), lengths.tolist()))
         B, S, H = hidden.shape
         lengths = lengths.to(hidden.device)
         positions = torch.arange(S, device=hidden.device)
@@ -104,6 +107,32 @@ class Pooling:
                 weights = (positions + 1).to(torch.float32)[None, :, None] * real  # [B, S, 1]
                 out.append((hidden * weights).sum(dim=1) / weights.sum(dim=1))
         return torch.cat(out, dim=-1)
+
+    def _pool_numpy(self, hidden: np.ndarray, lengths: list) -> np.ndarray:
+        """__call__ on the host in numpy, row by row over each row's real tokens: the same modes and
+        arithmetic in fp32, without the torch ops (each costs more than its arithmetic here, and a cold one
+        right after the encoder has streamed its weights ~5x a warm one)."""
+        B, S, H = hidden.shape
+        out = np.empty((B, len(self.modes) * H), dtype=np.float32)
+        for b, n in enumerate(lengths):
+            real = hidden[b, :n]  # [n, H]
+            summed = None
+            for j, mode in enumerate(self.modes):
+                if mode == "cls":
+                    v = hidden[b, 0]
+                elif mode == "lasttoken":
+                    v = hidden[b, n - 1]
+                elif mode == "max":
+                    v = real.max(axis=0)
+                elif mode in ("mean", "mean_sqrt_len_tokens"):
+                    if summed is None:
+                        summed = real.sum(axis=0, dtype=np.float32)
+                    v = summed / np.float32(n if mode == "mean" else np.sqrt(np.float32(n)))
+                else:  # weightedmean: token i (from 1) weighs i
+                    w = np.arange(1, n + 1, dtype=np.float32)
+                    v = (real * w[:, None]).sum(axis=0, dtype=np.float32) / w.sum(dtype=np.float32)
+                out[b, j * H:(j + 1) * H] = v
+        return out
 
 
 @dataclass
