@@ -98,6 +98,51 @@ def test_int8_path_matches_references(path, fmt):
 
 
 @pytest.mark.parametrize("path", PATHS)
+def test_q4_k_on_the_int8_route(path):
+    """Q4_K takes the integer kernels as Q4_1 blocks (quant.q4_k_as_q4_1: each 32-value sub-block's
+    codes, its scale and min rounded to fp16): the int8 definition over those blocks to fp32 rounding,
+    and the Q4_K weights themselves (float64 reference) under the int8 budget."""
+    be = CpuBackend(quant_route="int8")
+    be.set_int8_path(path)
+    for i, (M, N, K) in enumerate([(1, 37, 256), (3, 9, 512), (8, 33, 256), (16, 20, 256), (18, 70, 768)]):
+        g = torch.Generator().manual_seed(500 + i)
+        x = torch.randn(M, K, generator=g)
+        w = quant.quantize_k(torch.randn(N, K, generator=g) / math.sqrt(K), "q4_k")
+        b = torch.randn(N, generator=g) if i % 2 else None
+        prepared = be.prepare_linear(w, torch.float32)
+        assert prepared.format == "q4_k" and prepared.extra["int8_format"] == "q4_1"
+        y = be.linear(x, prepared, b)
+        e_emu = relative_error(y, _emulate_int8(x, quant.q4_k_as_q4_1(w), b))
+        assert e_emu <= 1e-5, f"{path} q4_k {M}x{N}x{K}: {e_emu:.2e} off the int8 emulation"
+        y_ref = x.double() @ quant.dequantize(w, torch.float64).T + (0 if b is None else b.double())
+        k8 = float(int8_magnitude(x, quant.dequantize(w, torch.float64)).norm() / y_ref.norm())
+        bud = budget("linear", torch.float32, K, quantized_activations=True, outputs=M * N, kappa_int8=k8)
+        err = relative_error(y, y_ref)
+        assert err <= bud, f"{path} q4_k {M}x{N}x{K}: error {err:.2e} > int8 budget {bud:.2e}"
+
+
+def test_q4_k_as_q4_1_keeps_codes_and_rounds_only_the_scales():
+    g = torch.Generator().manual_seed(9)
+    w = quant.quantize_k(torch.randn(24, 512, generator=g) * 0.02, "q4_k")
+    q1 = quant.q4_k_as_q4_1(w)
+    assert q1.format == "q4_1" and q1.shape == w.shape
+    size, scale, offset = quant.k_subblock_scales(w, torch.float64)
+    a, b = quant.dequantize(w, torch.float64), quant.dequantize(q1, torch.float64)
+    # the same codes: (w + offset) / scale are the same integers on both sides
+    codes_k = ((a.reshape(24, -1, 32) + offset[..., None]) / scale[..., None]).round()
+    d1 = b.reshape(24, -1, 32)
+    blocks = q1.blocks.reshape(24, -1, 20)
+    d = blocks[..., 0:2].contiguous().view(torch.float16).double()
+    m = blocks[..., 2:4].contiguous().view(torch.float16).double()
+    assert torch.equal(((d1 - m) / d).round(), codes_k)
+    # each scale and min within fp16's rounding of the exact fp32 value
+    assert torch.all((d[..., 0] - scale).abs() <= scale.abs() * 2 ** -11)
+    assert torch.all((m[..., 0] + offset).abs() <= offset.abs() * 2 ** -11 + 2 ** -25)
+    with pytest.raises(ValueError, match="q4_k"):
+        quant.q4_k_as_q4_1(q1)
+
+
+@pytest.mark.parametrize("path", PATHS)
 def test_int8_paths_agree_with_portable_bitwise_quantization(path):
     """Every path quantizes x to the same bytes, so paths differ only in fp32 summation order."""
     be = CpuBackend(quant_route="int8")
@@ -187,7 +232,8 @@ def test_route_setting():
 @pytest.mark.parametrize("route", ["int8", "fp32"])
 def test_conformance_linear_on_both_routes(route, conformance_seed):
     res = portinfer.check(CpuBackend(quant_route=route), ops=["linear"], dtypes=["fp32", "bf16"],
-                          weight_formats=list(FORMATS), max_examples=15, seed=conformance_seed)
+                          weight_formats=list(FORMATS) + ["q4_k", "q5_k", "q6_k"], max_examples=15,
+                          seed=conformance_seed)
     assert res.passed, "\n" + res.table()
 
 

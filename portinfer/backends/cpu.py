@@ -185,13 +185,17 @@ class CpuBackend(Backend):
         source = spec.weight_format(weight)
         if isinstance(weight, spec.QuantizedWeight):
             blocks = _on_cpu("weight blocks", weight.blocks).contiguous()
-            code = _INT8_FORMATS.get(weight.format)
+            # Q4_K takes the integer route as Q4_1 blocks (its 32-value sub-blocks, scales in fp16)
+            int8_format = "q4_1" if weight.format == "q4_k" else weight.format
+            code = _INT8_FORMATS.get(int8_format)
             if self.quant_route == "int8" and code is not None:
+                if int8_format != weight.format:
+                    blocks = quant.q4_k_as_q4_1(spec.QuantizedWeight(weight.format, blocks, weight.shape)).blocks
                 groups = (n + 3) // 4
                 packed = torch.empty(groups * _cpu.int8_group_bytes(code, k), dtype=torch.uint8)
                 _cpu.int8_repack(_buf(packed), _buf(blocks), n, k, code)
                 return spec.PreparedLinear(self.name, n, k, dtype, weight.format, weight.format, packed,
-                                           extra={"layout": _INT8_LAYOUT})
+                                           extra={"layout": _INT8_LAYOUT, "int8_format": int8_format})
             if weight.format in _WEIGHT_CODE:
                 return spec.PreparedLinear(self.name, n, k, dtype, weight.format, weight.format, blocks)
             # a block format without a kernel here: fp32, once (exact: the blocks' values are fp32 numbers)
@@ -219,7 +223,7 @@ class CpuBackend(Backend):
         out = self.new_output((m, w.out_features), x.dtype)
         if w.extra.get("layout") == _INT8_LAYOUT:
             _cpu.linear_int8(_buf(out), _buf(x), _buf(w.payload), _buf(bias), m, w.out_features, k, x.stride(0),
-                             _DTYPE_CODE[x.dtype], _INT8_FORMATS[w.format])
+                             _DTYPE_CODE[x.dtype], _INT8_FORMATS[w.extra["int8_format"]])
             return out
         _cpu.linear(_buf(out), _buf(x), _buf(w.payload), _buf(bias), m, w.out_features, k, x.stride(0),
                     _DTYPE_CODE[x.dtype], _WEIGHT_CODE[w.format])

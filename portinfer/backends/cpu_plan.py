@@ -233,7 +233,7 @@ class CpuPlanExecutor:
             payload = self._const(Const(w.payload))
             # weights repacked for the int8 route take its kernel (csrc/plan.cpp: i[6] = 1, i[5] its format)
             int8 = w.extra.get("layout") == cpu._INT8_LAYOUT
-            code = cpu._INT8_FORMATS[w.format] if int8 else self._wf[w.format]
+            code = cpu._INT8_FORMATS[w.extra["int8_format"]] if int8 else self._wf[w.format]
             return [(P_LINEAR, [out.ref, x.ref, payload.ref, bias],
                      [x.shape[0], w.out_features, x.shape[1], x.stride[0], dt, code, int(int8)], 0.0)]
         if op == "rope":
