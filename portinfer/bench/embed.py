@@ -70,9 +70,10 @@ def _row(engine, backend, device, dtype, threads, batch_size, count, tokens, sec
     if flops:
         # the useful work's rate, and its share of torch's fp32 matmul peak measured in the same run:
         # how far any engine could still go at this dtype on this machine
-        row["gflop_s"] = flops / min(seconds) / 1e9
+        rate = flops / min(seconds)
+        row["gflop_s"] = rate / 1e9
         if peak:
-            row["pct_of_matmul_peak"] = 100.0 * flops / min(seconds) / peak
+            row["pct_of_matmul_peak"] = 100.0 * rate / peak
     return row
 
 
