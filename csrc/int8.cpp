@@ -84,31 +84,45 @@ static void quantize_task(void* ctx, int64_t m, int thread) {
 }
 
 // a run of groups against every row of x, 4 rows of x at a time (the run's weights stay in cache
-// between row chunks when M > 4)
+// between row chunks when M > 4). The common case (fp32 out, every row finite) stores the sums
+// straight into out, the bias added in the same pass; other rows go through the general path.
 static void groups_task(void* ctx, int64_t t, int thread) {
-    Int8Call& c = *(Int8Call*)ctx;
-    const int64_t groups = i8_ceil_div(c.N, I8_ROWS);
+    const Int8Call& c = *(const Int8Call*)ctx;
+    const int64_t N = c.N, K = c.K, nb = c.nb, M = c.M;
+    const int64_t groups = i8_ceil_div(N, I8_ROWS);
     const int64_t g0 = t * c.groups_per_task, g1 = i8_min(groups, g0 + c.groups_per_task);
+    const bool f32 = c.adt == DT_F32;
+    const float* bias32 = f32 ? (const float*)c.bias : nullptr;
     float* wrow = nullptr;
-    for (int64_t m0 = 0; m0 < c.M; m0 += I8_ROWS) {
-        const int R = (int)i8_min(I8_ROWS, c.M - m0);
+    for (int64_t m0 = 0; m0 < M; m0 += I8_ROWS) {
+        const int R = (int)i8_min(I8_ROWS, M - m0);
+        bool chunk_fast = f32;
+        for (int r = 0; r < R; ++r) chunk_fast = chunk_fast && c.finite[m0 + r];
         for (int64_t g = g0; g < g1; ++g) {
             alignas(64) float y[I8_ROWS * I8_ROWS];
-            c.k->dot_group(y, c.q + m0 * c.K, c.d + m0 * c.nb, c.s + m0 * c.nb, R, c.K, c.packed + g * c.gb, c.fmt);
+            c.k->dot_group(y, c.q + m0 * K, c.d + m0 * nb, c.s + m0 * nb, R, K, c.packed + g * c.gb, c.fmt);
+            const int64_t n0 = g * I8_ROWS;
+            const int nn = (int)i8_min(I8_ROWS, N - n0);
+            if (chunk_fast) {
+                for (int r = 0; r < R; ++r) {
+                    float* o = (float*)c.out + (m0 + r) * N + n0;
+                    for (int i = 0; i < nn; ++i) o[i] = y[r * I8_ROWS + i] + (bias32 ? bias32[n0 + i] : 0.f);
+                }
+                continue;
+            }
             for (int r = 0; r < R; ++r) {
                 const int64_t m = m0 + r;
-                for (int i = 0; i < I8_ROWS; ++i) {
-                    const int64_t n = g * I8_ROWS + i;
-                    if (n >= c.N) break;
+                for (int i = 0; i < nn; ++i) {
+                    const int64_t n = n0 + i;
                     float v = y[r * I8_ROWS + i];
                     if (!c.finite[m]) {  // fp32 dot product: NaN / Inf propagate like the reference's
-                        if (!wrow) wrow = scratch(thread, 7, (size_t)c.K);
-                        dequant_row(wrow, c.packed, n, c.K, c.fmt);
+                        if (!wrow) wrow = scratch(thread, 7, (size_t)K);
+                        dequant_row(wrow, c.packed, n, K, c.fmt);
                         v = 0.f;
-                        for (int64_t k = 0; k < c.K; ++k) v += load_scalar(c.x, c.adt, m * c.xs + k) * wrow[k];
+                        for (int64_t k = 0; k < K; ++k) v += load_scalar(c.x, c.adt, m * c.xs + k) * wrow[k];
                     }
                     if (c.bias) v += load_scalar(c.bias, c.adt, n);
-                    store_scalar(c.out, c.adt, m * c.N + n, v);
+                    store_scalar(c.out, c.adt, m * N + n, v);
                 }
             }
         }

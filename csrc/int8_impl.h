@@ -133,19 +133,22 @@ static inline __m128 half4(const uint8_t* p) { return _mm_cvtph_ps(_mm_loadl_epi
 
 // Q4_0 / Q4_1: per block, two 32-byte loads hold the nibbles of the 4 rows ([row 0 | row 1],
 // [row 2 | row 3]); low nibbles are weights 0..15 of a row, high nibbles 16..31, so they meet x's
-// halves duplicated into both 128-bit lanes. acc[r][0] lanes: [row 0 x 4 | row 1 x 4], acc[r][1]:
-// rows 2, 3; the offset term (-8 d_w s_x or m_w s_x) goes into one 4-lane vector per x row.
+// halves broadcast into both 128-bit lanes (two 16-byte broadcast loads, no shuffle). One hadd folds
+// a row's two vectors of int32 sums into [w0 w0 w2 w2 | w1 w1 w3 w3], scaled once per block by
+// [d0 d0 d2 d2 | d1 d1 d3 d3] d_x; the offset term (-8 d_w s_x or m_w s_x) goes into one 4-lane
+// vector per x row. (Measured against two accumulators per row and per-block lane permutes of x:
+// 1.13-1.34x in one process, interleaved; folding pairs of x rows into one vector was no faster.)
 template <int FMT, int R>
 static inline void dot_group_q4(float* y, const int8_t* q, const float* xd, const float* xs, int64_t K, const uint8_t* g) {
     const int64_t nb = K / QK;
     const uint8_t* dp = g + nb * 64;
     const uint8_t* mp = dp + nb * 8;
     const __m256i low = _mm256_set1_epi8(0x0f);
-    const __m256i i01 = _mm256_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1), i23 = _mm256_setr_epi32(2, 2, 2, 2, 3, 3, 3, 3);
-    __m256 acc[R][2];
+    const __m256i isel = _mm256_setr_epi32(0, 0, 2, 2, 1, 1, 3, 3);
+    __m256 acc[R];
     __m128 accm[R];
     for (int r = 0; r < R; ++r) {
-        acc[r][0] = acc[r][1] = _mm256_setzero_ps();
+        acc[r] = _mm256_setzero_ps();
         accm[r] = _mm_setzero_ps();
     }
     for (int64_t b = 0; b < nb; ++b) {
@@ -155,25 +158,21 @@ static inline void dot_group_q4(float* y, const int8_t* q, const float* xd, cons
         const __m256i lo0 = _mm256_and_si256(v0, low), hi0 = _mm256_and_si256(_mm256_srli_epi16(v0, 4), low);
         const __m256i lo1 = _mm256_and_si256(v1, low), hi1 = _mm256_and_si256(_mm256_srli_epi16(v1, 4), low);
         const __m128 dw = half4(dp + b * 8);
-        const __m256 dw8 = _mm256_castps128_ps256(dw);
-        const __m256 d01 = _mm256_permutevar8x32_ps(dw8, i01), d23 = _mm256_permutevar8x32_ps(dw8, i23);
+        const __m256 dsel = _mm256_permutevar8x32_ps(_mm256_castps128_ps256(dw), isel);
         const __m128 off = FMT == Q4_0 ? _mm_mul_ps(dw, _mm_set1_ps(-8.0f)) : half4(mp + b * 8);
 #pragma GCC unroll 4
         for (int r = 0; r < R; ++r) {
-            const __m256i xq = _mm256_loadu_si256((const __m256i*)(q + r * K + b * QK));
-            const __m256i xl = _mm256_permute4x64_epi64(xq, 0x44), xh = _mm256_permute4x64_epi64(xq, 0xEE);
-            const __m256i p0 = dot2_u8s8(lo0, xl, hi0, xh), p1 = dot2_u8s8(lo1, xl, hi1, xh);
-            const __m256 dx = _mm256_set1_ps(xd[r * nb + b]);
-            acc[r][0] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p0), _mm256_mul_ps(d01, dx), acc[r][0]);
-            acc[r][1] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p1), _mm256_mul_ps(d23, dx), acc[r][1]);
+            const int8_t* xb = q + r * K + b * QK;
+            const __m256i xl = _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i*)xb));
+            const __m256i xh = _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i*)(xb + 16)));
+            const __m256i p = _mm256_hadd_epi32(dot2_u8s8(lo0, xl, hi0, xh), dot2_u8s8(lo1, xl, hi1, xh));
+            acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_mul_ps(dsel, _mm256_set1_ps(xd[r * nb + b])), acc[r]);
             accm[r] = _mm_fmadd_ps(off, _mm_set1_ps(xs[r * nb + b]), accm[r]);
         }
     }
     for (int r = 0; r < R; ++r) {
-        // [a0 a1 c0 c1 | b0 b1 d0 d1] -> [a c a c | b d b d] -> [a b c d]
-        __m256 h = _mm256_hadd_ps(acc[r][0], acc[r][1]);
-        h = _mm256_hadd_ps(h, h);
-        __m128 rows = _mm_unpacklo_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps(h, 1));
+        const __m256 h = _mm256_hadd_ps(acc[r], acc[r]);
+        const __m128 rows = _mm_unpacklo_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps(h, 1));
         _mm_storeu_ps(y + r * I8_ROWS, _mm_add_ps(rows, accm[r]));
     }
 }
