@@ -223,6 +223,24 @@ def test_route_setting():
             os.environ.pop("PORTINFER_CPU_QUANT_ROUTE", None)
         else:
             os.environ["PORTINFER_CPU_QUANT_ROUTE"] = old
+    # the backend spec of every --backend flag: cpu[int8] / cpu[fp32], over the environment's route
+    try:
+        os.environ["PORTINFER_CPU_QUANT_ROUTE"] = "fp32"
+        assert registry.get("cpu[int8]").quant_route == "int8"
+        os.environ["PORTINFER_CPU_QUANT_ROUTE"] = "int8"
+        assert registry.get("cpu[fp32]").quant_route == "fp32"
+    finally:
+        if old is None:
+            os.environ.pop("PORTINFER_CPU_QUANT_ROUTE", None)
+        else:
+            os.environ["PORTINFER_CPU_QUANT_ROUTE"] = old
+    assert registry.parse_spec("cpu[int8]") == ("cpu", {"quant_route": "int8"})
+    for bad, says in (("cpu[int4]", r"cpu\[int4\]: expected cpu\[int8\]/cpu\[fp32\]"),
+                      ("reference[int8]", r"'reference' takes no \[setting\]"),
+                      ("cpu[int8", "NAME\\[SETTING\\]"), ("cpu[]", "NAME\\[SETTING\\]"),
+                      ("nosuch[int8]", "unknown name 'nosuch'")):
+        with pytest.raises(ValueError, match=says):
+            registry.get(bad)
     # the fp32 route keeps GGUF blocks; the int8 route repacks them (same bytes, 4-row groups)
     w = quant.quantize(torch.randn(8, 64), "q4_0")
     assert CpuBackend(quant_route="fp32").prepare_linear(w, torch.float32).payload.numel() == w.blocks.numel()

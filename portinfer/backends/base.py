@@ -67,6 +67,12 @@ class Backend:
         """Whether backend="auto" may pick it (a Triton interpreter run is for tests only)."""
         return True
 
+    @classmethod
+    def options_from_setting(cls, setting: str) -> dict:
+        """Constructor options for the backend spec 'NAME[SETTING]' (registry.parse_spec); a backend
+        with settings overrides this (cpu: the quant route)."""
+        raise ValueError(f"backend {cls.name!r} takes no [setting]; got {cls.name}[{setting}]")
+
     def info(self) -> dict:
         """Extra facts shown by `portinfer backends` (the SIMD path, threads, ...)."""
         return {}

@@ -105,6 +105,13 @@ class CpuBackend(Backend):
                            f"reinstall with `pip install -e .` and a C++17 compiler")
         return True, ""
 
+    @classmethod
+    def options_from_setting(cls, setting: str) -> dict:
+        """cpu[int8] / cpu[fp32]: the quant route (the backend spec of every --backend flag)."""
+        if setting not in QUANT_ROUTES:
+            raise ValueError(f"backend cpu[{setting}]: expected cpu[{']/cpu['.join(QUANT_ROUTES)}] (the quant route)")
+        return {"quant_route": setting}
+
     def __init__(self, device=None, threads=None, simd=None, quant_route=None):
         if device is not None and torch.device(device).type != "cpu":
             raise ValueError(f"device: the cpu backend runs on 'cpu', got {device!r}")

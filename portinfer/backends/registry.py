@@ -128,15 +128,34 @@ def available(name: str) -> bool:
     return entry(name).status()[0]
 
 
+def parse_spec(text: str) -> tuple[str, dict]:
+    """'NAME' or 'NAME[SETTING]' -> (name, constructor options). The setting is the backend's own
+    (Backend.options_from_setting): cpu[int8] / cpu[fp32] choose the cpu backend's quant route, so
+    every command that takes --backend (generate, serve, bench) can choose it the same way."""
+    if not isinstance(text, str):
+        raise ValueError(f"backend: expected a name such as 'cpu' or 'cpu[int8]', got {text!r}")
+    name, bracket, rest = text.partition("[")
+    if not bracket:
+        return name, {}
+    if not rest.endswith("]") or "[" in rest or rest == "]":
+        raise ValueError(f"backend: expected NAME or NAME[SETTING] (e.g. cpu[int8]), got {text!r}")
+    e = entry(name)
+    ok, reason = e.status()
+    if not ok:
+        raise BackendUnavailable(f"backend {name!r} is not available here: {reason}")
+    return name, e.cls.options_from_setting(rest[:-1])
+
+
 def get(name: str = "auto", device=None, **options) -> Backend:
-    """An instance of the named backend ("auto": the best available here)."""
+    """An instance of the named backend ("auto": the best available here; 'NAME[SETTING]': see parse_spec)."""
+    name, from_spec = parse_spec(name)
     if name == "auto":
         name = auto_name()
     e = entry(name)
     ok, reason = e.status()
     if not ok:
         raise BackendUnavailable(f"backend {name!r} is not available here: {reason}")
-    return e.cls(device=device, **options)
+    return e.cls(device=device, **{**from_spec, **options})
 
 
 def auto_name() -> str:

@@ -103,20 +103,10 @@ def step_breakdown(model, fn, steps):
 
 
 def _load(model_path, name, dtype, plans):
-    """Load on backend `name`; 'cpu[int8]' / 'cpu[fp32]' choose the cpu backend's quant route."""
+    """Load on backend spec `name` ('cpu[int8]' / 'cpu[fp32]' choose the cpu backend's quant route)."""
     import portinfer
 
-    backend, _, route = name.partition("[")
-    old = os.environ.get("PORTINFER_CPU_QUANT_ROUTE")
-    if route:
-        os.environ["PORTINFER_CPU_QUANT_ROUTE"] = route.rstrip("]")
-    try:
-        return portinfer.load(model_path, backend=backend, dtype=dtype, fallback="allow", plans=plans)
-    finally:
-        if old is None:
-            os.environ.pop("PORTINFER_CPU_QUANT_ROUTE", None)
-        else:
-            os.environ["PORTINFER_CPU_QUANT_ROUTE"] = old
+    return portinfer.load(model_path, backend=name, dtype=dtype, fallback="allow", plans=plans)
 
 
 def bytes_per_token(model, model_path, gen_tokens, batch=1) -> int | None:
