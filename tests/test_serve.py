@@ -316,6 +316,23 @@ def test_cancelled_streams_free_their_slots(server):
     assert app.state.scheduler.steps > 0
 
 
+def test_bench_serve_load_generator_counts_what_the_server_streams(server):
+    """`portinfer bench serve`'s level: c clients, requests back to back; every generated token counted
+    (from the streamed usage), TTFT and inter-token gaps measured, nothing left running."""
+    from portinfer.bench.serve import run_level
+
+    url, _ = server
+    body = {"model": "tiny-chat", "prompt": "count these tokens", "max_tokens": 5, "temperature": 0, "stream": True,
+            "ignore_eos": True, "stream_options": {"include_usage": True}}
+    level = asyncio.run(run_level(url, 3, 7, body))
+    assert level["errors"] == 0 and level["requests"] == 7
+    assert level["generated_tokens"] == 7 * 5
+    assert level["throughput_tok_s"] == pytest.approx(35 / level["wall_s"])
+    assert 0 < level["ttft_p50_s"] <= level["ttft_p99_s"] < level["wall_s"]
+    assert 0 < level["itl_p50_s"] <= level["itl_p99_s"]
+    assert metric(url, "portinfer_num_requests_running") == 0
+
+
 def test_sigterm_shuts_down_cleanly(chat_dir, tmp_path):
     import socket
 

@@ -2,9 +2,11 @@
 
 At each concurrency level c (default 1, 4, 16, 64), c clients each send streaming completion
 requests back to back (a fixed prompt of about --prompt-tokens tokens, exactly --max-tokens
-generated: ignore_eos) until c requests (at least 4) are done. Per level: aggregate generated
-tokens/s over the level's wall time, time to first token (TTFT) and the gaps between streamed
-chunks (inter-token latency) at p50/p99, and errors.
+generated: ignore_eos) until --requests-per-client x c requests (at least 4) are done. Per level:
+aggregate generated tokens/s over the level's wall time, time to first token (TTFT) and the gaps
+between streamed chunks (inter-token latency) at p50/p99, and errors. With one request per client
+a level is a single burst (every prompt read at once, then every stream decoded in lockstep); the
+default of 3 lets later requests arrive while others decode, as a service's load does.
 
 The server runs in its own process (started here with the given flags, or --url for one already
 running), so the load generator and the engine loop do not share an interpreter lock.
@@ -120,8 +122,8 @@ def _start_server(args):
 def bench_command(args) -> str:
     parts = ["portinfer", "bench", "serve", *([args.model] if args.model else []), "--backend", args.backend,
              "--concurrency", *map(str, args.concurrency), "--prompt-tokens", str(args.prompt_tokens),
-             "--max-tokens", str(args.max_tokens), "--max-batch", str(args.max_batch), "--max-context",
-             str(args.max_context)]
+             "--max-tokens", str(args.max_tokens), "--requests-per-client", str(args.requests_per_client),
+             "--max-batch", str(args.max_batch), "--max-context", str(args.max_context)]
     for flag, value in (("--url", args.url), ("--json", args.json), ("--plot", args.plot)):
         if value is not None:
             parts += [flag, str(value)]
@@ -129,8 +131,9 @@ def bench_command(args) -> str:
 
 
 def run(args) -> int:
-    if any(c < 1 for c in args.concurrency) or args.max_tokens < 1 or args.prompt_tokens < 1:
-        raise ValueError("--concurrency, --max-tokens, --prompt-tokens: expected integers >= 1")
+    if (any(c < 1 for c in args.concurrency) or args.max_tokens < 1 or args.prompt_tokens < 1
+            or args.requests_per_client < 1):
+        raise ValueError("--concurrency, --max-tokens, --prompt-tokens, --requests-per-client: expected integers >= 1")
     for flag, path in (("--json", args.json), ("--plot", args.plot)):
         if path is not None and not os.path.isdir(os.path.dirname(os.path.abspath(path))):
             raise ValueError(f"{flag}: the folder of {path} does not exist")
@@ -152,7 +155,7 @@ def run(args) -> int:
         asyncio.run(run_level(url, warm, warm, {**body, "max_tokens": 4}))
         asyncio.run(run_level(url, 1, 1, {**body, "max_tokens": 4}))
         for c in args.concurrency:
-            level = asyncio.run(run_level(url, c, max(4, c), body))
+            level = asyncio.run(run_level(url, c, max(4, args.requests_per_client * c), body))
             level["load_avg"] = list(os.getloadavg())
             doc["levels"].append(level)
             print(_row(level), file=sys.stderr, flush=True)
@@ -228,6 +231,8 @@ def add_serve(bench_sub):
     p.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 16, 64])
     p.add_argument("--prompt-tokens", type=int, default=32, help="prompt length in words (about tokens)")
     p.add_argument("--max-tokens", type=int, default=64, help="tokens generated per request")
+    p.add_argument("--requests-per-client", type=int, default=3,
+                   help="requests per level: this many per client (at least 4 in all); 1 makes a level one burst")
     p.add_argument("--max-batch", type=int, default=16, help="slots of the server started here")
     p.add_argument("--max-context", type=int, default=256, help="positions per slot of the server started here")
     p.add_argument("--json", help="write the results as JSON (with provenance) here")

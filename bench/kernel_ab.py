@@ -1,0 +1,123 @@
+"""Two builds of the cpu backend's linear, timed in one process, turn by turn.
+
+On a noisy machine (this project's 2-vCPU VMs move 20-50% between runs minutes apart) a kernel
+change is only visible when both builds run under the same conditions: this script loads the
+`portinfer/_cpu*.so` of two directories side by side and alternates them, many short turns each,
+keeping each build's best turn. Every pair of outputs is compared, so a faster build that computes
+something else fails loudly.
+
+    git worktree add /tmp/base HEAD~1 && (cd /tmp/base && python setup.py build_ext --inplace)
+    python setup.py build_ext --inplace
+    python bench/kernel_ab.py /tmp/base . --route int8 --format q4_1 --rows 1 4 8
+
+Shapes default to SmolLM2-135M's linears (N x K). Weights: random, quantized with the gguf package;
+each shape is held `--copies` times (2: in cache; 40+: streamed from memory).
+"""
+from __future__ import annotations
+
+import argparse
+import glob
+import importlib.util
+import json
+import os
+import sys
+import time
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+import torch  # noqa: E402
+
+from portinfer.backends.cpu import _DTYPE_CODE, _INT8_FORMATS, _WEIGHT_CODE, _buf  # noqa: E402
+from portinfer.bench.machine import provenance  # noqa: E402
+
+
+def load_build(directory: str, tag: str):
+    found = sorted(glob.glob(os.path.join(directory, "portinfer", "_cpu*.so")))
+    if not found:
+        raise SystemExit(f"{directory}: no portinfer/_cpu*.so (build it there: python setup.py build_ext --inplace)")
+    spec = importlib.util.spec_from_file_location(f"{tag}._cpu", found[0])
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def blocks_for(n, k, fmt, seed):
+    import gguf
+
+    w = torch.randn(n, k, generator=torch.Generator().manual_seed(seed))
+    q = gguf.quantize(w.numpy(), getattr(gguf.GGMLQuantizationType, fmt.upper()))
+    return torch.from_numpy(q).reshape(n, -1).contiguous()
+
+
+def prepared(mod, route, fmt, blocks, n, k):
+    """The payload `linear` reads on this route: repacked 4-row groups (int8) or the GGUF blocks (fp32)."""
+    if route == "fp32":
+        return blocks.clone()
+    code = _INT8_FORMATS[fmt]
+    packed = torch.empty(((n + 3) // 4) * mod.int8_group_bytes(code, k), dtype=torch.uint8)
+    mod.int8_repack(_buf(packed), _buf(blocks), n, k, code)
+    return packed
+
+
+def call(mod, route, fmt, out, x, payload, m, n, k):
+    if route == "int8":
+        mod.linear_int8(_buf(out), _buf(x), _buf(payload), _buf(None), m, n, k, k, _DTYPE_CODE[torch.float32],
+                        _INT8_FORMATS[fmt])
+    else:
+        mod.linear(_buf(out), _buf(x), _buf(payload), _buf(None), m, n, k, k, _DTYPE_CODE[torch.float32],
+                   _WEIGHT_CODE[fmt])
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("build_a", help="directory with a built portinfer/_cpu*.so (the baseline)")
+    p.add_argument("build_b", help="directory with a built portinfer/_cpu*.so (the change)")
+    p.add_argument("--route", choices=("int8", "fp32"), default="int8")
+    p.add_argument("--format", default="q4_1", choices=("q4_0", "q4_1", "q8_0"))
+    p.add_argument("--rows", type=int, nargs="+", default=[1, 4, 8], help="rows of x (M)")
+    p.add_argument("--shapes", nargs="+", default=["1536x576", "576x1536", "576x576"], help="N x K")
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--copies", type=int, default=2, help="weight copies per shape (2: in cache; 40+: from memory)")
+    p.add_argument("--turns", type=int, default=12, help="turns per build (each ~3 MMAC of calls)")
+    p.add_argument("--json", help="write the rows with provenance here")
+    args = p.parse_args(argv)
+    mods = [load_build(args.build_a, "a"), load_build(args.build_b, "b")]
+    for mod in mods:
+        mod.set_num_threads(args.threads)
+    rows = []
+    for i, shape in enumerate(args.shapes):
+        n, k = (int(v) for v in shape.lower().split("x"))
+        blocks = blocks_for(n, k, args.format, seed=i)
+        payloads = [[prepared(mod, args.route, args.format, blocks, n, k) for _ in range(args.copies)] for mod in mods]
+        for m in args.rows:
+            x = torch.randn(m, k, generator=torch.Generator().manual_seed(100 + i))
+            outs = [torch.empty(m, n), torch.empty(m, n)]
+            reps = max(1, int(3e6 / (m * n * k * args.copies)))
+            best = [float("inf"), float("inf")]
+            for _ in range(args.turns):
+                for j, mod in enumerate(mods):
+                    t = time.perf_counter()
+                    for _ in range(reps):
+                        for payload in payloads[j]:
+                            call(mod, args.route, args.format, outs[j], x, payload, m, n, k)
+                    best[j] = min(best[j], (time.perf_counter() - t) / (reps * args.copies))
+            if not torch.allclose(outs[0], outs[1], rtol=1e-4, atol=1e-4 * float(outs[0].abs().max())):
+                raise SystemExit(f"{shape} M={m}: the builds disagree (max |diff| "
+                                 f"{float((outs[0] - outs[1]).abs().max()):.3g})")
+            gmac = [m * n * k / b / 1e9 for b in best]
+            row = {"n": n, "k": k, "m": m, "us_a": best[0] * 1e6, "us_b": best[1] * 1e6, "gmac_s_a": gmac[0],
+                   "gmac_s_b": gmac[1], "b_over_a": best[0] / best[1]}
+            rows.append(row)
+            print(f"{args.route} {args.format} {n}x{k} M={m:<3d} threads={args.threads}: A {gmac[0]:6.1f}  "
+                  f"B {gmac[1]:6.1f} GMAC/s  B/A {row['b_over_a']:.2f}", flush=True)
+    if args.json:
+        doc = {"provenance": provenance("python bench/kernel_ab.py " + " ".join(argv or sys.argv[1:])),
+               "builds": [os.path.abspath(args.build_a), os.path.abspath(args.build_b)], "route": args.route,
+               "format": args.format, "threads": args.threads, "copies": args.copies, "rows": rows}
+        with open(args.json, "w") as f:
+            json.dump(doc, f, indent=2)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
