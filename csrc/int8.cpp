@@ -7,18 +7,16 @@ static inline int64_t i8_min(int64_t a, int64_t b) { return a < b ? a : b; }
 static inline int64_t i8_max(int64_t a, int64_t b) { return a > b ? a : b; }
 static inline int64_t i8_ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
-// bytes per block of a group: 4 rows of quants + 4 fp16 d (+ 4 fp16 m for Q4_1)
+// bytes of a block record's quants: 4 rows x 32 (Q8_0) or 16 (Q4); its d follow, then m (Q4_1)
 static inline int64_t quant_bytes(int fmt) { return fmt == Q8_0 ? 128 : 64; }
-static inline int64_t scale_bytes(int fmt) { return fmt == Q4_1 ? 16 : 8; }
 
 int64_t int8_group_bytes(int fmt, int64_t K) {
-    const int64_t nb = K / QK;
-    return i8_ceil_div(nb * (quant_bytes(fmt) + scale_bytes(fmt)), 64) * 64;
+    return i8_ceil_div(K / QK * int8_record_bytes(fmt), 64) * 64;
 }
 
 void int8_repack(uint8_t* out, const uint8_t* blocks, int64_t N, int64_t K, int fmt) {
     const int64_t nb = K / QK, bb = quant_block_bytes(fmt), row_bytes = nb * bb, qb = quant_bytes(fmt);
-    const int64_t gb = int8_group_bytes(fmt, K), groups = i8_ceil_div(N, I8_ROWS);
+    const int64_t gb = int8_group_bytes(fmt, K), groups = i8_ceil_div(N, I8_ROWS), rec = int8_record_bytes(fmt);
     const int64_t rq = qb / I8_ROWS;  // quant bytes of one row's block: 32 (Q8_0) or 16
     std::memset(out, 0, (size_t)(groups * gb));
     for (int64_t n = 0; n < N; ++n) {
@@ -26,10 +24,11 @@ void int8_repack(uint8_t* out, const uint8_t* blocks, int64_t N, int64_t K, int 
         const int64_t i = n % I8_ROWS;
         for (int64_t b = 0; b < nb; ++b) {
             const uint8_t* blk = blocks + n * row_bytes + b * bb;
+            uint8_t* r = g + b * rec;
             const int64_t head = fmt == Q4_1 ? 4 : 2;  // d (and m) come first in a GGUF block
-            std::memcpy(g + b * qb + i * rq, blk + head, (size_t)rq);
-            std::memcpy(g + nb * qb + b * 8 + i * 2, blk, 2);
-            if (fmt == Q4_1) std::memcpy(g + nb * qb + nb * 8 + b * 8 + i * 2, blk + 2, 2);
+            std::memcpy(r + i * rq, blk + head, (size_t)rq);
+            std::memcpy(r + qb + i * 2, blk, 2);
+            if (fmt == Q4_1) std::memcpy(r + qb + 8 + i * 2, blk + 2, 2);
         }
     }
 }
@@ -37,17 +36,18 @@ void int8_repack(uint8_t* out, const uint8_t* blocks, int64_t N, int64_t K, int 
 // weight row n of the repacked W, dequantized into w [K] (for rows of x with NaN / Inf, which
 // take fp32 arithmetic so that they propagate as the op contract says)
 static void dequant_row(float* w, const uint8_t* packed, int64_t n, int64_t K, int fmt) {
-    const int64_t nb = K / QK, qb = quant_bytes(fmt), rq = qb / I8_ROWS, i = n % I8_ROWS;
+    const int64_t nb = K / QK, qb = quant_bytes(fmt), rq = qb / I8_ROWS, i = n % I8_ROWS, rec = int8_record_bytes(fmt);
     const uint8_t* g = packed + (n / I8_ROWS) * int8_group_bytes(fmt, K);
     auto half = [](const uint8_t* p) { uint16_t h; std::memcpy(&h, p, 2); return f16_to_f32(h); };
     for (int64_t b = 0; b < nb; ++b) {
-        const uint8_t* qs = g + b * qb + i * rq;
-        const float d = half(g + nb * qb + b * 8 + i * 2);
+        const uint8_t* r = g + b * rec;
+        const uint8_t* qs = r + i * rq;
+        const float d = half(r + qb + i * 2);
         float* wb = w + b * QK;
         if (fmt == Q8_0) {
             for (int j = 0; j < QK; ++j) wb[j] = d * (float)(int8_t)qs[j];
         } else {
-            const float m = fmt == Q4_0 ? -8.0f * d : half(g + nb * qb + nb * 8 + b * 8 + i * 2);
+            const float m = fmt == Q4_0 ? -8.0f * d : half(r + qb + 8 + i * 2);
             for (int j = 0; j < 16; ++j) {
                 wb[j] = d * (float)(qs[j] & 15) + m;
                 wb[j + 16] = d * (float)(qs[j] >> 4) + m;

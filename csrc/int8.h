@@ -8,13 +8,16 @@
 //   Q4_1: y = sum_b d_w d_x (n . q) + m_w s_x          (w = d_w n + m_w)
 //
 // Weights are repacked at prepare time into groups of I8_ROWS = 4 output rows (int8_repack):
-//   group g (rows 4g .. 4g+3, rows past N zero), nb = K / 32 blocks, one contiguous region:
-//     quants  [nb][4 rows][16 (Q4: GGUF nibble order) | 32 (Q8_0: int8)] bytes
-//     d       [nb][4 rows] fp16
-//     m       [nb][4 rows] fp16                                      (Q4_1 only)
-//   padded to a multiple of 64 bytes. One 32-byte load then carries one block of two rows
-//   (Q4) or one row (Q8_0), the quants stay 32-byte aligned, and a thread reads its groups as
-//   one sequential stream. The layout is the same on every instruction-set path.
+//   group g (rows 4g .. 4g+3, rows past N zero), nb = K / 32 blocks, one contiguous region of nb
+//   records, one per block b, each:
+//     quants  [4 rows][16 (Q4: GGUF nibble order) | 32 (Q8_0: int8)] bytes
+//     d       [4 rows] fp16
+//     m       [4 rows] fp16                                          (Q4_1 only)
+//   (int8_record_bytes: 72 Q4_0, 80 Q4_1, 136 Q8_0), the group padded to a multiple of 64 bytes.
+//   One 32-byte load carries one block of two rows (Q4) or one row (Q8_0), and a thread reads its
+//   groups as one forward stream: scales next to their quants (with the scales in regions of their
+//   own after the quants, a group was three streams and groups of K > 768 streamed ~1.5x slower).
+//   The layout is the same on every instruction-set path.
 #pragma once
 
 #include "common.h"
@@ -42,6 +45,8 @@ const Int8Kernels* int8_kernels_avxvnni();
 const Int8Kernels* int8_kernels_avx512vnni();
 #endif
 
+// bytes of one block's record in a repacked group (quants of 4 rows, then their fp16 d, then m)
+static inline int64_t int8_record_bytes(int fmt) { return fmt == Q8_0 ? 136 : fmt == Q4_1 ? 80 : 72; }
 // bytes of one repacked group of 4 rows (a multiple of 64)
 int64_t int8_group_bytes(int fmt, int64_t K);
 // out [ceil(N/4) groups] = GGUF blocks [N][K/32] of format fmt, repacked

@@ -66,7 +66,7 @@ static bool quantize_row(int8_t* q, float* d, float* s, const float* x, int64_t 
 // ============================================================================
 // integer dot products against one repacked group of 4 weight rows
 
-// where a group's parts start (int8.h: quants, then d, then m)
+// a block record's quant bytes (int8.h: quants of 4 rows, then their d, then m)
 static inline int64_t quant_bytes_per_block(int fmt) { return fmt == Q8_0 ? 4 * 32 : 4 * 16; }
 
 #if I8_ISA == 0
@@ -79,25 +79,24 @@ static inline float half_at(const uint8_t* p, int64_t i) {
 
 static void dot_group(float* y, const int8_t* q, const float* xd, const float* xs, int R, int64_t K,
                       const uint8_t* g, int fmt) {
-    const int64_t nb = K / QK, qb = quant_bytes_per_block(fmt);
-    const uint8_t* dp = g + nb * qb;
-    const uint8_t* mp = dp + nb * 8;
+    const int64_t nb = K / QK, qb = quant_bytes_per_block(fmt), rec = int8_record_bytes(fmt);
     for (int r = 0; r < R; ++r)
         for (int i = 0; i < I8_ROWS; ++i) {
             float acc = 0.f;
             for (int64_t b = 0; b < nb; ++b) {
                 const int8_t* xq = q + r * K + b * QK;
-                const float dw = half_at(dp, b * 4 + i), dx = xd[r * nb + b];
+                const uint8_t* rb = g + b * rec;
+                const float dw = half_at(rb + qb, i), dx = xd[r * nb + b];
                 int dot = 0;
                 if (fmt == Q8_0) {
-                    const int8_t* w = (const int8_t*)(g + b * qb + i * 32);
+                    const int8_t* w = (const int8_t*)(rb + i * 32);
                     for (int j = 0; j < QK; ++j) dot += (int)w[j] * xq[j];
                     acc += dw * dx * (float)dot;
                 } else {
-                    const uint8_t* w = g + b * qb + i * 16;
+                    const uint8_t* w = rb + i * 16;
                     for (int j = 0; j < 16; ++j) dot += (w[j] & 15) * xq[j] + (w[j] >> 4) * xq[j + 16];
                     acc += dw * dx * (float)dot;
-                    acc += (fmt == Q4_0 ? -8.0f * dw : half_at(mp, b * 4 + i)) * xs[r * nb + b];
+                    acc += (fmt == Q4_0 ? -8.0f * dw : half_at(rb + qb + 8, i)) * xs[r * nb + b];
                 }
             }
             y[r * I8_ROWS + i] = acc;
@@ -138,13 +137,16 @@ static inline __m128 half4(const uint8_t* p) { return _mm_cvtph_ps(_mm_loadl_epi
 // [d0 d0 d2 d2 | d1 d1 d3 d3] d_x; the offset term (-8 d_w s_x or m_w s_x) goes into one 4-lane
 // vector per x row. (Measured against two accumulators per row and per-block lane permutes of x:
 // 1.13-1.34x in one process, interleaved; folding pairs of x rows into one vector was no faster.)
+// bytes ahead of the current block that the dot products prefetch (through a group's region and on
+// into the next group's: a thread's groups are one contiguous stream)
+static const int64_t PREFETCH_AHEAD = 2048;
+
 template <int FMT, int R>
 static inline void dot_group_q4(float* y, const int8_t* q, const float* xd, const float* xs, int64_t K, const uint8_t* g) {
     const int64_t nb = K / QK;
-    const uint8_t* dp = g + nb * 64;
-    const uint8_t* mp = dp + nb * 8;
     const __m256i low = _mm256_set1_epi8(0x0f);
     const __m256i isel = _mm256_setr_epi32(0, 0, 2, 2, 1, 1, 3, 3);
+    constexpr int64_t REC = FMT == Q4_1 ? 80 : 72;  // a block's record: 4 rows x 16 quant bytes, 4 fp16 d (and m)
     __m256 acc[R];
     __m128 accm[R];
     for (int r = 0; r < R; ++r) {
@@ -152,14 +154,15 @@ static inline void dot_group_q4(float* y, const int8_t* q, const float* xd, cons
         accm[r] = _mm_setzero_ps();
     }
     for (int64_t b = 0; b < nb; ++b) {
-        const uint8_t* qs = g + b * 64;
-        __builtin_prefetch(qs + 2048);
-        const __m256i v0 = _mm256_load_si256((const __m256i*)qs), v1 = _mm256_load_si256((const __m256i*)(qs + 32));
+        const uint8_t* qs = g + b * REC;
+        __builtin_prefetch(qs + PREFETCH_AHEAD);  // records are > 64 bytes: two lines a block
+        __builtin_prefetch(qs + PREFETCH_AHEAD + 64);
+        const __m256i v0 = _mm256_loadu_si256((const __m256i*)qs), v1 = _mm256_loadu_si256((const __m256i*)(qs + 32));
         const __m256i lo0 = _mm256_and_si256(v0, low), hi0 = _mm256_and_si256(_mm256_srli_epi16(v0, 4), low);
         const __m256i lo1 = _mm256_and_si256(v1, low), hi1 = _mm256_and_si256(_mm256_srli_epi16(v1, 4), low);
-        const __m128 dw = half4(dp + b * 8);
+        const __m128 dw = half4(qs + 64);
         const __m256 dsel = _mm256_permutevar8x32_ps(_mm256_castps128_ps256(dw), isel);
-        const __m128 off = FMT == Q4_0 ? _mm_mul_ps(dw, _mm_set1_ps(-8.0f)) : half4(mp + b * 8);
+        const __m128 off = FMT == Q4_0 ? _mm_mul_ps(dw, _mm_set1_ps(-8.0f)) : half4(qs + 72);
 #pragma GCC unroll 4
         for (int r = 0; r < R; ++r) {
             const int8_t* xb = q + r * K + b * QK;
@@ -182,20 +185,20 @@ static inline void dot_group_q4(float* y, const int8_t* q, const float* xd, cons
 template <int R>
 static inline void dot_group_q8(float* y, const int8_t* q, const float* xd, int64_t K, const uint8_t* g) {
     const int64_t nb = K / QK;
-    const uint8_t* dp = g + nb * 128;
     __m256 acc[R];
     for (int r = 0; r < R; ++r) acc[r] = _mm256_setzero_ps();
     for (int64_t b = 0; b < nb; ++b) {
-        const uint8_t* qs = g + b * 128;
-        __builtin_prefetch(qs + 2048);
-        __builtin_prefetch(qs + 2048 + 64);
+        const uint8_t* qs = g + b * 136;  // a block's record: 4 rows x 32 quant bytes, 4 fp16 d
+        __builtin_prefetch(qs + PREFETCH_AHEAD);
+        __builtin_prefetch(qs + PREFETCH_AHEAD + 64);
+        __builtin_prefetch(qs + PREFETCH_AHEAD + 128);
         __m256i w[4], a[4];
 #pragma GCC unroll 4
         for (int i = 0; i < 4; ++i) {
-            w[i] = _mm256_load_si256((const __m256i*)(qs + 32 * i));
+            w[i] = _mm256_loadu_si256((const __m256i*)(qs + 32 * i));
             a[i] = _mm256_abs_epi8(w[i]);
         }
-        const __m128 dw = half4(dp + b * 8);
+        const __m128 dw = half4(qs + 128);
 #pragma GCC unroll 4
         for (int r = 0; r < R; ++r) {
             const __m256i xq = _mm256_loadu_si256((const __m256i*)(q + r * K + b * QK));

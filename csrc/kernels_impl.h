@@ -769,7 +769,8 @@ template <int FMT>
 static void linear_repacked_t(void* out, const float* A, int64_t lda, const uint8_t* packed, const void* bias, int64_t M,
                               int64_t N, int64_t K, int adt) {
     const int64_t nb = K / QK, qb = FMT == Q8_0 ? 128 : 64, rq = qb / 4, head = FMT == Q4_1 ? 4 : 2;
-    const int64_t gb = ceil_div(nb * (qb + (FMT == Q4_1 ? 16 : 8)), 64) * 64;  // int8.cpp int8_group_bytes
+    const int64_t rec = FMT == Q8_0 ? 136 : FMT == Q4_1 ? 80 : 72;  // int8.h int8_record_bytes
+    const int64_t gb = ceil_div(nb * rec, 64) * 64;                   // int8.cpp int8_group_bytes
     auto block = [&](int64_t p, int64_t k0, int64_t kc, int thread) -> const float* {
         float* buf = scratch(thread, 2, (size_t)(KC * PANEL));
         alignas(64) float tmp[QK];
@@ -784,9 +785,10 @@ static void linear_repacked_t(void* out, const float* A, int64_t lda, const uint
             const int64_t i = n % 4;
             for (int64_t kb = 0; kb < kc; kb += QK) {
                 const int64_t b = (k0 + kb) / QK;
-                std::memcpy(blk, g + nb * qb + b * 8 + i * 2, 2);
-                if (FMT == Q4_1) std::memcpy(blk + 2, g + nb * qb + nb * 8 + b * 8 + i * 2, 2);
-                std::memcpy(blk + head, g + b * qb + i * rq, (size_t)rq);
+                const uint8_t* r = g + b * rec;  // the block's record: quants of 4 rows, d, m
+                std::memcpy(blk, r + qb + i * 2, 2);
+                if (FMT == Q4_1) std::memcpy(blk + 2, r + qb + 8 + i * 2, 2);
+                std::memcpy(blk + head, r + i * rq, (size_t)rq);
                 V w[NV];
                 dequant_block<FMT>(w, blk);
                 for (int v = 0; v < NV; ++v) Vec::store(tmp + v * W, w[v]);
