@@ -32,10 +32,18 @@ from portinfer.bench.machine import provenance  # noqa: E402
 
 
 def load_build(directory: str, tag: str):
+    """The extension built in `directory`, loaded from a private copy: a shared object is loaded once per
+    file, so the same build twice (or the build this script's own imports already loaded) must be two
+    files to be two modules."""
+    import shutil
+    import tempfile
+
     found = sorted(glob.glob(os.path.join(directory, "portinfer", "_cpu*.so")))
     if not found:
         raise SystemExit(f"{directory}: no portinfer/_cpu*.so (build it there: python setup.py build_ext --inplace)")
-    spec = importlib.util.spec_from_file_location(f"{tag}._cpu", found[0])
+    copy = os.path.join(tempfile.mkdtemp(prefix=f"kernel_ab_{tag}_"), os.path.basename(found[0]))
+    shutil.copy(found[0], copy)
+    spec = importlib.util.spec_from_file_location(f"{tag}._cpu", copy)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
