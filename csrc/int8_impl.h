@@ -130,6 +130,10 @@ static inline __m256i dot2_u8s8(__m256i u1, __m256i s1, __m256i u2, __m256i s2) 
 
 static inline __m128 half4(const uint8_t* p) { return _mm_cvtph_ps(_mm_loadl_epi64((const __m128i*)p)); }
 
+// bytes ahead of the current block that the dot products prefetch (through a group's region and on
+// into the next group's: a thread's groups are one contiguous stream)
+static const int64_t PREFETCH_AHEAD = 2048;
+
 // Q4_0 / Q4_1: per block, two 32-byte loads hold the nibbles of the 4 rows ([row 0 | row 1],
 // [row 2 | row 3]); low nibbles are weights 0..15 of a row, high nibbles 16..31, so they meet x's
 // halves broadcast into both 128-bit lanes (two 16-byte broadcast loads, no shuffle). One hadd folds
@@ -137,9 +141,6 @@ static inline __m128 half4(const uint8_t* p) { return _mm_cvtph_ps(_mm_loadl_epi
 // [d0 d0 d2 d2 | d1 d1 d3 d3] d_x; the offset term (-8 d_w s_x or m_w s_x) goes into one 4-lane
 // vector per x row. (Measured against two accumulators per row and per-block lane permutes of x:
 // 1.13-1.34x in one process, interleaved; folding pairs of x rows into one vector was no faster.)
-// bytes ahead of the current block that the dot products prefetch (through a group's region and on
-// into the next group's: a thread's groups are one contiguous stream)
-static const int64_t PREFETCH_AHEAD = 2048;
 
 template <int FMT, int R>
 static inline void dot_group_q4(float* y, const int8_t* q, const float* xd, const float* xs, int64_t K, const uint8_t* g) {
