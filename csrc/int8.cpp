@@ -7,15 +7,12 @@ static inline int64_t i8_min(int64_t a, int64_t b) { return a < b ? a : b; }
 static inline int64_t i8_max(int64_t a, int64_t b) { return a > b ? a : b; }
 static inline int64_t i8_ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
-// bytes of a block record's quants: 4 rows x 32 (Q8_0) or 16 (Q4); its d follow, then m (Q4_1)
-static inline int64_t quant_bytes(int fmt) { return fmt == Q8_0 ? 128 : 64; }
-
 int64_t int8_group_bytes(int fmt, int64_t K) {
     return i8_ceil_div(K / QK * int8_record_bytes(fmt), 64) * 64;
 }
 
 void int8_repack(uint8_t* out, const uint8_t* blocks, int64_t N, int64_t K, int fmt) {
-    const int64_t nb = K / QK, bb = quant_block_bytes(fmt), row_bytes = nb * bb, qb = quant_bytes(fmt);
+    const int64_t nb = K / QK, bb = quant_block_bytes(fmt), row_bytes = nb * bb, qb = int8_quant_bytes(fmt);
     const int64_t gb = int8_group_bytes(fmt, K), groups = i8_ceil_div(N, I8_ROWS), rec = int8_record_bytes(fmt);
     const int64_t rq = qb / I8_ROWS;  // quant bytes of one row's block: 32 (Q8_0) or 16
     std::memset(out, 0, (size_t)(groups * gb));
@@ -36,7 +33,7 @@ void int8_repack(uint8_t* out, const uint8_t* blocks, int64_t N, int64_t K, int 
 // weight row n of the repacked W, dequantized into w [K] (for rows of x with NaN / Inf, which
 // take fp32 arithmetic so that they propagate as the op contract says)
 static void dequant_row(float* w, const uint8_t* packed, int64_t n, int64_t K, int fmt) {
-    const int64_t nb = K / QK, qb = quant_bytes(fmt), rq = qb / I8_ROWS, i = n % I8_ROWS, rec = int8_record_bytes(fmt);
+    const int64_t nb = K / QK, qb = int8_quant_bytes(fmt), rq = qb / I8_ROWS, i = n % I8_ROWS, rec = int8_record_bytes(fmt);
     const uint8_t* g = packed + (n / I8_ROWS) * int8_group_bytes(fmt, K);
     auto half = [](const uint8_t* p) { uint16_t h; std::memcpy(&h, p, 2); return f16_to_f32(h); };
     for (int64_t b = 0; b < nb; ++b) {

@@ -45,8 +45,10 @@ const Int8Kernels* int8_kernels_avxvnni();
 const Int8Kernels* int8_kernels_avx512vnni();
 #endif
 
-// bytes of one block's record in a repacked group (quants of 4 rows, then their fp16 d, then m)
-static inline int64_t int8_record_bytes(int fmt) { return fmt == Q8_0 ? 136 : fmt == Q4_1 ? 80 : 72; }
+// bytes of one block's quants in a group's record: 4 rows x 32 (Q8_0) or 16 (Q4)
+static constexpr int64_t int8_quant_bytes(int fmt) { return fmt == Q8_0 ? 128 : 64; }
+// bytes of one block's record in a repacked group: its quants, then 4 fp16 d (then 4 fp16 m for Q4_1)
+static constexpr int64_t int8_record_bytes(int fmt) { return int8_quant_bytes(fmt) + (fmt == Q4_1 ? 16 : 8); }
 // bytes of one repacked group of 4 rows (a multiple of 64)
 int64_t int8_group_bytes(int fmt, int64_t K);
 // out [ceil(N/4) groups] = GGUF blocks [N][K/32] of format fmt, repacked

@@ -66,9 +66,6 @@ static bool quantize_row(int8_t* q, float* d, float* s, const float* x, int64_t 
 // ============================================================================
 // integer dot products against one repacked group of 4 weight rows
 
-// a block record's quant bytes (int8.h: quants of 4 rows, then their d, then m)
-static inline int64_t quant_bytes_per_block(int fmt) { return fmt == Q8_0 ? 4 * 32 : 4 * 16; }
-
 #if I8_ISA == 0
 
 static inline float half_at(const uint8_t* p, int64_t i) {
@@ -79,7 +76,7 @@ static inline float half_at(const uint8_t* p, int64_t i) {
 
 static void dot_group(float* y, const int8_t* q, const float* xd, const float* xs, int R, int64_t K,
                       const uint8_t* g, int fmt) {
-    const int64_t nb = K / QK, qb = quant_bytes_per_block(fmt), rec = int8_record_bytes(fmt);
+    const int64_t nb = K / QK, qb = int8_quant_bytes(fmt), rec = int8_record_bytes(fmt);
     for (int r = 0; r < R; ++r)
         for (int i = 0; i < I8_ROWS; ++i) {
             float acc = 0.f;
@@ -147,7 +144,7 @@ static inline void dot_group_q4(float* y, const int8_t* q, const float* xd, cons
     const int64_t nb = K / QK;
     const __m256i low = _mm256_set1_epi8(0x0f);
     const __m256i isel = _mm256_setr_epi32(0, 0, 2, 2, 1, 1, 3, 3);
-    constexpr int64_t REC = FMT == Q4_1 ? 80 : 72;  // a block's record: 4 rows x 16 quant bytes, 4 fp16 d (and m)
+    constexpr int64_t REC = int8_record_bytes(FMT);  // a block's record: 4 rows x 16 quant bytes, 4 fp16 d (and m)
     __m256 acc[R];
     __m128 accm[R];
     for (int r = 0; r < R; ++r) {
@@ -161,9 +158,9 @@ static inline void dot_group_q4(float* y, const int8_t* q, const float* xd, cons
         const __m256i v0 = _mm256_loadu_si256((const __m256i*)qs), v1 = _mm256_loadu_si256((const __m256i*)(qs + 32));
         const __m256i lo0 = _mm256_and_si256(v0, low), hi0 = _mm256_and_si256(_mm256_srli_epi16(v0, 4), low);
         const __m256i lo1 = _mm256_and_si256(v1, low), hi1 = _mm256_and_si256(_mm256_srli_epi16(v1, 4), low);
-        const __m128 dw = half4(qs + 64);
+        const __m128 dw = half4(qs + int8_quant_bytes(FMT));
         const __m256 dsel = _mm256_permutevar8x32_ps(_mm256_castps128_ps256(dw), isel);
-        const __m128 off = FMT == Q4_0 ? _mm_mul_ps(dw, _mm_set1_ps(-8.0f)) : half4(qs + 72);
+        const __m128 off = FMT == Q4_0 ? _mm_mul_ps(dw, _mm_set1_ps(-8.0f)) : half4(qs + int8_quant_bytes(FMT) + 8);
 #pragma GCC unroll 4
         for (int r = 0; r < R; ++r) {
             const int8_t* xb = q + r * K + b * QK;
@@ -189,7 +186,7 @@ static inline void dot_group_q8(float* y, const int8_t* q, const float* xd, int6
     __m256 acc[R];
     for (int r = 0; r < R; ++r) acc[r] = _mm256_setzero_ps();
     for (int64_t b = 0; b < nb; ++b) {
-        const uint8_t* qs = g + b * 136;  // a block's record: 4 rows x 32 quant bytes, 4 fp16 d
+        const uint8_t* qs = g + b * int8_record_bytes(Q8_0);  // a block's record: 4 rows x 32 quant bytes, 4 fp16 d
         __builtin_prefetch(qs + PREFETCH_AHEAD);
         __builtin_prefetch(qs + PREFETCH_AHEAD + 64);
         __builtin_prefetch(qs + PREFETCH_AHEAD + 128);
@@ -199,7 +196,7 @@ static inline void dot_group_q8(float* y, const int8_t* q, const float* xd, int6
             w[i] = _mm256_loadu_si256((const __m256i*)(qs + 32 * i));
             a[i] = _mm256_abs_epi8(w[i]);
         }
-        const __m128 dw = half4(qs + 128);
+        const __m128 dw = half4(qs + int8_quant_bytes(Q8_0));
 #pragma GCC unroll 4
         for (int r = 0; r < R; ++r) {
             const __m256i xq = _mm256_loadu_si256((const __m256i*)(q + r * K + b * QK));

@@ -768,9 +768,8 @@ static void linear_quant_t(void* out, const float* A, int64_t lda, const uint8_t
 template <int FMT>
 static void linear_repacked_t(void* out, const float* A, int64_t lda, const uint8_t* packed, const void* bias, int64_t M,
                               int64_t N, int64_t K, int adt) {
-    const int64_t nb = K / QK, qb = FMT == Q8_0 ? 128 : 64, rq = qb / 4, head = FMT == Q4_1 ? 4 : 2;
-    const int64_t rec = FMT == Q8_0 ? 136 : FMT == Q4_1 ? 80 : 72;  // int8.h int8_record_bytes
-    const int64_t gb = ceil_div(nb * rec, 64) * 64;                   // int8.cpp int8_group_bytes
+    const int64_t qb = int8_quant_bytes(FMT), rq = qb / 4, head = FMT == Q4_1 ? 4 : 2;
+    const int64_t rec = int8_record_bytes(FMT), gb = int8_group_bytes(FMT, K);
     auto block = [&](int64_t p, int64_t k0, int64_t kc, int thread) -> const float* {
         float* buf = scratch(thread, 2, (size_t)(KC * PANEL));
         alignas(64) float tmp[QK];
