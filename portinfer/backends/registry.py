@@ -139,11 +139,16 @@ def parse_spec(text: str) -> tuple[str, dict]:
         return name, {}
     if not rest.endswith("]") or "[" in rest or rest == "]":
         raise ValueError(f"backend: expected NAME or NAME[SETTING] (e.g. cpu[int8]), got {text!r}")
+    return name, _usable(name).cls.options_from_setting(rest[:-1])
+
+
+def _usable(name: str) -> BackendEntry:
+    """The entry of `name`, its class loaded; BackendUnavailable (with the reason) when it cannot run here."""
     e = entry(name)
     ok, reason = e.status()
     if not ok:
         raise BackendUnavailable(f"backend {name!r} is not available here: {reason}")
-    return name, e.cls.options_from_setting(rest[:-1])
+    return e
 
 
 def get(name: str = "auto", device=None, **options) -> Backend:
@@ -151,11 +156,7 @@ def get(name: str = "auto", device=None, **options) -> Backend:
     name, from_spec = parse_spec(name)
     if name == "auto":
         name = auto_name()
-    e = entry(name)
-    ok, reason = e.status()
-    if not ok:
-        raise BackendUnavailable(f"backend {name!r} is not available here: {reason}")
-    return e.cls(device=device, **{**from_spec, **options})
+    return _usable(name).cls(device=device, **{**from_spec, **options})
 
 
 def auto_name() -> str:
