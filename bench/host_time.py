@@ -11,7 +11,6 @@ cache traffic costs the host code.
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
 import sys
 import time
@@ -28,12 +27,10 @@ def main(argv=None):
     ap.add_argument("--steps", type=int, default=300)
     ap.add_argument("--route", choices=("fp32", "int8"), help="the cpu backend's quant route")
     args = ap.parse_args(argv)
-    if args.route:
-        os.environ["PORTINFER_CPU_QUANT_ROUTE"] = args.route
     import portinfer
     from portinfer.bench.model import _greedy
 
-    model = portinfer.load(args.model, backend="cpu")
+    model = portinfer.load(args.model, backend=f"cpu[{args.route}]" if args.route else "cpu")
     cache = model.new_cache(1, args.steps + 16)
     token = torch.tensor([1])
     for _ in range(5):  # builds the decode plan
@@ -52,14 +49,12 @@ def main(argv=None):
         def run(self, *a):
             stamps.append((time.perf_counter(), time.perf_counter()))
 
-    out = {}
     for name, program in (("between real steps", Timed()), ("with a no-op native call", NoOp())):
         executor.program, stamps[:] = program, []
         cache = model.new_cache(1, args.steps + 16)
         for _ in range(args.steps):
             token = _greedy(model.decode(token, cache))
         gaps = sorted(b[0] - a[1] for a, b in zip(stamps, stamps[1:]))
-        out[name] = gaps
         native_ms = statistics.median(b - a for a, b in stamps) * 1e3
         print(f"host {name}: median {1e6 * statistics.median(gaps):.0f} us (p10 {1e6 * gaps[len(gaps) // 10]:.0f}, "
               f"p90 {1e6 * gaps[9 * len(gaps) // 10]:.0f}); native call median {native_ms:.2f} ms")
