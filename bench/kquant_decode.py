@@ -1,20 +1,24 @@
-"""Decode of a Q4_K_M-style GGUF model of real shapes as a share of the bandwidth limit (issue 13).
+"""Decode of a Q4_K_M- (or Q5_K_M-) style GGUF model of real shapes as a share of the bandwidth limit (issue 13).
 
-    python bench/kquant_decode.py --shape qwen2-1.5b [--shape qwen2-0.5b] [-n 16] [-r 3] [--json FILE]
+    python bench/kquant_decode.py --shape qwen2-1.5b [--shape qwen2-0.5b] [-n 16] [-r 3]
+        [--backend 'cpu[fp32]' --backend 'cpu[int8]'] [--mix q4_k_m|q5_k_m] [--json FILE]
 
 The file is written here with random block bytes (finite fp16 scales) in llama.cpp's Q4_K_M mix
 (llama-quant.cpp): Q6_K for the output matrix (the token embedding when tied) and for attn_v /
-ffn_down in the "use_more_bits" layers, Q4_K elsewhere. A matrix whose rows are not whole
-256-weight super-blocks gets llama.cpp's fallback type (Q4_K -> Q5_0, Q6_K -> Q8_0), as in the files
+ffn_down in the "use_more_bits" layers, Q4_K elsewhere (--mix q5_k_m: Q5_K). A matrix whose rows are
+not whole 256-weight super-blocks gets llama.cpp's fallback type (Q4_K -> Q5_0, Q5_K -> Q5_1, Q6_K ->
+Q8_0), as in the files
 people download: Qwen2-0.5B (hidden 896) has such rows in every attention and gate/up matrix.
 
-Figures, per shape: decode tokens/s (tg N, one token per step, mean over repetitions), the copy
-bandwidth measured in the same run (portinfer.bench.machine.copy_bandwidth: bytes read + written
-per second), and two shares of it: `share_of_file_limit` = tok/s x the bytes a decode step must read
-as the file stores them (every matrix, the embedding's one row), over the copy bandwidth;
+Figures, per shape: decode tokens/s (tg N, one token per step, per repetition), the read bandwidth
+probed right before each repetition (portinfer.bench.machine.read_bandwidth, the limit `portinfer
+bench model` uses; this machine's rate moves between minutes), and two shares of it, each the median
+over repetitions of that repetition's own: `share_of_file_limit` = tok/s x the bytes a decode step
+must read as the file stores them (every matrix, the embedding's one row), over the bandwidth;
 `share_of_read_limit` the same with the bytes the loaded model actually reads per step (its
-prepared linears: blocks, or what was dequantized at load). Provenance (CPU, load average, commit)
-as every result under bench/results/.
+prepared linears: blocks, repacked groups, or what was dequantized at load). Provenance (CPU, load
+average, commit) as every result under bench/results/. The backend spec chooses the route:
+`--backend 'cpu[int8]'` / `'cpu[fp32]'`.
 """
 from __future__ import annotations
 
@@ -31,8 +35,8 @@ import torch
 
 import portinfer
 from portinfer.backends import spec
-from portinfer.bench.machine import copy_bandwidth, provenance
-from portinfer.bench.model import bench_backend
+from portinfer.bench.machine import provenance, read_bandwidth
+from portinfer.bench.model import bench_backend, shares
 
 # name -> (hidden, intermediate, layers, heads, kv heads, vocab, tied embeddings)
 SHAPES = {
@@ -40,7 +44,8 @@ SHAPES = {
     "qwen2-1.5b": (1536, 8960, 28, 12, 2, 151936, True),
     "llama-3-8b-2layers": (4096, 14336, 2, 32, 8, 128256, False),
 }
-FALLBACK = {"q4_k": "q5_0", "q6_k": "q8_0"}  # llama.cpp's, for rows that are not whole super-blocks
+FALLBACK = {"q4_k": "q5_0", "q5_k": "q5_1", "q6_k": "q8_0"}  # llama.cpp's, for rows not whole super-blocks
+MIXES = {"q4_k_m": "q4_k", "q5_k_m": "q5_k"}  # llama.cpp's *_K_M mixes: their base format (Q6_K elsewhere)
 
 
 def use_more_bits(layer, layers):
@@ -53,14 +58,14 @@ def _blocks(fmt, n, k, rng):
     qtype = getattr(gguf.GGMLQuantizationType, fmt.upper())
     per_block, block_bytes = gguf.GGML_QUANT_SIZES[qtype]
     b = rng.integers(0, 256, size=(n, k // per_block, block_bytes), dtype=np.uint8)
-    scales = {"q4_k": (0, 2), "q5_k": (0, 2), "q6_k": (208,), "q8_0": (0,), "q5_0": (0,)}[fmt]
+    scales = {"q4_k": (0, 2), "q5_k": (0, 2), "q6_k": (208,), "q8_0": (0,), "q5_0": (0,), "q5_1": (0, 2)}[fmt]
     for start in scales:  # finite, small fp16 scales: the model's arithmetic stays finite
         b[..., start:start + 2] = (rng.random((n, k // per_block, 1)) * 0.002).astype(np.float16).view(np.uint8)
     return b.reshape(n, -1), qtype
 
 
-def write_q4_k_m(path, shape):
-    """Write the file; returns {tensor name: format}."""
+def write_k_mix(path, shape, mix="q4_k_m"):
+    """Write the file in llama.cpp's mix `mix` (MIXES); returns {tensor name: format}."""
     import gguf
 
     hidden, inter, layers, heads, kv_heads, vocab, tied = SHAPES[shape]
@@ -88,17 +93,18 @@ def write_q4_k_m(path, shape):
         w.add_tensor(name, blocks, raw_shape=blocks.shape, raw_dtype=qtype)
 
     kv = kv_heads * hidden // heads
-    add("token_embd.weight", "q6_k" if tied else "q4_k", vocab, hidden)
+    base = MIXES[mix]
+    add("token_embd.weight", "q6_k" if tied else base, vocab, hidden)
     add("output_norm.weight", None, hidden)
     if not tied:
         add("output.weight", "q6_k", vocab, hidden)
     for i in range(layers):
-        more = "q6_k" if use_more_bits(i, layers) else "q4_k"
+        more = "q6_k" if use_more_bits(i, layers) else base
         add(f"blk.{i}.attn_norm.weight", None, hidden)
         add(f"blk.{i}.ffn_norm.weight", None, hidden)
-        for name, fmt, n, k in (("attn_q", "q4_k", hidden, hidden), ("attn_k", "q4_k", kv, hidden),
-                                ("attn_v", more, kv, hidden), ("attn_output", "q4_k", hidden, hidden),
-                                ("ffn_gate", "q4_k", inter, hidden), ("ffn_up", "q4_k", inter, hidden),
+        for name, fmt, n, k in (("attn_q", base, hidden, hidden), ("attn_k", base, kv, hidden),
+                                ("attn_v", more, kv, hidden), ("attn_output", base, hidden, hidden),
+                                ("ffn_gate", base, inter, hidden), ("ffn_up", base, inter, hidden),
                                 ("ffn_down", more, hidden, inter)):
             add(f"blk.{i}.{name}.weight", fmt, n, k)
         if shape.startswith("qwen2"):
@@ -157,35 +163,43 @@ def main(argv=None):
     p.add_argument("--shape", action="append", choices=sorted(SHAPES), help="model shape (repeatable)")
     p.add_argument("-n", "--n-gen", type=int, default=16, help="decode steps per repetition")
     p.add_argument("-r", "--repetitions", type=int, default=3)
-    p.add_argument("--backend", default="cpu")
+    p.add_argument("--backend", action="append",
+                   help="backend spec, repeatable (default cpu): each decodes the same file in this run")
+    p.add_argument("--mix", choices=sorted(MIXES), default="q4_k_m", help="llama.cpp's quantization mix")
     p.add_argument("--json", help="write the results with provenance here")
     args = p.parse_args(argv)
     shapes = args.shape or ["qwen2-1.5b"]
     command = shlex.join(["python", "bench/kquant_decode.py"] + (argv if argv is not None else sys.argv[1:]))
     prov = provenance(command)
-    bandwidth = copy_bandwidth(torch.device("cpu"), 256 << 20)["bytes_s"]
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for shape in shapes:
-            path = Path(tmp) / f"{shape}-q4_k_m.gguf"
-            formats = write_q4_k_m(path, shape)
-            model = portinfer.load(path, backend=args.backend, dtype="fp32", fallback="allow")
-            [(test, tok_s, *_)] = bench_backend(model, 0, args.n_gen, args.repetitions)
-            mean = statistics.fmean(tok_s)
+            path = Path(tmp) / f"{shape}-{args.mix}.gguf"
+            formats = write_k_mix(path, shape, args.mix)
             per_token = file_bytes_per_token(path, SHAPES[shape][6])
-            read = prepared_bytes(model)
             counts = {f: list(formats.values()).count(f) for f in sorted(set(formats.values()))}
-            row = {"shape": shape, "backend": args.backend, "threads": model._placement.primary.info().get("threads"),
-                   "file_bytes": path.stat().st_size, "formats": counts, "test": test, "tok_s_mean": mean,
-                   "tok_s": tok_s, "copy_bytes_s": bandwidth, "file_bytes_per_token": per_token,
-                   "read_bytes_per_token": read, "share_of_file_limit": mean * per_token / bandwidth,
-                   "share_of_read_limit": mean * read / bandwidth if read else None}
-            rows.append(row)
-            print(f"{shape}: {mean:.2f} tok/s, {per_token / 1e6:.0f} MB/token as stored, "
-                  f"{(read or 0) / 1e6:.0f} MB/token as loaded, copy {bandwidth / 1e9:.1f} GB/s -> "
-                  f"{row['share_of_file_limit']:.0%} of the file's limit, "
-                  f"{row['share_of_read_limit'] or 0:.0%} of the loaded model's; formats {counts}", file=sys.stderr)
-            del model
+            for backend in args.backend or ["cpu"]:
+                model = portinfer.load(path, backend=backend, dtype="fp32", fallback="allow")
+                probe = lambda: read_bandwidth("cpu", repeats=3)["bytes_s"]  # noqa: E731
+                [(test, tok_s, _, probes)] = bench_backend(model, 0, args.n_gen, args.repetitions, probe=probe)
+                mean = statistics.fmean(tok_s)
+                read = prepared_bytes(model)
+                of_file = shares(tok_s, probes, per_token)
+                of_read = shares(tok_s, probes, read) if read else None
+                row = {"shape": shape, "mix": args.mix, "backend": backend, "threads": model._placement.primary.info().get("threads"),
+                       "backend_info": model._placement.primary.info(), "file_bytes": path.stat().st_size,
+                       "formats": counts, "test": test, "tok_s_mean": mean, "tok_s": tok_s,
+                       "read_bytes_s": of_file["bytes_s"], "read_bytes_s_probes": probes,
+                       "file_bytes_per_token": per_token, "read_bytes_per_token": read,
+                       "share_of_file_limit": of_file["share"], "share_of_file_limit_range": of_file["share_range"],
+                       "share_of_read_limit": of_read["share"] if of_read else None}
+                rows.append(row)
+                lo, hi = of_file["share_range"]
+                print(f"{shape} on {backend}: {mean:.2f} tok/s, {per_token / 1e6:.0f} MB/token as stored, "
+                      f"{(read or 0) / 1e6:.0f} MB/token as loaded, read {of_file['bytes_s'] / 1e9:.1f} GB/s -> "
+                      f"{of_file['share']:.0%} ({lo:.0%}-{hi:.0%}) of the file's limit, "
+                      f"{row['share_of_read_limit'] or 0:.0%} of the loaded model's; formats {counts}", file=sys.stderr)
+                del model
     prov["load_end"] = list(__import__("os").getloadavg())
     doc = {"provenance": prov, "rows": rows}
     if args.json:

@@ -96,7 +96,7 @@ def main(argv=None):
     try:
         for _ in range(args.rounds):
             for label, model in models.items():
-                for name, values, breakdown in bench_backend(model, args.p, args.n, args.r):
+                for name, values, breakdown, _ in bench_backend(model, args.p, args.n, args.r):
                     rates.setdefault((label, name), []).extend(values)
                     if breakdown:
                         breakdowns.setdefault(label, []).append(breakdown)

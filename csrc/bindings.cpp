@@ -225,6 +225,14 @@ void need(const std::string& op, const char* name, const Buf& buf, int64_t bytes
                      std::to_string(buf.second) + " (sizes or strides do not match the tensor)");
 }
 
+// an int8-route format code (common.h QFormat), or a ValueError
+int64_t int8_format_checked(const std::string& op, int64_t fmt) {
+    if (!int8_format_valid(fmt))
+        fail(op, "int8 format code: expected 0 (Q8_0), 1 (Q4_0), 2 (Q4_1), 3 (Q6_K), 4 (Q4_K) or 5 (Q5_K), got " +
+                     std::to_string(fmt));
+    return fmt;
+}
+
 // bytes of linear's weights in format wfmt (common.h WeightFormat) for [N, K]
 int64_t weight_bytes(const std::string& op, int64_t wfmt, int64_t N, int64_t K) {
     positive(op, "N", N);
@@ -239,11 +247,13 @@ int64_t weight_bytes(const std::string& op, int64_t wfmt, int64_t N, int64_t K) 
         if (K % QK_K) fail(op, "K = " + std::to_string(K) + " is not a whole number of 256-weight super-blocks");
         return mul(op, N, mul(op, K / QK_K, kquant_block_bytes((int)wfmt)));
     }
-    if (wfmt >= W_INT8X4 + Q8_0 && wfmt <= W_INT8X4 + Q4_1) {  // int8_repack groups of I8_ROWS rows
+    if (wfmt >= W_INT8X4 && int8_format_valid(wfmt - W_INT8X4)) {  // int8_repack groups of I8_ROWS rows
         if (K % QK) fail(op, "K = " + std::to_string(K) + " is not a whole number of 32-weight blocks");
+        if (wfmt - W_INT8X4 >= Q6_K && K % QK_K)  // the K-quants' groups: whole super-blocks
+            fail(op, "K = " + std::to_string(K) + " is not a whole number of 256-weight super-blocks");
         return mul(op, (N + I8_ROWS - 1) / I8_ROWS, int8_group_bytes((int)(wfmt - W_INT8X4), K));
     }
-    fail(op, "weight format code: expected 0..8 (common.h WeightFormat) or 16..18 (int8 route), got " +
+    fail(op, "weight format code: expected 0..8 (common.h WeightFormat) or 16..21 (int8 route), got " +
                  std::to_string(wfmt));
 }
 
@@ -285,9 +295,9 @@ Extents node_extents(const std::string& op, int64_t code, const int64_t* i, bool
                 set(0, "out", span(op, "out", eb, {N, H}, {H, 1}));
                 set(2, "table", span(op, "table", eb, {V, H}, {i[2], 1}));
             } else {  // rows of a prepared weight [V, H]: panels or blocks (layout.cpp embedding_prepared)
-                if (i[4] > W_Q6_K)
-                    fail(op, "weight format code: expected 0..8 (dense panels, GGUF blocks or K-quant super-blocks), "
-                             "got " + std::to_string(i[4]));
+                if (i[4] > W_Q6_K && !(i[4] >= W_INT8X4 && int8_format_valid(i[4] - W_INT8X4)))
+                    fail(op, "weight format code: expected 0..8 (dense panels, GGUF blocks or K-quant super-blocks) "
+                             "or 16..21 (the int8 route's groups), got " + std::to_string(i[4]));
                 set(0, "out", span(op, "out", dtype_bytes_checked(op, "dtype", i[5]), {N, H}, {H, 1}));
                 set(2, "weights", weight_bytes(op, i[4], V, H));
             }
@@ -304,8 +314,7 @@ Extents node_extents(const std::string& op, int64_t code, const int64_t* i, bool
         }
         case P_LINEAR: {  // [M, N, K, xs, adt, wfmt | int8 fmt, int8]: out [M, N], x [M, K], weights, bias [N]
             const int64_t eb = dtype_bytes_checked(op, "activation dtype", i[4]);
-            if (i[6] && (i[5] < Q8_0 || i[5] > Q4_1))
-                fail(op, "int8 format code: expected 0 (Q8_0), 1 (Q4_0) or 2 (Q4_1), got " + std::to_string(i[5]));
+            if (i[6]) int8_format_checked(op, i[5]);
             set(0, "out", span(op, "out", eb, {i[0], i[1]}, {i[1], 1}));
             set(1, "x", span(op, "x", eb, {i[0], i[2]}, {i[3], 1}));
             set(2, "weights", weight_bytes(op, i[6] ? W_INT8X4 + i[5] : i[5], i[1], i[2]));
@@ -628,7 +637,7 @@ PYBIND11_MODULE(_cpu, m) {
     });
     m.def("embedding_prepared", [](Buf out, Buf ids, Buf w, int64_t N, int64_t H, int64_t V, int wfmt, int dt) {
         const std::string op = "embedding_prepared";
-        if (wfmt < W_F32) fail(op, "weight format code: expected 0..8, got " + std::to_string(wfmt));
+        if (wfmt < W_F32) fail(op, "weight format code: expected 0..8 or 16..21, got " + std::to_string(wfmt));
         const int64_t i[20] = {N, H, 0, 0, wfmt, dt, V};
         need_all(op, node_extents(op, P_EMBEDDING, i), {out, ids, w});
         check_ids(op, ptr<const int64_t>(ids.first), N, V);
@@ -783,17 +792,15 @@ PYBIND11_MODULE(_cpu, m) {
     m.def("get_int8_prefill", [] { return int8_prefill; });
     m.def("int8_group_bytes", [](int fmt, int64_t K) {
         const std::string op = "int8_group_bytes";
-        if (fmt < Q8_0 || fmt > Q4_1) fail(op, "format code: expected 0 (Q8_0), 1 (Q4_0) or 2 (Q4_1), got " +
-                                                   std::to_string(fmt));
+        int8_format_checked(op, fmt);
         if (positive(op, "K", K) % QK) fail(op, "K = " + std::to_string(K) + " is not a whole number of 32-weight blocks");
         return int8_group_bytes(fmt, K);
     });
     m.def("int8_repack", [](Buf out, Buf blocks, int64_t N, int64_t K, int fmt) {
         const std::string op = "int8_repack";
-        if (fmt < Q8_0 || fmt > Q4_1) fail(op, "format code: expected 0 (Q8_0), 1 (Q4_0) or 2 (Q4_1), got " +
-                                                   std::to_string(fmt));
+        int8_format_checked(op, fmt);
         need(op, "out", out, weight_bytes(op, W_INT8X4 + fmt, N, K));
-        need(op, "blocks", blocks, weight_bytes(op, W_Q8_0 + fmt, N, K));
+        need(op, "blocks", blocks, weight_bytes(op, int8_source_format(fmt), N, K));
         py::gil_scoped_release release;
         int8_repack(ptr<uint8_t>(out.first), ptr<const uint8_t>(blocks.first), N, K, fmt);
     });

@@ -12,12 +12,15 @@
 #include <vector>
 
 enum DType : int { DT_F32 = 0, DT_F16 = 1, DT_BF16 = 2 };
-enum QFormat : int { Q8_0 = 0, Q4_0 = 1, Q4_1 = 2 };
+// GGUF block formats of 32 weights; the K-quants (super-blocks of 256 weights) only as the int8
+// route's repacked groups (int8.h), which hold them per 32 weights too
+enum QFormat : int { Q8_0 = 0, Q4_0 = 1, Q4_1 = 2, Q6_K = 3, Q4_K = 4, Q5_K = 5 };
 // how linear's weights are stored: dense panels (pack_dense) of a dtype, or GGUF blocks
 enum WeightFormat : int { W_F32 = 0, W_F16 = 1, W_BF16 = 2, W_Q8_0 = 3, W_Q4_0 = 4, W_Q4_1 = 5,
                           W_Q4_K = 6, W_Q5_K = 7, W_Q6_K = 8 };  // K-quants: kquant_impl.h
 // W_INT8X4 + QFormat: GGUF blocks repacked in groups of 4 rows for the int8 route (int8.h); the
-// kernel table's linear takes them for prefill (M > 4) on fp32 activations
+// kernel table's linear takes them for prefill (M > 16) on fp32 activations, embedding gathers rows
+// out of them
 enum : int { W_INT8X4 = 16 };
 
 // GGUF block sizes (spec.QUANT_FORMATS): 32 weights per block
@@ -26,6 +29,12 @@ static constexpr int64_t quant_block_bytes(int fmt) { return fmt == Q8_0 ? 34 : 
 // K-quant super-blocks (spec.QUANT_FORMATS): 256 weights, 144 / 176 / 210 bytes
 static const int QK_K = 256;
 static constexpr int64_t kquant_block_bytes(int wfmt) { return wfmt == W_Q4_K ? 144 : wfmt == W_Q5_K ? 176 : 210; }
+// scale sc and min m (6 bits each) of sub-block j (< 8) of a Q4_K / Q5_K super-block, from its 12
+// packed bytes s (ggml's get_scale_min_k4)
+static inline void kquant_scale_min(const uint8_t* s, int j, int* sc, int* m) {
+    *sc = j < 4 ? s[j] & 63 : (s[j + 4] & 0x0F) | ((s[j - 4] >> 6) << 4);
+    *m = j < 4 ? s[j + 4] & 63 : (s[j + 4] >> 4) | ((s[j] >> 6) << 4);
+}
 
 // ----------------------------------------------------------------------------
 // scalar conversions (round to nearest even, NaN stays NaN)

@@ -8,14 +8,97 @@ static inline int64_t i8_max(int64_t a, int64_t b) { return a > b ? a : b; }
 static inline int64_t i8_ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
 int64_t int8_group_bytes(int fmt, int64_t K) {
-    return i8_ceil_div(K / QK * int8_record_bytes(fmt), 64) * 64;
+    return i8_ceil_div(int8_record_offset(fmt, K / QK) - int8_header_bytes(fmt), 64) * 64;
+}
+
+// Q6_K super-blocks [N][K/256] into records (int8.h): the codes u (6 bits), d and the int8 scales as
+// stored. GGUF's Q6_K (210 bytes): ql[128], qh[64], scales[16], fp16 d; weight j = 128 h + 32 Q + l
+// (half h, quarter Q, l < 32): low 4 bits = nibble Q / 2 of ql[64 h + 32 (Q % 2) + l], high 2 bits =
+// bits 2 Q.. of qh[32 h + l]; w = d scales[j / 16] (u - 32)
+static void int8_repack_q6_k(uint8_t* out, const uint8_t* blocks, int64_t N, int64_t K) {
+    const int64_t nsb = K / QK_K, sbb = kquant_block_bytes(W_Q6_K), gb = int8_group_bytes(Q6_K, K);
+    const int64_t rec = int8_record_bytes(Q6_K), qb = int8_quant_bytes(Q6_K);
+    for (int64_t n = 0; n < N; ++n) {
+        uint8_t* g = out + (n / I8_ROWS) * gb;
+        const int i = (int)(n % I8_ROWS);
+        for (int64_t j = 0; j < nsb; ++j) {
+            const uint8_t* sb = blocks + (n * nsb + j) * sbb;
+            const uint8_t *ql = sb, *qh = sb + 128, *sc = sb + 192, *d = sb + 208;
+            uint8_t u[QK_K];
+            for (int w = 0; w < QK_K; ++w) {
+                const int h = w / 128, Q = (w % 128) / 32, l = w % 32;
+                const int low = (ql[64 * h + 32 * (Q % 2) + l] >> (4 * (Q / 2))) & 15;
+                u[w] = (uint8_t)(low | (((qh[32 * h + l] >> (2 * Q)) & 3) << 4));
+            }
+            for (int b = 0; b < QK_K / QK; ++b) {
+                uint8_t* r = g + (j * (QK_K / QK) + b) * rec;
+                const uint8_t* ub = u + b * QK;
+                for (int t = 0; t < 16; ++t) {
+                    r[16 * i + t] = (uint8_t)((ub[t] & 15) | ((ub[t + 16] & 15) << 4));
+                    r[64 + (i % 2) * 16 + t] |= (uint8_t)(((ub[t] >> 4) << int8_q6_qh_shift(i, t)) |
+                                                          ((ub[t + 16] >> 4) << int8_q6_qh_shift(i, t + 16)));
+                }
+                std::memcpy(r + qb + 2 * i, d, 2);
+                r[qb + 8 + int8_q6_sc_index(i, 0)] = sc[2 * b];
+                r[qb + 8 + int8_q6_sc_index(i, 1)] = sc[2 * b + 1];
+            }
+        }
+    }
+}
+
+// Q4_K / Q5_K super-blocks [N][K/256] into headers and records (int8.h): codes, scales and mins as
+// stored. GGUF's Q4_K (144 bytes): fp16 d, fp16 dmin, scales[12] (8 x 6-bit sc, 8 x 6-bit m), qs[128];
+// Q5_K (176) has qh[32] before qs. Sub-block s (32 weights) = low (s even) / high (s odd) nibbles of
+// qs[32 (s / 2) ..], Q5_K's fifth bit of weight l = bit s of qh[l]; w = d sc u - dmin m
+static void int8_repack_k(uint8_t* out, const uint8_t* blocks, int64_t N, int64_t K, int fmt) {
+    const int wfmt = int8_source_format(fmt);
+    const int64_t nsb = K / QK_K, sbb = kquant_block_bytes(wfmt), gb = int8_group_bytes(fmt, K);
+    const int64_t qb = int8_quant_bytes(fmt);
+    for (int64_t n = 0; n < N; ++n) {
+        uint8_t* g = out + (n / I8_ROWS) * gb;
+        const int i = (int)(n % I8_ROWS);
+        for (int64_t j = 0; j < nsb; ++j) {
+            const uint8_t* sb = blocks + (n * nsb + j) * sbb;
+            const uint8_t *qh = sb + 16, *qs = sb + 16 + (fmt == Q5_K ? 32 : 0);
+            uint8_t* hdr = g + int8_record_offset(fmt, j * (QK_K / QK)) - int8_header_bytes(fmt);
+            std::memcpy(hdr + 2 * i, sb, 2);      // d
+            std::memcpy(hdr + 8 + 2 * i, sb + 2, 2);  // dmin
+            for (int sub = 0; sub < QK_K / QK; ++sub) {
+                uint8_t* r = g + int8_record_offset(fmt, j * (QK_K / QK) + sub);
+                uint8_t u[QK];
+                for (int l = 0; l < QK; ++l) {
+                    u[l] = (uint8_t)((qs[32 * (sub / 2) + l] >> (4 * (sub % 2))) & 15);
+                    if (fmt == Q5_K) u[l] |= (uint8_t)(((qh[l] >> sub) & 1) << 4);
+                }
+                for (int t = 0; t < 16; ++t) {
+                    r[16 * i + t] = (uint8_t)((u[t] & 15) | ((u[t + 16] & 15) << 4));
+                    if (fmt == Q5_K)
+                        r[64 + t] |= (uint8_t)(((u[t] >> 4) << int8_q5_qh_bit(i, t)) |
+                                               ((u[t + 16] >> 4) << int8_q5_qh_bit(i, t + 16)));
+                }
+                int sc, m;
+                kquant_scale_min(sb + 4, sub, &sc, &m);
+                r[qb + i] = (uint8_t)sc;
+                r[qb + 4 + i] = (uint8_t)m;
+            }
+        }
+    }
 }
 
 void int8_repack(uint8_t* out, const uint8_t* blocks, int64_t N, int64_t K, int fmt) {
-    const int64_t nb = K / QK, bb = quant_block_bytes(fmt), row_bytes = nb * bb, qb = int8_quant_bytes(fmt);
-    const int64_t gb = int8_group_bytes(fmt, K), groups = i8_ceil_div(N, I8_ROWS), rec = int8_record_bytes(fmt);
-    const int64_t rq = qb / I8_ROWS;  // quant bytes of one row's block: 32 (Q8_0) or 16
+    const int64_t gb = int8_group_bytes(fmt, K), groups = i8_ceil_div(N, I8_ROWS);
     std::memset(out, 0, (size_t)(groups * gb));
+    if (fmt == Q6_K) {
+        int8_repack_q6_k(out, blocks, N, K);
+        return;
+    }
+    if (int8_has_header(fmt)) {
+        int8_repack_k(out, blocks, N, K, fmt);
+        return;
+    }
+    const int64_t nb = K / QK, bb = quant_block_bytes(fmt), row_bytes = nb * bb, qb = int8_quant_bytes(fmt);
+    const int64_t rec = int8_record_bytes(fmt);
+    const int64_t rq = qb / I8_ROWS;  // quant bytes of one row's block: 32 (Q8_0) or 16
     for (int64_t n = 0; n < N; ++n) {
         uint8_t* g = out + (n / I8_ROWS) * gb;
         const int64_t i = n % I8_ROWS;
@@ -33,24 +116,8 @@ void int8_repack(uint8_t* out, const uint8_t* blocks, int64_t N, int64_t K, int 
 // weight row n of the repacked W, dequantized into w [K] (for rows of x with NaN / Inf, which
 // take fp32 arithmetic so that they propagate as the op contract says)
 static void dequant_row(float* w, const uint8_t* packed, int64_t n, int64_t K, int fmt) {
-    const int64_t nb = K / QK, qb = int8_quant_bytes(fmt), rq = qb / I8_ROWS, i = n % I8_ROWS, rec = int8_record_bytes(fmt);
     const uint8_t* g = packed + (n / I8_ROWS) * int8_group_bytes(fmt, K);
-    auto half = [](const uint8_t* p) { uint16_t h; std::memcpy(&h, p, 2); return f16_to_f32(h); };
-    for (int64_t b = 0; b < nb; ++b) {
-        const uint8_t* r = g + b * rec;
-        const uint8_t* qs = r + i * rq;
-        const float d = half(r + qb + i * 2);
-        float* wb = w + b * QK;
-        if (fmt == Q8_0) {
-            for (int j = 0; j < QK; ++j) wb[j] = d * (float)(int8_t)qs[j];
-        } else {
-            const float m = fmt == Q4_0 ? -8.0f * d : half(r + qb + 8 + i * 2);
-            for (int j = 0; j < 16; ++j) {
-                wb[j] = d * (float)(qs[j] & 15) + m;
-                wb[j + 16] = d * (float)(qs[j] >> 4) + m;
-            }
-        }
-    }
+    for (int64_t b = 0; b < K / QK; ++b) int8_dequant_block(w + b * QK, g, b, (int)(n % I8_ROWS), fmt);
 }
 
 struct Int8Call {
@@ -63,8 +130,24 @@ struct Int8Call {
     int adt, fmt;
     int8_t* q;        // [M][K]
     float *d, *s;     // [M][nb]
+    int32_t* xo;      // [M][nb][8] (Q6_K only, else null): int8_q6_offsets
     uint8_t* finite;  // [M]: 0 where the row holds a NaN / Inf
 };
+
+// Q6_K's offsets of one quantized row q [nb * 32]: per block the vector 32 [S0 S0 S1 S1 S0 S0 S1 S1]
+// (S0, S1: the sums of q over weights 0..15, 16..31), in the lane order of the Q6_K kernel's sums, which
+// subtract it once per block and row of x instead of per weight vector (w = d sc (u - 32))
+static void int8_q6_offsets(int32_t* xo, const int8_t* q, int64_t nb) {
+    for (int64_t b = 0; b < nb; ++b) {
+        int s0 = 0, s1 = 0;
+        for (int t = 0; t < 16; ++t) {
+            s0 += q[b * QK + t];
+            s1 += q[b * QK + 16 + t];
+        }
+        const int32_t v[8] = {32 * s0, 32 * s0, 32 * s1, 32 * s1, 32 * s0, 32 * s0, 32 * s1, 32 * s1};
+        std::memcpy(xo + b * 8, v, sizeof v);
+    }
+}
 
 // rows m of x: to fp32, quantized (tasks of rows)
 static void quantize_task(void* ctx, int64_t m, int thread) {
@@ -78,6 +161,7 @@ static void quantize_task(void* ctx, int64_t m, int thread) {
         row = buf;
     }
     c.finite[m] = c.k->quantize_row(c.q + m * c.K, c.d + m * c.nb, c.s + m * c.nb, row, c.K) ? 1 : 0;
+    if (c.xo) int8_q6_offsets(c.xo + m * c.nb * 8, c.q + m * c.K, c.nb);
 }
 
 // a run of groups against every row of x, 4 rows of x at a time (the run's weights stay in cache
@@ -97,7 +181,8 @@ static void groups_task(void* ctx, int64_t t, int thread) {
         for (int r = 0; r < R; ++r) chunk_fast = chunk_fast && c.finite[m0 + r];
         for (int64_t g = g0; g < g1; ++g) {
             alignas(64) float y[I8_ROWS * I8_ROWS];
-            c.k->dot_group(y, c.q + m0 * K, c.d + m0 * nb, c.s + m0 * nb, R, K, c.packed + g * c.gb, c.fmt);
+            c.k->dot_group(y, c.q + m0 * K, c.d + m0 * nb, c.s + m0 * nb, c.xo ? c.xo + m0 * nb * 8 : nullptr, R, K,
+                           c.packed + g * c.gb, c.fmt);
             const int64_t n0 = g * I8_ROWS;
             const int nn = (int)i8_min(I8_ROWS, N - n0);
             if (chunk_fast) {
@@ -133,12 +218,15 @@ void linear_int8(const Int8Kernels* k, void* out, const void* x, const uint8_t* 
     c.M = M; c.N = N; c.K = K; c.xs = xs; c.adt = adt; c.fmt = fmt;
     c.nb = K / QK;
     c.gb = int8_group_bytes(fmt, K);
-    // scratch (thread 0, slots 4 and 5), taken before any task runs: q [M][K] int8, d, s [M][nb], finite [M]
+    // scratch (thread 0, slots 4 and 5), taken before any task runs: q [M][K] int8, d, s [M][nb],
+    // xo [M][nb][8] (Q6_K), finite [M]
+    const int64_t xo_n = fmt == Q6_K ? 8 * M * c.nb : 0;
     c.q = (int8_t*)scratch(0, 4, (size_t)i8_ceil_div(M * K, 4));
-    float* ds = scratch(0, 5, (size_t)(2 * M * c.nb + i8_ceil_div(M, 4)));
+    float* ds = scratch(0, 5, (size_t)(2 * M * c.nb + xo_n + i8_ceil_div(M, 4)));
     c.d = ds;
     c.s = ds + M * c.nb;
-    c.finite = (uint8_t*)(ds + 2 * M * c.nb);
+    c.xo = xo_n ? (int32_t*)(ds + 2 * M * c.nb) : nullptr;
+    c.finite = (uint8_t*)(ds + 2 * M * c.nb + xo_n);
     if (M * K >= 16384) parallel_for(M, quantize_task, &c);
     else for (int64_t m = 0; m < M; ++m) quantize_task(&c, m, 0);
 

@@ -68,15 +68,25 @@ static bool quantize_row(int8_t* q, float* d, float* s, const float* x, int64_t 
 
 #if I8_ISA == 0
 
-static inline float half_at(const uint8_t* p, int64_t i) {
-    uint16_t h;
-    std::memcpy(&h, p + 2 * i, 2);
-    return f16_to_f32(h);
-}
+static inline float half_at(const uint8_t* p, int64_t i) { return int8_half(p + 2 * i); }
 
-static void dot_group(float* y, const int8_t* q, const float* xd, const float* xs, int R, int64_t K,
-                      const uint8_t* g, int fmt) {
+static void dot_group(float* y, const int8_t* q, const float* xd, const float* xs, const int32_t*, int R,
+                      int64_t K, const uint8_t* g, int fmt) {
     const int64_t nb = K / QK, qb = int8_quant_bytes(fmt), rec = int8_record_bytes(fmt);
+    if (int8_has_header(fmt)) {  // Q4_K / Q5_K: each block's weights (exact in fp32) . q, scaled by d_x
+        for (int r = 0; r < R; ++r)
+            for (int i = 0; i < I8_ROWS; ++i) {
+                float acc = 0.f, w[QK];
+                for (int64_t b = 0; b < nb; ++b) {
+                    int8_dequant_block(w, g, b, i, fmt);
+                    float dot = 0.f;
+                    for (int t = 0; t < QK; ++t) dot += w[t] * (float)q[r * K + b * QK + t];
+                    acc += xd[r * nb + b] * dot;
+                }
+                y[r * I8_ROWS + i] = acc;
+            }
+        return;
+    }
     for (int r = 0; r < R; ++r)
         for (int i = 0; i < I8_ROWS; ++i) {
             float acc = 0.f;
@@ -85,7 +95,17 @@ static void dot_group(float* y, const int8_t* q, const float* xd, const float* x
                 const uint8_t* rb = g + b * rec;
                 const float dw = half_at(rb + qb, i), dx = xd[r * nb + b];
                 int dot = 0;
-                if (fmt == Q8_0) {
+                if (fmt == Q6_K) {  // two sub-blocks of 16, each with its int8 scale
+                    const uint8_t *w = rb + i * 16, *qh = rb + 64 + (i % 2) * 16;
+                    const int8_t* sc = (const int8_t*)(rb + qb + 8);
+                    int dot1 = 0;
+                    for (int j = 0; j < 16; ++j) {
+                        dot += ((w[j] & 15) + (((qh[j] >> int8_q6_qh_shift(i, j)) & 3) << 4) - 32) * xq[j];
+                        dot1 += ((w[j] >> 4) + (((qh[j] >> int8_q6_qh_shift(i, j + 16)) & 3) << 4) - 32) * xq[j + 16];
+                    }
+                    acc += dw * dx * ((float)sc[int8_q6_sc_index(i, 0)] * (float)dot +
+                                      (float)sc[int8_q6_sc_index(i, 1)] * (float)dot1);
+                } else if (fmt == Q8_0) {
                     const int8_t* w = (const int8_t*)(rb + i * 32);
                     for (int j = 0; j < QK; ++j) dot += (int)w[j] * xq[j];
                     acc += dw * dx * (float)dot;
@@ -131,44 +151,77 @@ static inline __m128 half4(const uint8_t* p) { return _mm_cvtph_ps(_mm_loadl_epi
 // into the next group's: a thread's groups are one contiguous stream)
 static const int64_t PREFETCH_AHEAD = 2048;
 
-// Q4_0 / Q4_1: per block, two 32-byte loads hold the nibbles of the 4 rows ([row 0 | row 1],
-// [row 2 | row 3]); low nibbles are weights 0..15 of a row, high nibbles 16..31, so they meet x's
-// halves broadcast into both 128-bit lanes (two 16-byte broadcast loads, no shuffle). One hadd folds
-// a row's two vectors of int32 sums into [w0 w0 w2 w2 | w1 w1 w3 w3], scaled once per block by
-// [d0 d0 d2 d2 | d1 d1 d3 d3] d_x; the offset term (-8 d_w s_x or m_w s_x) goes into one 4-lane
-// vector per x row. (Measured against two accumulators per row and per-block lane permutes of x:
-// 1.13-1.34x in one process, interleaved; folding pairs of x rows into one vector was no faster.)
+// Q4_0 / Q4_1 / Q4_K / Q5_K: per block, two 32-byte loads hold the nibbles of the 4 rows ([row 0 |
+// row 1], [row 2 | row 3]); low nibbles are weights 0..15 of a row, high nibbles 16..31, so they meet
+// x's halves broadcast into both 128-bit lanes (two 16-byte broadcast loads, no shuffle). One hadd
+// folds a row's two vectors of int32 sums into [w0 w0 w2 w2 | w1 w1 w3 w3], scaled once per block by
+// [d0 d0 d2 d2 | d1 d1 d3 d3] d_x; the offset term (-8 d_w s_x, m_w s_x, or -dmin m s_x) goes into one
+// 4-lane vector per x row. Q4_K / Q5_K: d_w = d sc from the super-block's header (d, dmin: once per 8
+// blocks) and the record's uint8 sc and m; Q5_K's fifth bits come from one 16-byte load broadcast,
+// lane 1 shifted right by 1 (int8_q5_qh_bit), a shift and mask per vector. (Measured against two
+// accumulators per row and per-block lane permutes of x: 1.13-1.34x in one process, interleaved;
+// folding pairs of x rows into one vector was no faster.) maddubs' pair sums stay below int16's limit:
+// two added before the madd, 2 * 2 * 31 * 127.
 
 template <int FMT, int R>
 static inline void dot_group_q4(float* y, const int8_t* q, const float* xd, const float* xs, int64_t K, const uint8_t* g) {
     const int64_t nb = K / QK;
     const __m256i low = _mm256_set1_epi8(0x0f);
     const __m256i isel = _mm256_setr_epi32(0, 0, 2, 2, 1, 1, 3, 3);
-    constexpr int64_t REC = int8_record_bytes(FMT);  // a block's record: 4 rows x 16 quant bytes, 4 fp16 d (and m)
+    constexpr bool KQ = int8_has_header(FMT);
+    constexpr int64_t REC = int8_record_bytes(FMT), QB = int8_quant_bytes(FMT);
+    constexpr int64_t SPAN = int8_span(FMT), HDR = int8_header_bytes(FMT);
     __m256 acc[R];
     __m128 accm[R];
     for (int r = 0; r < R; ++r) {
         acc[r] = _mm256_setzero_ps();
         accm[r] = _mm_setzero_ps();
     }
-    for (int64_t b = 0; b < nb; ++b) {
-        const uint8_t* qs = g + b * REC;
-        __builtin_prefetch(qs + PREFETCH_AHEAD);  // records are > 64 bytes: two lines a block
-        __builtin_prefetch(qs + PREFETCH_AHEAD + 64);
-        const __m256i v0 = _mm256_loadu_si256((const __m256i*)qs), v1 = _mm256_loadu_si256((const __m256i*)(qs + 32));
-        const __m256i lo0 = _mm256_and_si256(v0, low), hi0 = _mm256_and_si256(_mm256_srli_epi16(v0, 4), low);
-        const __m256i lo1 = _mm256_and_si256(v1, low), hi1 = _mm256_and_si256(_mm256_srli_epi16(v1, 4), low);
-        const __m128 dw = half4(qs + int8_quant_bytes(FMT));
-        const __m256 dsel = _mm256_permutevar8x32_ps(_mm256_castps128_ps256(dw), isel);
-        const __m128 off = FMT == Q4_0 ? _mm_mul_ps(dw, _mm_set1_ps(-8.0f)) : half4(qs + int8_quant_bytes(FMT) + 8);
+    for (int64_t j = 0; j < nb / SPAN; ++j) {
+        const uint8_t* sb = g + j * (HDR + SPAN * REC);
+        __m256 dsb = _mm256_setzero_ps();
+        __m128 nmin = _mm_setzero_ps();
+        if constexpr (KQ) {  // the super-block's header: [d0 d0 d2 d2 | d1 d1 d3 d3], -dmin
+            dsb = _mm256_permutevar8x32_ps(_mm256_castps128_ps256(half4(sb)), isel);
+            nmin = _mm_sub_ps(_mm_setzero_ps(), half4(sb + 8));
+        }
+        for (int64_t bb = 0; bb < SPAN; ++bb) {
+            const int64_t b = j * SPAN + bb;
+            const uint8_t* qs = sb + HDR + bb * REC;
+            __builtin_prefetch(qs + PREFETCH_AHEAD);  // records are > 64 bytes: two lines a block
+            __builtin_prefetch(qs + PREFETCH_AHEAD + 64);
+            const __m256i v0 = _mm256_loadu_si256((const __m256i*)qs), v1 = _mm256_loadu_si256((const __m256i*)(qs + 32));
+            __m256i lo0 = _mm256_and_si256(v0, low), hi0 = _mm256_and_si256(_mm256_srli_epi16(v0, 4), low);
+            __m256i lo1 = _mm256_and_si256(v1, low), hi1 = _mm256_and_si256(_mm256_srli_epi16(v1, 4), low);
+            if constexpr (FMT == Q5_K) {
+                const __m256i bit = _mm256_set1_epi8(0x10);
+                const __m256i h = _mm256_srlv_epi32(_mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i*)(qs + 64))),
+                                                    _mm256_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1));
+                lo0 = _mm256_or_si256(lo0, _mm256_and_si256(_mm256_slli_epi16(h, 4), bit));
+                hi0 = _mm256_or_si256(hi0, _mm256_and_si256(_mm256_slli_epi16(h, 2), bit));
+                lo1 = _mm256_or_si256(lo1, _mm256_and_si256(h, bit));
+                hi1 = _mm256_or_si256(hi1, _mm256_and_si256(_mm256_srli_epi16(h, 2), bit));
+            }
+            __m256 dsel;
+            __m128 off;
+            if constexpr (KQ) {  // [sc0..3 m0..3] as fp32
+                const __m256 sm = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i*)(qs + QB))));
+                dsel = _mm256_mul_ps(dsb, _mm256_permutevar8x32_ps(sm, isel));
+                off = _mm_mul_ps(nmin, _mm256_extractf128_ps(sm, 1));
+            } else {
+                const __m128 dw = half4(qs + QB);
+                dsel = _mm256_permutevar8x32_ps(_mm256_castps128_ps256(dw), isel);
+                off = FMT == Q4_0 ? _mm_mul_ps(dw, _mm_set1_ps(-8.0f)) : half4(qs + QB + 8);
+            }
 #pragma GCC unroll 4
-        for (int r = 0; r < R; ++r) {
-            const int8_t* xb = q + r * K + b * QK;
-            const __m256i xl = _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i*)xb));
-            const __m256i xh = _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i*)(xb + 16)));
-            const __m256i p = _mm256_hadd_epi32(dot2_u8s8(lo0, xl, hi0, xh), dot2_u8s8(lo1, xl, hi1, xh));
-            acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_mul_ps(dsel, _mm256_set1_ps(xd[r * nb + b])), acc[r]);
-            accm[r] = _mm_fmadd_ps(off, _mm_set1_ps(xs[r * nb + b]), accm[r]);
+            for (int r = 0; r < R; ++r) {
+                const int8_t* xb = q + r * K + b * QK;
+                const __m256i xl = _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i*)xb));
+                const __m256i xh = _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i*)(xb + 16)));
+                const __m256i p = _mm256_hadd_epi32(dot2_u8s8(lo0, xl, hi0, xh), dot2_u8s8(lo1, xl, hi1, xh));
+                acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_mul_ps(dsel, _mm256_set1_ps(xd[r * nb + b])), acc[r]);
+                accm[r] = _mm_fmadd_ps(off, _mm_set1_ps(xs[r * nb + b]), accm[r]);
+            }
         }
     }
     for (int r = 0; r < R; ++r) {
@@ -212,21 +265,75 @@ static inline void dot_group_q8(float* y, const int8_t* q, const float* xd, int6
         _mm_storeu_ps(y + r * I8_ROWS, _mm_add_ps(_mm256_castps256_ps128(acc[r]), _mm256_extractf128_ps(acc[r], 1)));
 }
 
+// Q6_K: per block, the low 4 bits as Q4's nibbles ([row 0 | row 1], [row 2 | row 3]) and one 32-byte
+// load of the high 2 bits (int8_q6_qh_shift: one shift and mask each) give the unsigned 6-bit codes u
+// of four vectors: [r0 | r1] and [r2 | r3] for weights 0..15 and for 16..31, met by x's halves
+// broadcast. Each of a row's two 16-weight sub-blocks has its own scale, so the sums stay apart:
+// three hadds give [r0h0 r2h0 r0h1 r2h1 | r1h0 r3h0 r1h1 r3h1], the order of the record's int8 scales
+// (int8_q6_sc_index); the -32 of w = d sc (u - 32) is one subtraction of x's offsets xo (32 sum(q)
+// per sub-block, int8_q6_offsets) per block and row of x. maddubs' pair sums stay below int16's
+// limit: 2 * 63 * 127.
 template <int R>
-static inline void dot_group_r(float* y, const int8_t* q, const float* xd, const float* xs, int64_t K, const uint8_t* g,
-                               int fmt) {
-    if (fmt == Q8_0) dot_group_q8<R>(y, q, xd, K, g);
-    else if (fmt == Q4_0) dot_group_q4<Q4_0, R>(y, q, xd, xs, K, g);
-    else dot_group_q4<Q4_1, R>(y, q, xd, xs, K, g);
+static inline void dot_group_q6(float* y, const int8_t* q, const float* xd, const int32_t* xo, int64_t K,
+                                const uint8_t* g) {
+    const int64_t nb = K / QK;
+    constexpr int64_t REC = int8_record_bytes(Q6_K), QB = int8_quant_bytes(Q6_K);
+    const __m256i low = _mm256_set1_epi8(0x0f), high = _mm256_set1_epi8(0x30);
+    const __m256i dsel = _mm256_setr_epi32(0, 2, 0, 2, 1, 3, 1, 3);
+    __m256 acc[R];
+    for (int r = 0; r < R; ++r) acc[r] = _mm256_setzero_ps();
+    for (int64_t b = 0; b < nb; ++b) {
+        const uint8_t* qs = g + b * REC;
+        __builtin_prefetch(qs + PREFETCH_AHEAD);  // records are > 64 bytes: two lines a block
+        __builtin_prefetch(qs + PREFETCH_AHEAD + 64);
+        const __m256i v0 = _mm256_loadu_si256((const __m256i*)qs), v1 = _mm256_loadu_si256((const __m256i*)(qs + 32));
+        const __m256i h = _mm256_loadu_si256((const __m256i*)(qs + 64));
+        const __m256i lo0 = _mm256_or_si256(_mm256_and_si256(v0, low), _mm256_and_si256(_mm256_slli_epi16(h, 4), high));
+        const __m256i hi0 = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(v0, 4), low),
+                                            _mm256_and_si256(_mm256_slli_epi16(h, 2), high));
+        const __m256i lo1 = _mm256_or_si256(_mm256_and_si256(v1, low), _mm256_and_si256(h, high));
+        const __m256i hi1 = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(v1, 4), low),
+                                            _mm256_and_si256(_mm256_srli_epi16(h, 2), high));
+        const __m256 dw = _mm256_permutevar8x32_ps(_mm256_castps128_ps256(half4(qs + QB)), dsel);
+        const __m256 sc = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i*)(qs + QB + 8))));
+        const __m256 scale = _mm256_mul_ps(dw, sc);
+#pragma GCC unroll 4
+        for (int r = 0; r < R; ++r) {
+            const int8_t* xb = q + r * K + b * QK;
+            const __m256i xl = _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i*)xb));
+            const __m256i xh = _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i*)(xb + 16)));
+            const __m256i z = _mm256_setzero_si256();
+            const __m256i s0 = _mm256_hadd_epi32(dot_u8s8(z, lo0, xl), dot_u8s8(z, lo1, xl));
+            const __m256i s1 = _mm256_hadd_epi32(dot_u8s8(z, hi0, xh), dot_u8s8(z, hi1, xh));
+            const __m256i p = _mm256_sub_epi32(_mm256_hadd_epi32(s0, s1),
+                                               _mm256_loadu_si256((const __m256i*)(xo + (r * nb + b) * 8)));
+            acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_mul_ps(scale, _mm256_set1_ps(xd[r * nb + b])), acc[r]);
+        }
+    }
+    for (int r = 0; r < R; ++r) {  // [r0 r2 . . | r1 r3 . .] summed over the two sub-blocks -> [r0 r1 r2 r3]
+        const __m128 a = _mm256_castps256_ps128(acc[r]), c = _mm256_extractf128_ps(acc[r], 1);
+        _mm_storeu_ps(y + r * I8_ROWS, _mm_unpacklo_ps(_mm_add_ps(a, _mm_movehl_ps(a, a)), _mm_add_ps(c, _mm_movehl_ps(c, c))));
+    }
 }
 
-static void dot_group(float* y, const int8_t* q, const float* xd, const float* xs, int R, int64_t K, const uint8_t* g,
-                      int fmt) {
+template <int R>
+static inline void dot_group_r(float* y, const int8_t* q, const float* xd, const float* xs, const int32_t* xo, int64_t K,
+                               const uint8_t* g, int fmt) {
+    if (fmt == Q8_0) dot_group_q8<R>(y, q, xd, K, g);
+    else if (fmt == Q4_0) dot_group_q4<Q4_0, R>(y, q, xd, xs, K, g);
+    else if (fmt == Q4_1) dot_group_q4<Q4_1, R>(y, q, xd, xs, K, g);
+    else if (fmt == Q4_K) dot_group_q4<Q4_K, R>(y, q, xd, xs, K, g);
+    else if (fmt == Q5_K) dot_group_q4<Q5_K, R>(y, q, xd, xs, K, g);
+    else dot_group_q6<R>(y, q, xd, xo, K, g);
+}
+
+static void dot_group(float* y, const int8_t* q, const float* xd, const float* xs, const int32_t* xo, int R, int64_t K,
+                      const uint8_t* g, int fmt) {
     switch (R) {
-        case 1: dot_group_r<1>(y, q, xd, xs, K, g, fmt); break;
-        case 2: dot_group_r<2>(y, q, xd, xs, K, g, fmt); break;
-        case 3: dot_group_r<3>(y, q, xd, xs, K, g, fmt); break;
-        default: dot_group_r<4>(y, q, xd, xs, K, g, fmt); break;
+        case 1: dot_group_r<1>(y, q, xd, xs, xo, K, g, fmt); break;
+        case 2: dot_group_r<2>(y, q, xd, xs, xo, K, g, fmt); break;
+        case 3: dot_group_r<3>(y, q, xd, xs, xo, K, g, fmt); break;
+        default: dot_group_r<4>(y, q, xd, xs, xo, K, g, fmt); break;
     }
 }
 

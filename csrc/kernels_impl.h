@@ -764,7 +764,8 @@ static void linear_quant_t(void* out, const float* A, int64_t lda, const uint8_t
 #include "kquant_impl.h"  // Q4_K / Q5_K / Q6_K: linear_kquant_t
 
 // GGUF blocks repacked for the int8 route (int8.h: groups of 4 rows; quants, then d, then m), on
-// fp32 activations: linear_quant_t's GEMM, each block reassembled from its group first
+// fp32 activations: linear_quant_t's GEMM, each block reassembled from its group first (Q6_K's
+// records decoded directly)
 template <int FMT>
 static void linear_repacked_t(void* out, const float* A, int64_t lda, const uint8_t* packed, const void* bias, int64_t M,
                               int64_t N, int64_t K, int adt) {
@@ -784,13 +785,17 @@ static void linear_repacked_t(void* out, const float* A, int64_t lda, const uint
             const int64_t i = n % 4;
             for (int64_t kb = 0; kb < kc; kb += QK) {
                 const int64_t b = (k0 + kb) / QK;
-                const uint8_t* r = g + b * rec;  // the block's record: quants of 4 rows, d, m
-                std::memcpy(blk, r + qb + i * 2, 2);
-                if (FMT == Q4_1) std::memcpy(blk + 2, r + qb + 8 + i * 2, 2);
-                std::memcpy(blk + head, r + i * rq, (size_t)rq);
-                V w[NV];
-                dequant_block<FMT>(w, blk);
-                for (int v = 0; v < NV; ++v) Vec::store(tmp + v * W, w[v]);
+                if constexpr (FMT == Q6_K || FMT == Q4_K || FMT == Q5_K) {  // no GGUF block of 32 to reassemble
+                    int8_dequant_block(tmp, g, b, (int)i, FMT);
+                } else {
+                    const uint8_t* r = g + b * rec;  // the block's record: quants of 4 rows, d, m
+                    std::memcpy(blk, r + qb + i * 2, 2);
+                    if (FMT == Q4_1) std::memcpy(blk + 2, r + qb + 8 + i * 2, 2);
+                    std::memcpy(blk + head, r + i * rq, (size_t)rq);
+                    V w[NV];
+                    dequant_block<FMT>(w, blk);
+                    for (int v = 0; v < NV; ++v) Vec::store(tmp + v * W, w[v]);
+                }
                 for (int t = 0; t < QK; ++t) buf[(kb + t) * PANEL + j] = tmp[t];
             }
         }
@@ -808,7 +813,10 @@ static void linear(void* out, const void* x, const void* weights, const void* bi
     if (wfmt >= W_INT8X4) {
         if (wfmt == W_INT8X4 + Q8_0) linear_repacked_t<Q8_0>(out, A, lda, blocks, bias, M, N, K, adt);
         else if (wfmt == W_INT8X4 + Q4_0) linear_repacked_t<Q4_0>(out, A, lda, blocks, bias, M, N, K, adt);
-        else linear_repacked_t<Q4_1>(out, A, lda, blocks, bias, M, N, K, adt);
+        else if (wfmt == W_INT8X4 + Q4_1) linear_repacked_t<Q4_1>(out, A, lda, blocks, bias, M, N, K, adt);
+        else if (wfmt == W_INT8X4 + Q4_K) linear_repacked_t<Q4_K>(out, A, lda, blocks, bias, M, N, K, adt);
+        else if (wfmt == W_INT8X4 + Q5_K) linear_repacked_t<Q5_K>(out, A, lda, blocks, bias, M, N, K, adt);
+        else linear_repacked_t<Q6_K>(out, A, lda, blocks, bias, M, N, K, adt);
         return;
     }
     switch (wfmt) {

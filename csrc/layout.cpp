@@ -2,6 +2,7 @@
 #include <cstring>
 
 #include "common.h"
+#include "int8.h"  // the int8 route's repacked groups, which embedding gathers rows from
 
 // P [ceil(N/32)][K][32] = W [N, K] (row stride ws elements), padded with zeros; elem_bytes 2 or 4
 void pack_dense(void* packed, const void* w, int64_t N, int64_t K, int64_t ws, int64_t elem_bytes) {
@@ -73,8 +74,8 @@ static void kquant_block_f32(float* y, const uint8_t* b, int wfmt) {
     const uint8_t* s = b + 4;  // 8 x 6-bit scales, 8 x 6-bit mins in 12 bytes
     const uint8_t *qh = b + 16, *qs = b + 16 + (wfmt == W_Q5_K ? 32 : 0);
     for (int j = 0; j < 8; ++j) {
-        const int sc = j < 4 ? s[j] & 63 : (s[j + 4] & 0x0F) | ((s[j - 4] >> 6) << 4);
-        const int m = j < 4 ? s[j + 4] & 63 : (s[j + 4] >> 4) | ((s[j] >> 6) << 4);
+        int sc, m;
+        kquant_scale_min(s, j, &sc, &m);
         const float dsc = d * (float)sc, dmn = dmin * (float)m;
         for (int l = 0; l < 32; ++l) {
             int q = (qs[32 * (j / 2) + l] >> (4 * (j % 2))) & 0x0F;
@@ -88,6 +89,16 @@ void embedding_prepared(void* out, const int64_t* ids, const void* weights, int6
     const uint8_t* w = (const uint8_t*)weights;
     for (int64_t n = 0; n < N; ++n) {
         const int64_t v = ids[n];
+        if (wfmt >= W_INT8X4) {  // the int8 route's groups of 4 rows: row v's records
+            const int fmt = wfmt - W_INT8X4;
+            const uint8_t* g = w + (v / I8_ROWS) * int8_group_bytes(fmt, H);
+            float y[QK];
+            for (int64_t b = 0; b < H / QK; ++b) {
+                int8_dequant_block(y, g, b, (int)(v % I8_ROWS), fmt);
+                for (int i = 0; i < QK; ++i) store_scalar(out, dt, n * H + b * QK + i, y[i]);
+            }
+            continue;
+        }
         if (wfmt == W_Q4_K || wfmt == W_Q5_K || wfmt == W_Q6_K) {  // super-blocks of 256: H % 256 == 0
             const int64_t bb = kquant_block_bytes(wfmt), nb = H / 256;
             float y[256];

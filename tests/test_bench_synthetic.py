@@ -40,11 +40,16 @@ def test_synthetic_file_has_the_shapes_and_loads(tmp_path):
 
 def test_bench_model_roofline_column(tmp_path):
     path = synthetic_gguf("smollm2-135m", "q8_0", directory=tmp_path, layers=1)
-    doc = bench_model.run(str(path), ["torch"], prompt_tokens=4, gen_tokens=3, repetitions=1)
+    doc = bench_model.run(str(path), ["torch"], prompt_tokens=4, gen_tokens=3, repetitions=3)
     tg = [r for r in doc["rows"] if r["test"] == "tg3"][0]
     s = SHAPES["smollm2-135m"]
     kv = 1 * 2 * s.kv_heads * s.head_dim * 4 * 2  # mean position (3 + 1) / 2
     assert tg["bytes_per_token"] == weight_bytes_per_token(path) + kv
-    assert tg["read_bytes_s"] == doc["read_bandwidth"]["bytes_s"] > 0
-    assert math.isclose(tg["bandwidth_share"], tg["tok_s_mean"] * tg["bytes_per_token"] / tg["read_bytes_s"])
+    # one read-bandwidth probe before each repetition; the share is the median of the repetitions' own
+    probes = tg["read_bytes_s_probes"]
+    assert len(probes) == 3 and min(probes) > 0 and tg["read_bytes_s"] == sorted(probes)[1]
+    each = sorted(t * tg["bytes_per_token"] / p for t, p in zip(tg["tok_s"], probes))
+    assert math.isclose(tg["bandwidth_share"], each[1]) and tg["bandwidth_share_range"] == [each[0], each[2]]
     assert f"{100 * tg['bandwidth_share']:.0f}%" in bench_model.format_table(doc)
+    pp = [r for r in doc["rows"] if r["test"] == "pp4"][0]
+    assert "bandwidth_share" not in pp and "read_bytes_s_probes" not in pp

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import portinfer
-from portinfer.backends import quant, registry
+from portinfer.backends import quant, registry, spec
 from portinfer.conformance.budget import budget, int8_magnitude, relative_error
 
 cpu_mod = pytest.importorskip("portinfer.backends.cpu")
@@ -97,49 +97,71 @@ def test_int8_path_matches_references(path, fmt):
         assert err <= bud, f"{path} {fmt} {M}x{N}x{K}: error {err:.2e} > int8 budget {bud:.2e}"
 
 
+K_FORMATS = ("q4_k", "q5_k", "q6_k")
+
+
 @pytest.mark.parametrize("path", PATHS)
-def test_q4_k_on_the_int8_route(path):
-    """Q4_K takes the integer kernels as Q4_1 blocks (quant.q4_k_as_q4_1: each 32-value sub-block's
-    codes, its scale and min rounded to fp16): the int8 definition over those blocks to fp32 rounding,
-    and the Q4_K weights themselves (float64 reference) under the int8 budget."""
+@pytest.mark.parametrize("fmt", K_FORMATS)
+def test_k_quants_on_the_int8_route(path, fmt):
+    """The K-quants on the integer kernels, repacked from their super-blocks (codes, scales and mins as
+    stored): the int8 definition over the same weights to fp32 rounding, and the float64 reference under
+    the int8 budget. Shapes: M = 1..4 and chunks of 4 with a remainder, N not a multiple of 4, K from
+    one super-block up."""
     be = CpuBackend(quant_route="int8")
     be.set_int8_path(path)
     for i, (M, N, K) in enumerate([(1, 37, 256), (3, 9, 512), (8, 33, 256), (16, 20, 256), (18, 70, 768)]):
-        g = torch.Generator().manual_seed(500 + i)
+        g = torch.Generator().manual_seed(500 + i + 10 * len(fmt))
         x = torch.randn(M, K, generator=g)
-        w = quant.quantize_k(torch.randn(N, K, generator=g) / math.sqrt(K), "q4_k")
+        w = quant.quantize_k(torch.randn(N, K, generator=g) / math.sqrt(K), fmt)
         b = torch.randn(N, generator=g) if i % 2 else None
         prepared = be.prepare_linear(w, torch.float32)
-        assert prepared.format == "q4_k" and prepared.extra["int8_format"] == "q4_1"
+        assert prepared.format == fmt and prepared.extra["layout"] == "int8x4"
         y = be.linear(x, prepared, b)
-        e_emu = relative_error(y, _emulate_int8(x, quant.q4_k_as_q4_1(w), b))
-        assert e_emu <= 1e-5, f"{path} q4_k {M}x{N}x{K}: {e_emu:.2e} off the int8 emulation"
+        e_emu = relative_error(y, _emulate_int8(x, w, b))
+        assert e_emu <= 1e-5, f"{path} {fmt} {M}x{N}x{K}: {e_emu:.2e} off the int8 emulation"
         y_ref = x.double() @ quant.dequantize(w, torch.float64).T + (0 if b is None else b.double())
         k8 = float(int8_magnitude(x, quant.dequantize(w, torch.float64)).norm() / y_ref.norm())
         bud = budget("linear", torch.float32, K, quantized_activations=True, outputs=M * N, kappa_int8=k8)
         err = relative_error(y, y_ref)
-        assert err <= bud, f"{path} q4_k {M}x{N}x{K}: error {err:.2e} > int8 budget {bud:.2e}"
+        assert err <= bud, f"{path} {fmt} {M}x{N}x{K}: error {err:.2e} > int8 budget {bud:.2e}"
 
 
-def test_q4_k_as_q4_1_keeps_codes_and_rounds_only_the_scales():
-    g = torch.Generator().manual_seed(9)
-    w = quant.quantize_k(torch.randn(24, 512, generator=g) * 0.02, "q4_k")
-    q1 = quant.q4_k_as_q4_1(w)
-    assert q1.format == "q4_1" and q1.shape == w.shape
-    size, scale, offset = quant.k_subblock_scales(w, torch.float64)
-    a, b = quant.dequantize(w, torch.float64), quant.dequantize(q1, torch.float64)
-    # the same codes: (w + offset) / scale are the same integers on both sides
-    codes_k = ((a.reshape(24, -1, 32) + offset[..., None]) / scale[..., None]).round()
-    d1 = b.reshape(24, -1, 32)
-    blocks = q1.blocks.reshape(24, -1, 20)
-    d = blocks[..., 0:2].contiguous().view(torch.float16).double()
-    m = blocks[..., 2:4].contiguous().view(torch.float16).double()
-    assert torch.equal(((d1 - m) / d).round(), codes_k)
-    # each scale and min within fp16's rounding of the exact fp32 value
-    assert torch.all((d[..., 0] - scale).abs() <= scale.abs() * 2 ** -11)
-    assert torch.all((m[..., 0] + offset).abs() <= offset.abs() * 2 ** -11 + 2 ** -25)
-    with pytest.raises(ValueError, match="q4_k"):
-        quant.q4_k_as_q4_1(q1)
+@pytest.mark.parametrize("fmt", K_FORMATS)
+def test_k_quants_prefill_and_non_finite_rows(fmt):
+    """The K-quants' repacked groups on fp32 activations (M > 16: the GEMM decodes the records) within
+    fp32 rounding of the float64 reference, and a row of x with NaN / Inf propagates like the reference's."""
+    cpu_mod._cpu.set_int8_prefill(False)
+    be = CpuBackend(quant_route="int8")
+    g = torch.Generator().manual_seed(31)
+    x = torch.randn(20, 512, generator=g)
+    w = quant.quantize_k(torch.randn(45, 512, generator=g) / 20, fmt)
+    prepared = be.prepare_linear(w, torch.float32)
+    ref = x.double() @ quant.dequantize(w, torch.float64).T
+    assert relative_error(be.linear(x, prepared, None), ref) <= 1e-5
+    x[1, 7], x[2, 300] = float("inf"), float("nan")
+    y = be.linear(x[:3], prepared, None)
+    ref = x[:3].double() @ quant.dequantize(w, torch.float64).T
+    assert torch.equal(torch.isnan(y), torch.isnan(ref)) and torch.equal(torch.isinf(y), torch.isinf(ref))
+    assert relative_error(y[0:1], _emulate_int8(x[0:1], w, None)) <= 1e-5
+
+
+@pytest.mark.parametrize("fmt", FORMATS + K_FORMATS)
+def test_embedding_rows_out_of_the_int8_groups(fmt):
+    """A tied output head repacked for the int8 route is the embedding table too (no dense copy): its
+    rows gathered out of the 4-row groups are bitwise the rows gathered out of the GGUF blocks on the
+    fp32 route (the values of quant.dequantize in ggml's fp32 order), which also pins the repacked
+    layout: every code, scale and min in its place."""
+    be, be32 = CpuBackend(quant_route="int8"), CpuBackend(quant_route="fp32")
+    g = torch.Generator().manual_seed(41)
+    w = torch.randn(23, 512, generator=g) / 20
+    w = quant.quantize_k(w, fmt) if fmt in K_FORMATS else quant.quantize(w, fmt)
+    prepared = be.prepare_linear(w, torch.float32)
+    meta = spec.prepared_table_meta(prepared)
+    assert meta["weight_format"] == f"{fmt}@int8x4" and be.supports("embedding", **meta)
+    ids = torch.tensor([0, 22, 5, 3, 3, 21], dtype=torch.int64)
+    rows = be.embedding(ids, prepared)
+    assert torch.equal(rows, be32.embedding(ids, be32.prepare_linear(w, torch.float32)))
+    assert relative_error(rows, quant.dequantize(w, torch.float64)[ids]) <= 2 ** -24
 
 
 @pytest.mark.parametrize("path", PATHS)
@@ -248,8 +270,8 @@ def test_route_setting():
 
 
 @pytest.mark.parametrize("route", ["int8", "fp32"])
-def test_conformance_linear_on_both_routes(route, conformance_seed):
-    res = portinfer.check(CpuBackend(quant_route=route), ops=["linear"], dtypes=["fp32", "bf16"],
+def test_conformance_linear_and_embedding_on_both_routes(route, conformance_seed):
+    res = portinfer.check(CpuBackend(quant_route=route), ops=["linear", "embedding"], dtypes=["fp32", "bf16"],
                           weight_formats=list(FORMATS) + ["q4_k", "q5_k", "q6_k"], max_examples=15,
                           seed=conformance_seed)
     assert res.passed, "\n" + res.table()

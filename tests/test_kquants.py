@@ -250,20 +250,20 @@ def test_q4_k_m_model_gives_transformers_greedy_tokens(q4_k_m_file, backend):
     assert ours.generate(PROMPT, max_new_tokens=16, eos_token_id=[]).token_ids == hf_models.hf_greedy(hf, PROMPT, 16)
 
 
-def test_q4_k_m_model_on_the_int8_route(q4_k_m_file, monkeypatch):
-    """The cpu backend's int8 route runs Q4_K through its integer kernels (as Q4_1 blocks) and Q6_K on
-    fp32 activations: logits near transformers' (the int8 route's model budget) and every greedy token
+def test_q4_k_m_model_on_the_int8_route(q4_k_m_file):
+    """The cpu backend's int8 route runs Q4_K and Q6_K through its integer kernels (repacked from the
+    super-blocks): logits near transformers' (the int8 route's model budget) and every greedy token
     among transformers' top 5 at that step, teacher-forced on ours."""
     from transformers import AutoModelForCausalLM
 
-    monkeypatch.setenv("PORTINFER_CPU_QUANT_ROUTE", "int8")
     hf = AutoModelForCausalLM.from_pretrained(str(q4_k_m_file.parent), gguf_file=q4_k_m_file.name,
                                               dtype=torch.float32).eval()
-    ours = portinfer.load(q4_k_m_file, backend="cpu", dtype="fp32", fallback="error")
+    ours = portinfer.load(q4_k_m_file, backend="cpu[int8]", dtype="fp32", fallback="error")
     primary = ours._placement.primary
     assert primary.quantizes_activations
-    assert any(getattr(w, "extra", {}).get("int8_format") == "q4_1" for layer in ours.decoder.layers
-               for w in layer.values() if hasattr(w, "extra"))
+    repacked = {w.format for layer in ours.decoder.layers for w in layer.values()
+                if getattr(w, "extra", {}).get("layout") == "int8x4"}
+    assert {"q4_k", "q6_k"} <= repacked, repacked
     ids = torch.tensor([PROMPT])
     with torch.no_grad():
         ref = hf(ids).logits

@@ -117,7 +117,7 @@ CASES = {
     "int8 route: handle mutated": ("object.__setattr__(q8, 'out_features', 4096); int8.linear(torch.randn(2, 64), q8)",
                                    "ValueError", "linear_int8: weights"),
     "int8 route: unknown format": ("_cpu.linear_int8(keep(torch.empty(2, 64)), keep(torch.randn(2, 64)), "
-                                   "keep(q8.payload), (0, 0), 2, 64, 64, 64, 0, 5)", "ValueError", "int8 format code"),
+                                   "keep(q8.payload), (0, 0), 2, 64, 64, 64, 0, 9)", "ValueError", "int8 format code"),
     "int8_repack: output too small": ("_cpu.int8_repack(keep(torch.empty(8, dtype=torch.uint8)), "
                                       "keep(quantize(torch.randn(64, 64), 'q8_0').blocks), 64, 64, 0)",
                                       "ValueError", "int8_repack: out:"),
@@ -142,7 +142,10 @@ CASES = {
                                                  "embedding_prepared: weights"),
     "embedding_prepared: unknown format": ("_cpu.embedding_prepared(keep(torch.empty(1, 256)), "
                                            "keep(torch.tensor([0])), keep(torch.zeros(1 << 12, dtype=torch.uint8)), "
-                                           "1, 256, 4, 16, 0)", "ValueError", "weight format code"),
+                                           "1, 256, 4, 22, 0)", "ValueError", "weight format code"),
+    "embedding_prepared: int8 groups smaller than claimed": ("_cpu.embedding_prepared(keep(torch.empty(1, 64)), "
+                                                             "keep(torch.tensor([0])), keep(q8.payload), 1, 64, 4096, "
+                                                             "16, 0)", "ValueError", "embedding_prepared: weights"),
     "embedding_prepared: K-quant rows past the blocks": ("_cpu.embedding_prepared(keep(torch.empty(1, 256)), "
                                                          "keep(torch.tensor([3])), keep(torch.zeros(144, "
                                                          "dtype=torch.uint8)), 1, 256, 4, 6, 0)", "ValueError",

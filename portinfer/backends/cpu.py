@@ -53,8 +53,16 @@ QUANT_ROUTES = ("int8", "fp32")
 # int8 is faster at decode, but changes the embedded SmolLM2-135M's greedy answers (docs/cpu-backend.md):
 # opt in with quant_route="int8" / PORTINFER_CPU_QUANT_ROUTE=int8
 DEFAULT_QUANT_ROUTE = "fp32"
-_INT8_FORMATS = {"q8_0": 0, "q4_0": 1, "q4_1": 2}  # csrc/common.h QFormat
+_INT8_FORMATS = {"q8_0": 0, "q4_0": 1, "q4_1": 2, "q6_k": 3, "q4_k": 4, "q5_k": 5}  # csrc/common.h QFormat
+_W_INT8X4 = 16  # csrc/common.h: weight format code of the int8 route's groups = 16 + QFormat
 _INT8_LAYOUT = "int8x4"  # PreparedLinear.extra["layout"] of weights repacked for the int8 route
+
+
+def _table_code(w) -> int:
+    """The weight format code (csrc/common.h) embedding_prepared reads a prepared weight's rows as."""
+    if w.extra.get("layout") == _INT8_LAYOUT:
+        return _W_INT8X4 + _INT8_FORMATS[w.format]
+    return _WEIGHT_CODE[w.format]
 
 
 def _on_cpu(name, t):
@@ -94,9 +102,10 @@ class CpuBackend(Backend):
     quantizes_activations = False  # per instance: True on the int8 route (see __init__)
     # SmolLM2 logits on the int8 route vs transformers, relative L2 (tests/test_smollm2.py; measured ~5e-3)
     model_logits_budget = 2e-2
-    # embedding gathers rows natively out of dense panels and Q8_0/Q4_0/Q4_1 blocks (csrc/layout.cpp);
-    # not out of the int8 route's repacked groups (their format carries the layout: "q4_0@...")
-    embedding_table_formats = ("fp32", "fp16", "bf16", "q8_0", "q4_0", "q4_1", "q4_k", "q5_k", "q6_k")
+    # embedding gathers rows natively out of dense panels, GGUF blocks and super-blocks, and the int8
+    # route's repacked groups (csrc/layout.cpp; spec.prepared_table_meta names those "q4_0@int8x4"), so
+    # a tied output head is the table too, and a quantized table is one copy of its blocks on either route
+    embedding_table_formats = tuple(_WEIGHT_CODE) + tuple(f"{f}@{_INT8_LAYOUT}" for f in _INT8_FORMATS)
 
     @classmethod
     def probe(cls):
@@ -176,6 +185,7 @@ class CpuBackend(Backend):
                "quant_route": self.quant_route}
         if self.quant_route == "int8":
             out["int8_path"] = self.int8_path()
+            out["int8_formats"] = "/".join(_INT8_FORMATS)  # the block formats on int8 activations
         return out
 
     # ---------------------------------------------------------------- step plans
@@ -192,17 +202,15 @@ class CpuBackend(Backend):
         source = spec.weight_format(weight)
         if isinstance(weight, spec.QuantizedWeight):
             blocks = _on_cpu("weight blocks", weight.blocks).contiguous()
-            # Q4_K takes the integer route as Q4_1 blocks (its 32-value sub-blocks, scales in fp16)
-            int8_format = "q4_1" if weight.format == "q4_k" else weight.format
-            code = _INT8_FORMATS.get(int8_format)
+            # the int8 route repacks every block format it computes (the K-quants from their super-blocks,
+            # codes and scales as stored: csrc/int8.h) into groups of 4 rows
+            code = _INT8_FORMATS.get(weight.format)
             if self.quant_route == "int8" and code is not None:
-                if int8_format != weight.format:
-                    blocks = quant.q4_k_as_q4_1(spec.QuantizedWeight(weight.format, blocks, weight.shape)).blocks
                 groups = (n + 3) // 4
                 packed = torch.empty(groups * _cpu.int8_group_bytes(code, k), dtype=torch.uint8)
                 _cpu.int8_repack(_buf(packed), _buf(blocks), n, k, code)
                 return spec.PreparedLinear(self.name, n, k, dtype, weight.format, weight.format, packed,
-                                           extra={"layout": _INT8_LAYOUT, "int8_format": int8_format})
+                                           extra={"layout": _INT8_LAYOUT})
             if weight.format in _WEIGHT_CODE:
                 return spec.PreparedLinear(self.name, n, k, dtype, weight.format, weight.format, blocks)
             # a block format without a kernel here: fp32, once (exact: the blocks' values are fp32 numbers)
@@ -218,7 +226,7 @@ class CpuBackend(Backend):
         if isinstance(table, spec.PreparedLinear):  # rows of a prepared weight: panels or blocks
             out = self.new_output((ids.shape[0], table.in_features), table.dtype)
             _cpu.embedding_prepared(_buf(out), _buf(ids), _buf(table.payload), ids.shape[0], table.in_features,
-                                    table.out_features, _WEIGHT_CODE[table.format], _DTYPE_CODE[table.dtype])
+                                    table.out_features, _table_code(table), _DTYPE_CODE[table.dtype])
             return out
         n, h = ids.shape[0], table.shape[1]
         out = self.new_output((n, h), table.dtype)
@@ -230,7 +238,7 @@ class CpuBackend(Backend):
         out = self.new_output((m, w.out_features), x.dtype)
         if w.extra.get("layout") == _INT8_LAYOUT:
             _cpu.linear_int8(_buf(out), _buf(x), _buf(w.payload), _buf(bias), m, w.out_features, k, x.stride(0),
-                             _DTYPE_CODE[x.dtype], _INT8_FORMATS[w.extra["int8_format"]])
+                             _DTYPE_CODE[x.dtype], _INT8_FORMATS[w.format])
             return out
         _cpu.linear(_buf(out), _buf(x), _buf(w.payload), _buf(bias), m, w.out_features, k, x.stride(0),
                     _DTYPE_CODE[x.dtype], _WEIGHT_CODE[w.format])

@@ -214,8 +214,9 @@ class CpuPlanExecutor:
             if isinstance(a[1], Const) and isinstance(a[1].value, spec.PreparedLinear):  # rows of a prepared weight
                 w = a[1].value
                 payload = self._const(Const(w.payload))
+                from .cpu import _table_code
                 return [(P_EMBEDDING, [out.ref, ids.ref, payload.ref], [ids.shape[0], w.in_features, 0, 0,
-                                                                        self._wf[w.format], dt, w.out_features], 0.0)]
+                                                                        _table_code(w), dt, w.out_features], 0.0)]
             table = self._arg(a[1])
             return [(P_EMBEDDING, [out.ref, ids.ref, table.ref], [ids.shape[0], table.shape[1], table.stride[0],
                                                                    table.elem, -1, 0, table.shape[0]], 0.0)]
@@ -233,7 +234,7 @@ class CpuPlanExecutor:
             payload = self._const(Const(w.payload))
             # weights repacked for the int8 route take its kernel (csrc/plan.cpp: i[6] = 1, i[5] its format)
             int8 = w.extra.get("layout") == cpu._INT8_LAYOUT
-            code = cpu._INT8_FORMATS[w.extra["int8_format"]] if int8 else self._wf[w.format]
+            code = cpu._INT8_FORMATS[w.format] if int8 else self._wf[w.format]
             return [(P_LINEAR, [out.ref, x.ref, payload.ref, bias],
                      [x.shape[0], w.out_features, x.shape[1], x.stride[0], dt, code, int(int8)], 0.0)]
         if op == "rope":

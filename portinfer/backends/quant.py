@@ -79,25 +79,6 @@ def k_subblock_scales(weight: QuantizedWeight, dtype=torch.float32):
             (_f16(b, 2, dtype) * mn.to(dtype)).reshape(n, k // 32))
 
 
-def q4_k_as_q4_1(weight: QuantizedWeight) -> QuantizedWeight:
-    """A Q4_K weight as Q4_1 blocks: each 32-value sub-block keeps its 4-bit codes, and its affine map
-    w = d sc q - dmin m becomes the block's fp16 d' = d sc and m' = -dmin m. d sc and dmin m are exact
-    in fp32; rounding them to fp16 moves each sub-block's scale by at most 2^-11 relative (the int8
-    route, which takes these blocks, is held to a budget ~8x wider: 1/254 of a block's largest
-    activation). 20 bytes per 32 weights instead of 18."""
-    if weight.format != "q4_k":
-        raise ValueError(f"weight: expected q4_k blocks, got {weight.format}")
-    n, k = weight.shape
-    b = weight.blocks.reshape(n, k // 256, QUANT_FORMATS["q4_k"][1])
-    _, scale, offset = k_subblock_scales(weight)  # [n, k / 32] each, fp32
-    qs = b[..., 16:].reshape(n, k // 256, 4, 32)  # 4 pairs of sub-blocks: low nibbles 2j, high 2j + 1
-    codes = torch.stack([qs & 15, qs >> 4], dim=3).reshape(n, k // 32, 32)  # sub-block order
-    nibbles = codes[..., :16] | (codes[..., 16:] << 4)  # Q4_1: low nibbles weights 0..15, high 16..31
-    head = torch.stack([scale.to(torch.float16), (-offset).to(torch.float16)], dim=-1).view(torch.uint8)
-    blocks = torch.cat([head.reshape(n, k // 32, 4), nibbles], dim=-1).reshape(n, -1).contiguous()
-    return QuantizedWeight("q4_1", blocks, weight.shape)
-
-
 def dequantize(weight: QuantizedWeight, dtype=torch.float32) -> torch.Tensor:
     """QuantizedWeight -> dense [N, K] in `dtype` (computed in fp32, or fp64 when asked)."""
     n, k = weight.shape

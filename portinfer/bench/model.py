@@ -46,9 +46,11 @@ def _greedy(logits):
     return logits.argmax(-1)
 
 
-def bench_backend(model, prompt_tokens, gen_tokens, repetitions, seed=0, batch=1):
-    """[(test name, [tok/s per repetition], step breakdown or None)] for one loaded model. tg with
-    batch B decodes B sequences at once (one step = B tokens; tok/s counts all of them)."""
+def bench_backend(model, prompt_tokens, gen_tokens, repetitions, seed=0, batch=1, probe=None):
+    """[(test name, [tok/s per repetition], step breakdown or None, [probe per repetition] or None)] for
+    one loaded model. tg with batch B decodes B sequences at once (one step = B tokens; tok/s counts
+    all of them). probe: called right before each timed tg repetition (a bandwidth probe: on a shared
+    machine the rate moves between minutes, so a share of it is taken against the probe next to it)."""
     g = torch.Generator().manual_seed(seed)
     ids = torch.randint(0, model.config.vocab_size, (batch, max(prompt_tokens, 1)), generator=g)
 
@@ -69,10 +71,23 @@ def bench_backend(model, prompt_tokens, gen_tokens, repetitions, seed=0, batch=1
     results = []
     for name, fn, tokens in tests:
         fn()  # warm-up: first-call allocations, plan building, kernel compilation, autotuning
-        rates = [tokens / _timed(model, fn) for _ in range(repetitions)]
+        probes = [] if probe is not None and name.startswith("tg") else None
+        rates = []
+        for _ in range(repetitions):
+            if probes is not None:
+                probes.append(probe())
+            rates.append(tokens / _timed(model, fn))
         breakdown = step_breakdown(model, fn, gen_tokens) if name.startswith("tg") else None
-        results.append((name, rates, breakdown))
+        results.append((name, rates, breakdown, probes))
     return results
+
+
+def shares(rates, probes, bytes_per_unit) -> dict:
+    """A rate's share of a bandwidth limit, repetition by repetition against the probe taken right
+    before it: the median share, its range, the median probe."""
+    each = sorted(r * bytes_per_unit / bw for r, bw in zip(rates, probes))
+    return {"share": statistics.median(each), "share_range": [each[0], each[-1]],
+            "bytes_s": statistics.median(probes), "probes_bytes_s": list(probes)}
 
 
 def step_breakdown(model, fn, steps):
@@ -143,7 +158,10 @@ def run(model_path, backends, prompt_tokens=128, gen_tokens=64, repetitions=5, d
                 log(f"bench model: loading on {name}" + ("" if use_plans else " (op path)"))
             model = _load(path, name, dtype, use_plans)
             per_token = bytes_per_token(model, path, gen_tokens, batch) if roofline else None
-            for test, tok_s, breakdown in bench_backend(model, prompt_tokens, gen_tokens, repetitions, batch=batch):
+            # the read-bandwidth probe next to each tg repetition (this machine's rate moves by minutes)
+            probe = (lambda: read_bandwidth("cpu", repeats=3)["bytes_s"]) if per_token and model.device.type == "cpu" else None
+            for test, tok_s, breakdown, probes in bench_backend(model, prompt_tokens, gen_tokens, repetitions,
+                                                               batch=batch, probe=probe):
                 rows.append({
                     "model": model.name, "size_bytes": model.file_bytes, "params": model.num_parameters,
                     "backend": name, "device": str(model.device), "dtype": spec.dtype_name(model.dtype),
@@ -156,17 +174,12 @@ def run(model_path, backends, prompt_tokens=128, gen_tokens=64, repetitions=5, d
                     # tokens/s of tg count every sequence of the batch; bytes are per step
                     "bytes_per_token": per_token / batch if per_token and test.startswith("tg") else None,
                 })
+                if probes:  # tokens/s of tg count every sequence of the batch; bytes are per step
+                    sh = shares(tok_s, probes, per_token / batch)
+                    rows[-1].update(read_bytes_s=sh["bytes_s"], read_bytes_s_probes=sh["probes_bytes_s"],
+                                    bandwidth_share=sh["share"], bandwidth_share_range=sh["share_range"])
             del model
     doc = {"provenance": prov, "rows": rows}
-    if roofline and any(r["bytes_per_token"] for r in rows):
-        if log:
-            log("bench model: read-bandwidth probe")
-        bw = read_bandwidth("cpu")  # in the same run, after the models
-        doc["read_bandwidth"] = bw
-        for r in rows:
-            if r["bytes_per_token"] and r["device"] == "cpu":
-                r["read_bytes_s"] = bw["bytes_s"]
-                r["bandwidth_share"] = r["tok_s_mean"] * r["bytes_per_token"] / bw["bytes_s"]
     doc["load_avg_end"] = list(os.getloadavg()) if hasattr(os, "getloadavg") else None
     return doc
 
