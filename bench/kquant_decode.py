@@ -1,7 +1,7 @@
 """Decode of a Q4_K_M- (or Q5_K_M-) style GGUF model of real shapes as a share of the bandwidth limit (issue 13).
 
     python bench/kquant_decode.py --shape qwen2-1.5b [--shape qwen2-0.5b] [-n 16] [-r 3]
-        [--backend 'cpu[fp32]' --backend 'cpu[int8]'] [--mix q4_k_m|q5_k_m] [--json FILE]
+        [--backend 'cpu[fp32]' --backend 'cpu[int8]'] [--mix q4_k_m|q5_k_m] [--memory] [--json FILE]
 
 The file is written here with random block bytes (finite fp16 scales) in llama.cpp's Q4_K_M mix
 (llama-quant.cpp): Q6_K for the output matrix (the token embedding when tied) and for attn_v /
@@ -16,7 +16,8 @@ bench model` uses; this machine's rate moves between minutes), and two shares of
 over repetitions of that repetition's own: `share_of_file_limit` = tok/s x the bytes a decode step
 must read as the file stores them (every matrix, the embedding's one row), over the bandwidth;
 `share_of_read_limit` the same with the bytes the loaded model actually reads per step (its
-prepared linears: blocks, repacked groups, or what was dequantized at load). Provenance (CPU, load
+prepared linears: blocks, repacked groups, or what was dequantized at load); with --memory, the
+resident memory after load over the file's tensor bytes (a fresh process each). Provenance (CPU, load
 average, commit) as every result under bench/results/. The backend spec chooses the route:
 `--backend 'cpu[int8]'` / `'cpu[fp32]'`.
 """
@@ -35,6 +36,7 @@ import torch
 
 import portinfer
 from portinfer.backends import spec
+from portinfer.bench import memory
 from portinfer.bench.machine import provenance, read_bandwidth
 from portinfer.bench.model import bench_backend, shares
 
@@ -166,6 +168,9 @@ def main(argv=None):
     p.add_argument("--backend", action="append",
                    help="backend spec, repeatable (default cpu): each decodes the same file in this run")
     p.add_argument("--mix", choices=sorted(MIXES), default="q4_k_m", help="llama.cpp's quantization mix")
+    p.add_argument("--memory", action="store_true",
+                   help="also the resident memory after load, per backend, in a fresh process "
+                        "(portinfer.bench.memory.measure: load_ratio = RSS growth / the file's tensor bytes)")
     p.add_argument("--json", help="write the results with provenance here")
     args = p.parse_args(argv)
     shapes = args.shape or ["qwen2-1.5b"]
@@ -193,6 +198,12 @@ def main(argv=None):
                        "file_bytes_per_token": per_token, "read_bytes_per_token": read,
                        "share_of_file_limit": of_file["share"], "share_of_file_limit_range": of_file["share_range"],
                        "share_of_read_limit": of_read["share"] if of_read else None}
+                if args.memory:
+                    rss = memory.measure(path, backend=backend, dtype="fp32", max_len=512)
+                    row["memory"] = {k: rss[k] for k in ("load_bytes", "tensor_bytes", "load_ratio", "step_ratio",
+                                                         "kv_cache_bytes")}
+                    print(f"{shape} on {backend}: RSS after load {rss['load_ratio']:.2f}x the file's tensor bytes",
+                          file=sys.stderr)
                 rows.append(row)
                 lo, hi = of_file["share_range"]
                 print(f"{shape} on {backend}: {mean:.2f} tok/s, {per_token / 1e6:.0f} MB/token as stored, "
