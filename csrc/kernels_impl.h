@@ -763,6 +763,43 @@ static void linear_quant_t(void* out, const float* A, int64_t lda, const uint8_t
 
 #include "kquant_impl.h"  // Q4_K / Q5_K / Q6_K: linear_kquant_t
 
+// the 32 weights of row i of block b of a K-quant's repacked group (int8.h) as fp32, vectorized: the
+// values of int8_dequant_block (Q4_K / Q5_K: d sc u - dmin m; Q6_K: d sc (u - 32))
+template <int FMT>
+static inline void record_block_f32(float* out, const uint8_t* g, int64_t b, int i) {
+    const uint8_t* r = g + int8_record_offset(FMT, b);
+    const int64_t qb = int8_quant_bytes(FMT);
+    const uint8_t* nib = r + 16 * i;
+    if (FMT == Q6_K) {
+        const uint8_t* qh = r + 64 + (i % 2) * 16;
+        const int8_t* sc = (const int8_t*)(r + qb + 8);
+        const float d = int8_half(r + qb + 2 * i);
+        const V d0 = Vec::set1(d * (float)sc[int8_q6_sc_index(i, 0)]), d1 = Vec::set1(d * (float)sc[int8_q6_sc_index(i, 1)]);
+        for (int v = 0; v < 16 / W; ++v) {
+            V lo, hi;
+            Vec::nibbles(nib + v * W, -32.0f, lo, hi);
+            lo = Vec::fma(Vec::bits(qh + v * W, int8_q6_qh_shift(i, 0), 3), Vec::set1(16.0f), lo);
+            hi = Vec::fma(Vec::bits(qh + v * W, int8_q6_qh_shift(i, 16), 3), Vec::set1(16.0f), hi);
+            Vec::store(out + v * W, Vec::mul(lo, d0));
+            Vec::store(out + 16 + v * W, Vec::mul(hi, d1));
+        }
+        return;
+    }
+    const uint8_t* hdr = r - (b % int8_span(FMT)) * int8_record_bytes(FMT) - int8_header_bytes(FMT);
+    const V dsc = Vec::set1(int8_half(hdr + 2 * i) * (float)r[qb + i]);
+    const V dmn = Vec::set1(int8_half(hdr + 8 + 2 * i) * (float)r[qb + 4 + i]);
+    for (int v = 0; v < 16 / W; ++v) {
+        V lo, hi;
+        Vec::nibbles(nib + v * W, 0.0f, lo, hi);
+        if (FMT == Q5_K) {
+            lo = Vec::fma(Vec::bits(r + 64 + v * W, int8_q5_qh_bit(i, 0), 1), Vec::set1(16.0f), lo);
+            hi = Vec::fma(Vec::bits(r + 64 + v * W, int8_q5_qh_bit(i, 16), 1), Vec::set1(16.0f), hi);
+        }
+        Vec::store(out + v * W, Vec::sub(Vec::mul(lo, dsc), dmn));
+        Vec::store(out + 16 + v * W, Vec::sub(Vec::mul(hi, dsc), dmn));
+    }
+}
+
 // GGUF blocks repacked for the int8 route (int8.h: groups of 4 rows; quants, then d, then m), on
 // fp32 activations: linear_quant_t's GEMM, each block reassembled from its group first (Q6_K's
 // records decoded directly)
@@ -786,7 +823,7 @@ static void linear_repacked_t(void* out, const float* A, int64_t lda, const uint
             for (int64_t kb = 0; kb < kc; kb += QK) {
                 const int64_t b = (k0 + kb) / QK;
                 if constexpr (FMT == Q6_K || FMT == Q4_K || FMT == Q5_K) {  // no GGUF block of 32 to reassemble
-                    int8_dequant_block(tmp, g, b, (int)i, FMT);
+                    record_block_f32<FMT>(tmp, g, b, (int)i);
                 } else {
                     const uint8_t* r = g + b * rec;  // the block's record: quants of 4 rows, d, m
                     std::memcpy(blk, r + qb + i * 2, 2);
