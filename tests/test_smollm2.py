@@ -37,23 +37,13 @@ def hf():
     return model, tokenizer
 
 
-# the cpu backend once per route of its quantized weights (PORTINFER_CPU_QUANT_ROUTE, read at load)
-PARAMS = [b for b in BACKENDS if b != "cpu"] + (["cpu:int8", "cpu:fp32"] if "cpu" in BACKENDS else [])
+# the cpu backend once per route of its quantized weights (the backend spec cpu[ROUTE])
+PARAMS = [b for b in BACKENDS if b != "cpu"] + (["cpu[int8]", "cpu[fp32]"] if "cpu" in BACKENDS else [])
 
 
 @pytest.fixture(scope="module", params=PARAMS)
 def model(request):
-    name, _, route = request.param.partition(":")
-    old = os.environ.get("PORTINFER_CPU_QUANT_ROUTE")
-    if route:
-        os.environ["PORTINFER_CPU_QUANT_ROUTE"] = route
-    try:
-        return portinfer.load(GGUF, backend=name, dtype="fp32")
-    finally:
-        if old is None:
-            os.environ.pop("PORTINFER_CPU_QUANT_ROUTE", None)
-        else:
-            os.environ["PORTINFER_CPU_QUANT_ROUTE"] = old
+    return portinfer.load(GGUF, backend=request.param, dtype="fp32")
 
 
 def _quantizes(model):
@@ -102,7 +92,9 @@ def test_logits_and_greedy_tokens_match_transformers(hf, model):
 
 # int8 decode steps (teacher-forced after an fp32 prefill) vs transformers, relative L2 over the steps'
 # logits: measured 2.8e-2 (last 8 tokens of CHATS[1]'s prompt) and 2.0e-2 to 3.9e-2 on other spans, on
-# the cpu backend's int8 route; issue 13 asks for 2e-2 (not met by int8 activations in every linear)
+# the cpu backend's int8 route; issue 13 asks for 2e-2, which per-32 int8 activations do not reach on
+# this model: the same quantization emulated on the fp32 route gives 2.6-3.4e-2, a clipping search
+# per block no less, and any one kind of linear back on fp32 activations 1.7-2.4e-2 (docs/cpu-backend.md)
 INT8_DECODE_LOGITS_BUDGET = 5e-2
 
 
