@@ -45,6 +45,7 @@ SHAPES = {
     "qwen2-0.5b": (896, 4864, 24, 14, 2, 151936, True),
     "qwen2-1.5b": (1536, 8960, 28, 12, 2, 151936, True),
     "llama-3-8b-2layers": (4096, 14336, 2, 32, 8, 128256, False),
+    "tiny": (256, 512, 2, 4, 2, 512, True),  # for tests: every code path, in seconds
 }
 FALLBACK = {"q4_k": "q5_0", "q5_k": "q5_1", "q6_k": "q8_0"}  # llama.cpp's, for rows not whole super-blocks
 MIXES = {"q4_k_m": "q4_k", "q5_k_m": "q5_k"}  # llama.cpp's *_K_M mixes: their base format (Q6_K elsewhere)
@@ -141,7 +142,7 @@ def prepared_bytes(model):
 
     def visit(obj, depth=0):
         nonlocal total
-        if id(obj) in seen or depth > 4:
+        if id(obj) in seen or depth > 6:  # decoder.layers[i]["qkv_parts"][j][0] is 5 deep
             return
         seen.add(id(obj))
         if isinstance(obj, spec.PreparedLinear):

@@ -1,0 +1,43 @@
+"""bench/kquant_decode.py end to end on a tiny Q4_K_M-style file: both cpu routes decode the same file
+in one run, each repetition's share is taken against the probe right before it, and the int8 route
+repacks the K-quants (its loaded bytes are the groups', not the file's)."""
+import importlib.util
+import json
+import math
+from pathlib import Path
+
+import pytest
+
+cpu_mod = pytest.importorskip("portinfer.backends.cpu")
+if cpu_mod._cpu is None:
+    pytest.skip(f"cpu extension not built: {cpu_mod._IMPORT_ERROR}", allow_module_level=True)
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _script():
+    spec = importlib.util.spec_from_file_location("kquant_decode", ROOT / "bench" / "kquant_decode.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+@pytest.mark.parametrize("mix", ["q4_k_m", "q5_k_m"])
+def test_kquant_decode_both_routes(tmp_path, mix):
+    out = tmp_path / "r.json"
+    doc = _script().main(["--shape", "tiny", "-n", "2", "-r", "2", "--mix", mix, "--backend", "cpu[fp32]",
+                          "--backend", "cpu[int8]", "--json", str(out)])
+    assert json.loads(out.read_text()) == json.loads(json.dumps(doc))
+    fp32, int8 = doc["rows"]
+    base = {"q4_k_m": "q4_k", "q5_k_m": "q5_k"}[mix]
+    assert fp32["backend"] == "cpu[fp32]" and int8["backend"] == "cpu[int8]"
+    assert set(fp32["formats"]) == {base, "q6_k"} and fp32["formats"] == int8["formats"]
+    assert int8["backend_info"]["quant_route"] == "int8" and base in int8["backend_info"]["int8_formats"]
+    for row in (fp32, int8):
+        probes, rates = row["read_bytes_s_probes"], row["tok_s"]
+        assert len(probes) == len(rates) == 2 and min(probes) > 0 and min(rates) > 0
+        each = sorted(r * row["file_bytes_per_token"] / p for r, p in zip(rates, probes))
+        assert math.isclose(row["share_of_file_limit"], (each[0] + each[1]) / 2)
+        assert row["share_of_file_limit_range"] == each
+    # the fp32 route reads the blocks as stored; the int8 route its repacked groups (a little more)
+    assert fp32["read_bytes_per_token"] <= fp32["file_bytes_per_token"] < int8["read_bytes_per_token"]
