@@ -1,6 +1,7 @@
-"""bench/kquant_decode.py end to end on a tiny Q4_K_M-style file: both cpu routes decode the same file
-in one run, each repetition's share is taken against the probe right before it, and the int8 route
-repacks the K-quants (its loaded bytes are the groups', not the file's)."""
+"""The quantized-decode bench scripts end to end: bench/kquant_decode.py on a tiny Q4_K_M-style file
+(both cpu routes decode the same file in one run, each repetition's share is taken against the probe
+right before it, and the int8 route repacks the K-quants: its loaded bytes are the groups', not the
+file's) and bench/quant_routes.py (one linear on both routes, alternated)."""
 import importlib.util
 import json
 import math
@@ -41,3 +42,17 @@ def test_kquant_decode_both_routes(tmp_path, mix):
         assert row["share_of_file_limit_range"] == each
     # the fp32 route reads the blocks as stored; the int8 route its repacked groups (a little more)
     assert fp32["read_bytes_per_token"] <= fp32["file_bytes_per_token"] < int8["read_bytes_per_token"]
+
+
+def test_quant_routes_script():
+    """bench/quant_routes.py: one linear per format and shape on both routes, alternated; its ratio is
+    the two routes' own medians."""
+    spec = importlib.util.spec_from_file_location("quant_routes", ROOT / "bench" / "quant_routes.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    doc = mod.main(["--formats", "q6_k", "q4_0", "--shapes", "8x256", "--rows", "1", "3", "--rounds", "2"])
+    assert [(r["format"], r["M"]) for r in doc["rows"]] == [("q6_k", 1), ("q6_k", 3), ("q4_0", 1), ("q4_0", 3)]
+    for r in doc["rows"]:
+        assert set(r["seconds"]) == {"cpu[fp32]", "cpu[int8]"} and all(len(v) == 2 for v in r["seconds"].values())
+        assert r["stored_bytes"] == 8 * 256 * {"q6_k": 210 / 256, "q4_0": 18 / 32}[r["format"]]
+        assert math.isclose(r["fp32_over_int8"], r["median_s"]["cpu[fp32]"] / r["median_s"]["cpu[int8]"])
