@@ -9,8 +9,10 @@ repacked for the integer kernels), and `linear` at M rows is timed with portinfe
 on both, the two alternated `--rounds` times (this VM's speed moves by minutes; a ratio of
 neighbours is what holds). Figures per case: the median time of each route over its rounds, the
 GB/s of the format's own bytes (the weight as the file stores it, over that time), and fp32 / int8.
-The weights of the large shapes do not fit in the last-level cache, so M = 1 streams them from
-memory; small ones measure the kernels warm. Provenance as every result under bench/results/.
+Each case calls linear on the same weight again and again: a weight that fits in the last-level
+cache (the defaults: 7.7-12 MB against a 32 MB L3 here) is timed warm, which compares the routes'
+kernels; the decode benchmarks (`portinfer bench model`, bench/kquant_decode.py) stream every matrix
+from memory. Provenance as every result under bench/results/.
 """
 from __future__ import annotations
 
