@@ -458,13 +458,35 @@ class Group:
                              f"within {self.timeout_s:g} s ({TIMEOUT_ENV}); a rank hung or died on another host "
                              f"({first})")
 
-    def _run(self, what, fn):
+    def _run(self, what, fn, tensors=()):
+        """fn(), a collective on `tensors`; returns once the collective library holds none of them.
+
+        Gloo's worker thread drops its work object (and with it its references to the tensors) a
+        little after the caller's wait returned. If Python had dropped a tensor by then, that last
+        reference deallocates the tensor's Python object from the gloo thread, which takes the GIL;
+        when the interpreter is finalizing by then (the leader exits right after its STOP broadcast),
+        the thread is unwound inside a noexcept destructor: "terminate called without an active
+        exception", SIGABRT after all the work was done (2 of 3 full test runs on a loaded 2-vCPU VM;
+        core: ProcessGroupGloo::runLoop -> ~AsyncBroadcastWork -> THPVariable_dealloc -> take_gil). So
+        each collective waits until the tensors' use counts are back where they were (microseconds);
+        one still held after a second is kept alive for good instead (one small leak, never a crash)."""
         if self.broken:
             raise ParallelError(f"tensor parallel rank {self.rank}: {what}: the group already failed")
+        base = [t._use_count() for t in tensors]
         try:
-            return fn()
+            out = fn()
         except RuntimeError as exc:  # DistBackendError, gloo's connection / timeout errors
             raise self.failure(what, exc) from None
+        deadline = None
+        for t, n in zip(tensors, base):
+            while t._use_count() > n:
+                now = time.monotonic()
+                deadline = deadline or now + 1.0
+                if now > deadline:
+                    _KEPT_PAST_EXIT.append(t)
+                    break
+                time.sleep(0)
+        return out
 
     # ------------------------------------------------------------ collectives inside a step
 
@@ -474,7 +496,7 @@ class Group:
             return x
         if not x.is_contiguous():
             x = x.contiguous()
-        self._run("all_reduce", lambda: self.dist.all_reduce(x, group=self.compute))
+        self._run("all_reduce", lambda: self.dist.all_reduce(x, group=self.compute), (x,))
         return x
 
     def all_gather_vocab(self, logits: torch.Tensor, shard: ShardSpec) -> torch.Tensor:
@@ -485,13 +507,13 @@ class Group:
         mine = logits.new_zeros(M, shard.vocab_chunk)
         mine[:, :logits.shape[1]] = logits
         parts = [torch.empty_like(mine) for _ in range(self.world_size)]
-        self._run("all_gather (logits)", lambda: self.dist.all_gather(parts, mine, group=self.compute))
+        self._run("all_gather (logits)", lambda: self.dist.all_gather(parts, mine, group=self.compute), (mine, *parts))
         return torch.cat(parts, dim=1)[:, :shard.vocab_size]
 
     # ------------------------------------------------------------ control channel
 
     def broadcast_control(self, t: torch.Tensor, what: str) -> torch.Tensor:
-        self._run(what, lambda: self.dist.broadcast(t, src=0, group=self.control))
+        self._run(what, lambda: self.dist.broadcast(t, src=0, group=self.control), (t,))
         return t
 
     def gather_objects(self, obj, what: str) -> list:
@@ -502,6 +524,9 @@ class Group:
     def close(self):
         if self.owns_group and not self.broken and self.dist.is_initialized():
             self.dist.destroy_process_group()
+
+
+_KEPT_PAST_EXIT = []  # Group._run: tensors the collective library still held a second after a collective
 
 
 def _alive(pid: int) -> bool:
