@@ -29,6 +29,29 @@ static constexpr int64_t quant_block_bytes(int fmt) { return fmt == Q8_0 ? 34 : 
 // K-quant super-blocks (spec.QUANT_FORMATS): 256 weights, 144 / 176 / 210 bytes
 static const int QK_K = 256;
 static constexpr int64_t kquant_block_bytes(int wfmt) { return wfmt == W_Q4_K ? 144 : wfmt == W_Q5_K ? 176 : 210; }
+// the 256 unsigned codes of a K-quant super-block b, in weight order (layouts in kquant_impl.h):
+// Q4_K / Q5_K: sub-block s (32 weights) = low (s even) / high (s odd) nibbles of qs[32 (s / 2) ..],
+// Q5_K's fifth bit of weight l of sub-block s = bit s of qh[l]; Q6_K: weight i = 128 h + 32 Q + l,
+// low 4 bits = nibble Q / 2 of ql[64 h + 32 (Q % 2) + l], high 2 bits = bits 2 Q.. of qh[32 h + l]
+static inline void kquant_codes(uint8_t* u, const uint8_t* b, int wfmt) {
+    if (wfmt == W_Q6_K) {
+        const uint8_t *ql = b, *qh = b + 128;
+        for (int i = 0; i < 256; ++i) {
+            const int h = i / 128, q = (i % 128) / 32, l = i % 32;
+            const int lo = (ql[64 * h + 32 * (q % 2) + l] >> (4 * (q / 2))) & 0x0F;
+            u[i] = (uint8_t)(lo | (((qh[32 * h + l] >> (2 * q)) & 3) << 4));
+        }
+        return;
+    }
+    const uint8_t *qh = b + 16, *qs = b + 16 + (wfmt == W_Q5_K ? 32 : 0);
+    for (int s = 0; s < 8; ++s)
+        for (int l = 0; l < 32; ++l) {
+            int q = (qs[32 * (s / 2) + l] >> (4 * (s % 2))) & 0x0F;
+            if (wfmt == W_Q5_K) q |= ((qh[l] >> s) & 1) << 4;
+            u[32 * s + l] = (uint8_t)q;
+        }
+}
+
 // scale sc and min m (6 bits each) of sub-block j (< 8) of a Q4_K / Q5_K super-block, from its 12
 // packed bytes s (ggml's get_scale_min_k4)
 static inline void kquant_scale_min(const uint8_t* s, int j, int* sc, int* m) {

@@ -11,27 +11,22 @@ int64_t int8_group_bytes(int fmt, int64_t K) {
     return i8_ceil_div(int8_record_offset(fmt, K / QK) - int8_header_bytes(fmt), 64) * 64;
 }
 
-// Q6_K super-blocks [N][K/256] into records (int8.h): the codes u (6 bits), d and the int8 scales as
-// stored. GGUF's Q6_K (210 bytes): ql[128], qh[64], scales[16], fp16 d; weight j = 128 h + 32 Q + l
-// (half h, quarter Q, l < 32): low 4 bits = nibble Q / 2 of ql[64 h + 32 (Q % 2) + l], high 2 bits =
-// bits 2 Q.. of qh[32 h + l]; w = d scales[j / 16] (u - 32)
+// Q6_K super-blocks [N][K/256] into records (int8.h): the codes u (6 bits: kquant_codes), d and the
+// int8 scales as stored. GGUF's Q6_K (210 bytes): ql[128], qh[64], scales[16], fp16 d;
+// w = d scales[j / 16] (u - 32)
 static void int8_repack_q6_k(uint8_t* out, const uint8_t* blocks, int64_t N, int64_t K) {
     const int64_t nsb = K / QK_K, sbb = kquant_block_bytes(W_Q6_K), gb = int8_group_bytes(Q6_K, K);
-    const int64_t rec = int8_record_bytes(Q6_K), qb = int8_quant_bytes(Q6_K);
+    const int64_t qb = int8_quant_bytes(Q6_K);
     for (int64_t n = 0; n < N; ++n) {
         uint8_t* g = out + (n / I8_ROWS) * gb;
         const int i = (int)(n % I8_ROWS);
         for (int64_t j = 0; j < nsb; ++j) {
             const uint8_t* sb = blocks + (n * nsb + j) * sbb;
-            const uint8_t *ql = sb, *qh = sb + 128, *sc = sb + 192, *d = sb + 208;
+            const uint8_t *sc = sb + 192, *d = sb + 208;
             uint8_t u[QK_K];
-            for (int w = 0; w < QK_K; ++w) {
-                const int h = w / 128, Q = (w % 128) / 32, l = w % 32;
-                const int low = (ql[64 * h + 32 * (Q % 2) + l] >> (4 * (Q / 2))) & 15;
-                u[w] = (uint8_t)(low | (((qh[32 * h + l] >> (2 * Q)) & 3) << 4));
-            }
+            kquant_codes(u, sb, W_Q6_K);
             for (int b = 0; b < QK_K / QK; ++b) {
-                uint8_t* r = g + (j * (QK_K / QK) + b) * rec;
+                uint8_t* r = g + int8_record_offset(Q6_K, j * (QK_K / QK) + b);
                 const uint8_t* ub = u + b * QK;
                 for (int t = 0; t < 16; ++t) {
                     r[16 * i + t] = (uint8_t)((ub[t] & 15) | ((ub[t + 16] & 15) << 4));
@@ -46,10 +41,9 @@ static void int8_repack_q6_k(uint8_t* out, const uint8_t* blocks, int64_t N, int
     }
 }
 
-// Q4_K / Q5_K super-blocks [N][K/256] into headers and records (int8.h): codes, scales and mins as
-// stored. GGUF's Q4_K (144 bytes): fp16 d, fp16 dmin, scales[12] (8 x 6-bit sc, 8 x 6-bit m), qs[128];
-// Q5_K (176) has qh[32] before qs. Sub-block s (32 weights) = low (s even) / high (s odd) nibbles of
-// qs[32 (s / 2) ..], Q5_K's fifth bit of weight l = bit s of qh[l]; w = d sc u - dmin m
+// Q4_K / Q5_K super-blocks [N][K/256] into headers and records (int8.h): codes (kquant_codes), scales
+// and mins as stored. GGUF's Q4_K (144 bytes): fp16 d, fp16 dmin, scales[12] (8 x 6-bit sc, 8 x 6-bit
+// m), qs[128]; Q5_K (176) has qh[32] before qs; w = d sc u - dmin m
 static void int8_repack_k(uint8_t* out, const uint8_t* blocks, int64_t N, int64_t K, int fmt) {
     const int wfmt = int8_source_format(fmt);
     const int64_t nsb = K / QK_K, sbb = kquant_block_bytes(wfmt), gb = int8_group_bytes(fmt, K);
@@ -59,17 +53,14 @@ static void int8_repack_k(uint8_t* out, const uint8_t* blocks, int64_t N, int64_
         const int i = (int)(n % I8_ROWS);
         for (int64_t j = 0; j < nsb; ++j) {
             const uint8_t* sb = blocks + (n * nsb + j) * sbb;
-            const uint8_t *qh = sb + 16, *qs = sb + 16 + (fmt == Q5_K ? 32 : 0);
+            uint8_t codes[QK_K];
+            kquant_codes(codes, sb, wfmt);
             uint8_t* hdr = g + int8_record_offset(fmt, j * (QK_K / QK)) - int8_header_bytes(fmt);
             std::memcpy(hdr + 2 * i, sb, 2);      // d
             std::memcpy(hdr + 8 + 2 * i, sb + 2, 2);  // dmin
             for (int sub = 0; sub < QK_K / QK; ++sub) {
                 uint8_t* r = g + int8_record_offset(fmt, j * (QK_K / QK) + sub);
-                uint8_t u[QK];
-                for (int l = 0; l < QK; ++l) {
-                    u[l] = (uint8_t)((qs[32 * (sub / 2) + l] >> (4 * (sub % 2))) & 15);
-                    if (fmt == Q5_K) u[l] |= (uint8_t)(((qh[l] >> sub) & 1) << 4);
-                }
+                const uint8_t* u = codes + sub * QK;
                 for (int t = 0; t < 16; ++t) {
                     r[16 * i + t] = (uint8_t)((u[t] & 15) | ((u[t + 16] & 15) << 4));
                     if (fmt == Q5_K)

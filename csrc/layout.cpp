@@ -53,35 +53,25 @@ void embedding(void* out, const int64_t* ids, const void* table, int64_t N, int6
 // One K-quant super-block (256 weights; layouts in kquant_impl.h) -> fp32, in ggml's order of
 // operations (d sc q - dmin m; Q6_K: d sc (q - 32)): the values of quant.dequantize, exactly.
 static void kquant_block_f32(float* y, const uint8_t* b, int wfmt) {
+    uint8_t u[256];
+    kquant_codes(u, b, wfmt);
     if (wfmt == W_Q6_K) {
-        const uint8_t *ql = b, *qh = b + 128;
         const int8_t* sc = (const int8_t*)(b + 192);
         uint16_t hd;
         std::memcpy(&hd, b + 208, 2);
         const float d = f16_to_f32(hd);
-        for (int i = 0; i < 256; ++i) {
-            const int h = i / 128, q = (i % 128) / 32, l = i % 32;
-            const int lo = (ql[64 * h + 32 * (q % 2) + l] >> (4 * (q / 2))) & 0x0F;
-            const int hi = (qh[32 * h + l] >> (2 * q)) & 3;
-            y[i] = d * (float)sc[i / 16] * (float)((lo | (hi << 4)) - 32);
-        }
+        for (int i = 0; i < 256; ++i) y[i] = d * (float)sc[i / 16] * (float)((int)u[i] - 32);
         return;
     }
     uint16_t hd, hm;
     std::memcpy(&hd, b, 2);
     std::memcpy(&hm, b + 2, 2);
     const float d = f16_to_f32(hd), dmin = f16_to_f32(hm);
-    const uint8_t* s = b + 4;  // 8 x 6-bit scales, 8 x 6-bit mins in 12 bytes
-    const uint8_t *qh = b + 16, *qs = b + 16 + (wfmt == W_Q5_K ? 32 : 0);
     for (int j = 0; j < 8; ++j) {
         int sc, m;
-        kquant_scale_min(s, j, &sc, &m);
+        kquant_scale_min(b + 4, j, &sc, &m);  // 8 x 6-bit scales, 8 x 6-bit mins in 12 bytes
         const float dsc = d * (float)sc, dmn = dmin * (float)m;
-        for (int l = 0; l < 32; ++l) {
-            int q = (qs[32 * (j / 2) + l] >> (4 * (j % 2))) & 0x0F;
-            if (wfmt == W_Q5_K) q |= ((qh[l] >> j) & 1) << 4;
-            y[32 * j + l] = dsc * (float)q - dmn;
-        }
+        for (int l = 0; l < 32; ++l) y[32 * j + l] = dsc * (float)u[32 * j + l] - dmn;
     }
 }
 
