@@ -469,7 +469,8 @@ class Group:
         exception", SIGABRT after all the work was done (2 of 3 full test runs on a loaded 2-vCPU VM;
         core: ProcessGroupGloo::runLoop -> ~AsyncBroadcastWork -> THPVariable_dealloc -> take_gil). So
         each collective waits until the tensors' use counts are back where they were (microseconds);
-        one still held after a second is kept alive for good instead (one small leak, never a crash)."""
+        one still held after a second is kept referenced by this module instead (freed only at module
+        teardown, the last step of the interpreter's exit)."""
         if self.broken:
             raise ParallelError(f"tensor parallel rank {self.rank}: {what}: the group already failed")
         base = [t._use_count() for t in tensors]
