@@ -38,9 +38,11 @@ std::vector<Path> usable_paths() {
     std::vector<Path> paths;
 #if defined(__x86_64__)
     __builtin_cpu_init();
-    if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512dq") &&
-        __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c"))
-        paths.push_back({"avx512", table_avx512()});
+    const bool avx512 = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+                        __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("avx512vl") &&
+                        __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
+    if (avx512 && __builtin_cpu_supports("avx512bf16")) paths.push_back({"avx512bf16", table_avx512bf16()});
+    if (avx512) paths.push_back({"avx512", table_avx512()});
     if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c"))
         paths.push_back({"avx2", table_avx2()});
 #endif

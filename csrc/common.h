@@ -157,6 +157,8 @@ const KernelTable* table_portable();
 #if defined(__x86_64__)
 const KernelTable* table_avx2();
 const KernelTable* table_avx512();
+// the avx512 table whose linear runs bf16 x bf16 GEMMs on vdpbf16ps (gemm_bf16.cpp)
+const KernelTable* table_avx512bf16();
 #endif
 
 // every fp16 bit pattern as fp32 (256 KiB, built on first use; layout.cpp): a GGUF block's scale is

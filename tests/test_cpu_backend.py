@@ -86,6 +86,44 @@ def test_linear_large_shapes(cpu, path):
 
 
 @pytest.mark.parametrize("path", PATHS)
+def test_bf16_linear_at_prefill(cpu, path):
+    """bf16 x and bf16 weights past the GEMV (M > 4): on avx512bf16 a GEMM of vdpbf16ps over k-pairs
+    (csrc/gemm_bf16.cpp), elsewhere the fp32 GEMM on converted values. Odd K (a zero-padded last
+    pair), K across 256-k blocks, N not a multiple of the 32-wide panel, every row remainder of the
+    12-row tile, x read in place with a row stride, a bias, and NaN / Inf rows: within the bf16 budget
+    of the float64 reference, non-finite values exactly where the reference has them."""
+    cpu.set_simd(path)
+    gen = torch.Generator().manual_seed(13)
+    for M, K, N in ((5, 7, 33), (12, 255, 64), (13, 513, 77), (29, 1056, 40), (37, 64, 1)):
+        w = (torch.randn(N, K, generator=gen) / K ** 0.5).to(torch.bfloat16)
+        x = torch.randn(M, K + 5, generator=gen).to(torch.bfloat16)[:, :K]  # row stride K + 5
+        b = torch.randn(N, generator=gen).to(torch.bfloat16)
+        if M > 12:
+            x[3, K // 2] = float("nan")
+            x[7, 0] = float("inf")
+        wp, wr = cpu.prepare_linear(w, torch.bfloat16), REFERENCE.prepare_linear(w, torch.bfloat16)
+        for bias in (None, b):
+            y, y_ref = cpu.linear(x, wp, bias), REFERENCE.linear(x, wr, bias)
+            assert torch.equal(y.isnan(), y_ref.isnan()) and torch.equal(y.isinf(), y_ref.isinf()), (path, M, K, N)
+            finite = torch.isfinite(y_ref).all(dim=1)
+            err = relative_error(y[finite], y_ref[finite])
+            assert err <= budget("linear", torch.bfloat16, K), (path, M, K, N, err)
+
+
+def test_avx512bf16_path_where_the_cpu_has_it(cpu):
+    """The avx512bf16 kernel path is offered exactly where the CPU reports AVX512-BF16 (and the
+    avx512 path's extensions), and is then the default."""
+    try:
+        flags = set(open("/proc/cpuinfo").read().split())
+    except OSError:
+        pytest.skip("no /proc/cpuinfo to read the CPU's flags from")
+    has = {"avx512f", "avx512bw", "avx512dq", "avx512vl", "avx512_bf16"} <= flags
+    assert ("avx512bf16" in PATHS) == has, (PATHS, has)
+    if has:
+        assert PATHS[0] == "avx512bf16" and PATHS[1] == "avx512"
+
+
+@pytest.mark.parametrize("path", PATHS)
 @pytest.mark.parametrize("fmt", ["q8_0", "q4_0", "q4_1"])
 def test_quantized_gemv_every_block_count_and_row_count(cpu, path, fmt):
     """The GEMV over GGUF blocks (M <= 8) works U blocks at a time with a scalar tail: block counts

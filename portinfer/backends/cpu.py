@@ -7,8 +7,9 @@ contiguous). The extension checks every call again against the bytes each buffer
 wrong call from Python is a ValueError, not an access out of bounds. Kernels run with the GIL
 released on the extension's own thread pool.
 
-Instruction sets: the extension carries an AVX-512, an AVX2+FMA+F16C and a portable path
-and picks the best one this CPU has at first use; `PORTINFER_CPU_SIMD=portable|avx2|avx512`
+Instruction sets: the extension carries an AVX-512, an AVX2+FMA+F16C and a portable path, and
+`avx512bf16` (the AVX-512 path whose bf16 x bf16 GEMM runs on vdpbf16ps), and picks the best one
+this CPU has at first use; `PORTINFER_CPU_SIMD=portable|avx2|avx512|avx512bf16`
 or `set_simd` forces one (tests use it to check every path). Threads: PORTINFER_NUM_THREADS,
 else the cores this process may run on; `set_num_threads` changes it. Both settings belong
 to the process (one pool, one kernel table), not to a backend instance.
