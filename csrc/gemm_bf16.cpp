@@ -125,8 +125,14 @@ static void gemm_bf16(void* out, const uint16_t* x, int64_t xs, const uint16_t* 
         for (int64_t k0 = 0; k0 < K; k0 += KC) {
             const int64_t kc = imin(KC, K - k0), kp = ceil_div(kc, 2);
             pack_pairs(B, P + (p * K + k0) * PANEL, kc);
-            for (int64_t m = m0; m < m1; m += MR)
-                micro_dispatch<MR>((int)imin(MR, m1 - m), acc + (m - m0) * PANEL, A + m * lda + k0, lda, B, kp, k0 == 0);
+            // tiles of as equal a height as MR allows (256 rows: 14 of 12 and 8 of 11, not 21 of 12 and
+            // one of 4, whose 8 accumulators cannot hide vdpbf16ps' latency)
+            const int64_t tiles = ceil_div(m1 - m0, MR), base = (m1 - m0) / tiles, extra = (m1 - m0) % tiles;
+            for (int64_t t = 0, m = m0; t < tiles; ++t) {
+                const int r = (int)(base + (t < extra));
+                micro_dispatch<MR>(r, acc + (m - m0) * PANEL, A + m * lda + k0, lda, B, kp, k0 == 0);
+                m += r;
+            }
         }
         const int64_t n0 = p * PANEL, n = imin(PANEL, N - n0);
         const __mmask16 k0 = (__mmask16)((1u << imin(16, n)) - 1), k1 = (__mmask16)((1u << imax(0, n - 16)) - 1);
