@@ -1,8 +1,9 @@
 // The integer dot products of the int8 route (int8.h), written once and compiled once per path:
 // int8_<path>.cpp sets I8_ISA and a GCC target pragma, opens its own namespace and includes this
 // file there. I8_ISA: 0 portable (plain C++), 1 AVX2 (maddubs + madd), 2 AVX-VNNI (vpdpbusd on
-// ymm, VEX), 3 AVX512-VNNI (vpdpbusd on ymm, EVEX: AVX512VL). The three x86 paths share the same
-// code; only the u8 x s8 dot step differs.
+// ymm, VEX), 3 AVX512-VNNI (vpdpbusd on zmm for Q4_0 / Q4_1 / Q4_K / Q5_K / Q8_0, the ymm code
+// through AVX512VL for Q6_K). The ymm loops are shared by the three x86 paths; only their u8 x s8
+// dot step differs.
 //
 // Not a standalone header: no include guard; includes come before the namespace.
 
@@ -316,15 +317,143 @@ static inline void dot_group_q6(float* y, const int8_t* q, const float* xd, cons
     }
 }
 
+#if I8_ISA == 3
+// AVX512-VNNI on 512-bit vectors: one vector per block holds all four rows, one 128-bit lane a row,
+// so a row's int32 sums never need folding per block (the ymm loops above spend 3 hadds or a hadd
+// and its shuffles on that), and a vpdpbusd does 64 multiply-adds. What a row of x costs per block:
+// Q4: two dpbusd, a convert, a multiply and an FMA (the ymm loop: four dpbusd, a hadd, the same
+// three); Q8_0: two dpbusd, two lane shuffles and an add, the same three. The weight decoding is
+// shared by the R rows of x. At the end each lane's four partial sums are folded once.
+
+// [d0 d0 d0 d0 | d1 .. | d2 .. | d3 ..]: four per-row floats spread over the row lanes
+static inline __m512 per_lane(__m128 v) {
+    return _mm512_permutexvar_ps(_mm512_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2, 3, 3, 3, 3),
+                                 _mm512_castps128_ps512(v));
+}
+
+// the sum of each 128-bit lane's four floats: [lane 0, lane 1, lane 2, lane 3]
+static inline __m128 lane_sums(__m512 a) {
+    a = _mm512_add_ps(a, _mm512_shuffle_ps(a, a, 0x4e));
+    a = _mm512_add_ps(a, _mm512_shuffle_ps(a, a, 0xb1));
+    return _mm512_castps512_ps128(_mm512_permutexvar_ps(_mm512_setr_epi32(0, 4, 8, 12, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0), a));
+}
+
+// Q4_0 / Q4_1 / Q4_K / Q5_K: the block's 64 nibble bytes are [row 0 | row 1 | row 2 | row 3] in one
+// load; low nibbles (weights 0..15) meet x[0..15] broadcast to every lane, high nibbles x[16..31].
+// Q5_K's fifth bits: the 16 qh bytes broadcast, each lane shifted right by its row's bit
+// (int8_q5_qh_bit: 0 1 4 5 under the low nibbles, 2 3 6 7 under the high ones), then moved to bit 4.
+template <int FMT, int R>
+static inline void dot_group_q4_512(float* y, const int8_t* q, const float* xd, const float* xs, int64_t K,
+                                    const uint8_t* g) {
+    const int64_t nb = K / QK;
+    const __m512i low = _mm512_set1_epi8(0x0f);
+    constexpr bool KQ = int8_has_header(FMT);
+    constexpr int64_t REC = int8_record_bytes(FMT), QB = int8_quant_bytes(FMT);
+    constexpr int64_t SPAN = int8_span(FMT), HDR = int8_header_bytes(FMT);
+    __m512 acc[R];
+    __m128 accm[R];
+    for (int r = 0; r < R; ++r) {
+        acc[r] = _mm512_setzero_ps();
+        accm[r] = _mm_setzero_ps();
+    }
+    for (int64_t j = 0; j < nb / SPAN; ++j) {
+        const uint8_t* sb = g + j * (HDR + SPAN * REC);
+        __m128 dsb = _mm_setzero_ps(), nmin = _mm_setzero_ps();
+        if constexpr (KQ) {  // the super-block's header: d, -dmin of the four rows
+            dsb = half4(sb);
+            nmin = _mm_sub_ps(_mm_setzero_ps(), half4(sb + 8));
+        }
+        for (int64_t bb = 0; bb < SPAN; ++bb) {
+            const int64_t b = j * SPAN + bb;
+            const uint8_t* qs = sb + HDR + bb * REC;
+            __builtin_prefetch(qs + PREFETCH_AHEAD);
+            __builtin_prefetch(qs + PREFETCH_AHEAD + 64);
+            const __m512i v = _mm512_loadu_si512(qs);
+            __m512i lo = _mm512_and_si512(v, low), hi = _mm512_and_si512(_mm512_srli_epi16(v, 4), low);
+            if constexpr (FMT == Q5_K) {
+                const __m512i bit = _mm512_set1_epi8(0x10);
+                const __m512i h = _mm512_broadcast_i32x4(_mm_loadu_si128((const __m128i*)(qs + 64)));
+                const __m512i slo = _mm512_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1, 4, 4, 4, 4, 5, 5, 5, 5);
+                const __m512i shi = _mm512_setr_epi32(2, 2, 2, 2, 3, 3, 3, 3, 6, 6, 6, 6, 7, 7, 7, 7);
+                lo = _mm512_or_si512(lo, _mm512_and_si512(_mm512_slli_epi16(_mm512_srlv_epi32(h, slo), 4), bit));
+                hi = _mm512_or_si512(hi, _mm512_and_si512(_mm512_slli_epi16(_mm512_srlv_epi32(h, shi), 4), bit));
+            }
+            __m512 dsel;
+            __m128 off;
+            if constexpr (KQ) {  // [sc0..3 m0..3] as fp32
+                const __m256 sm = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i*)(qs + QB))));
+                dsel = per_lane(_mm_mul_ps(dsb, _mm256_castps256_ps128(sm)));
+                off = _mm_mul_ps(nmin, _mm256_extractf128_ps(sm, 1));
+            } else {
+                const __m128 dw = half4(qs + QB);
+                dsel = per_lane(dw);
+                off = FMT == Q4_0 ? _mm_mul_ps(dw, _mm_set1_ps(-8.0f)) : half4(qs + QB + 8);
+            }
+#pragma GCC unroll 4
+            for (int r = 0; r < R; ++r) {
+                const int8_t* xb = q + r * K + b * QK;
+                const __m512i xl = _mm512_broadcast_i32x4(_mm_loadu_si128((const __m128i*)xb));
+                const __m512i xh = _mm512_broadcast_i32x4(_mm_loadu_si128((const __m128i*)(xb + 16)));
+                const __m512i p = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(_mm512_setzero_si512(), lo, xl), hi, xh);
+                acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(p), _mm512_mul_ps(dsel, _mm512_set1_ps(xd[r * nb + b])), acc[r]);
+                accm[r] = _mm_fmadd_ps(off, _mm_set1_ps(xs[r * nb + b]), accm[r]);
+            }
+        }
+    }
+    for (int r = 0; r < R; ++r) _mm_storeu_ps(y + r * I8_ROWS, _mm_add_ps(lane_sums(acc[r]), accm[r]));
+}
+
+// Q8_0: two loads hold [row 0 | row 1] and [row 2 | row 3] (32 bytes a row). vpdpbusd multiplies
+// unsigned by signed bytes; x + 128 (x xor 0x80) is the unsigned side, and each sum starts from
+// -128 sum(w) (one dpbusd of ones against the weights per block, shared by the rows of x), so the
+// int32 sums are exactly w . x. Two lane shuffles and an add bring each row's halves into one lane.
+template <int R>
+static inline void dot_group_q8_512(float* y, const int8_t* q, const float* xd, int64_t K, const uint8_t* g) {
+    const int64_t nb = K / QK;
+    const __m512i ones = _mm512_set1_epi8(1), flip = _mm512_set1_epi8((char)0x80);
+    __m512 acc[R];
+    for (int r = 0; r < R; ++r) acc[r] = _mm512_setzero_ps();
+    for (int64_t b = 0; b < nb; ++b) {
+        const uint8_t* qs = g + b * int8_record_bytes(Q8_0);
+        __builtin_prefetch(qs + PREFETCH_AHEAD);
+        __builtin_prefetch(qs + PREFETCH_AHEAD + 64);
+        __builtin_prefetch(qs + PREFETCH_AHEAD + 128);
+        const __m512i w0 = _mm512_loadu_si512(qs), w1 = _mm512_loadu_si512(qs + 64);
+        const __m512i z = _mm512_setzero_si512();
+        const __m512i c0 = _mm512_sub_epi32(z, _mm512_slli_epi32(_mm512_dpbusd_epi32(z, ones, w0), 7));
+        const __m512i c1 = _mm512_sub_epi32(z, _mm512_slli_epi32(_mm512_dpbusd_epi32(z, ones, w1), 7));
+        const __m512 dsel = per_lane(half4(qs + int8_quant_bytes(Q8_0)));
+#pragma GCC unroll 4
+        for (int r = 0; r < R; ++r) {
+            const __m512i xu = _mm512_xor_si512(
+                _mm512_broadcast_i64x4(_mm256_loadu_si256((const __m256i*)(q + r * K + b * QK))), flip);
+            const __m512i p0 = _mm512_dpbusd_epi32(c0, xu, w0), p1 = _mm512_dpbusd_epi32(c1, xu, w1);
+            const __m512i p = _mm512_add_epi32(_mm512_shuffle_i32x4(p0, p1, 0x88), _mm512_shuffle_i32x4(p0, p1, 0xdd));
+            acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(p), _mm512_mul_ps(dsel, _mm512_set1_ps(xd[r * nb + b])), acc[r]);
+        }
+    }
+    for (int r = 0; r < R; ++r) _mm_storeu_ps(y + r * I8_ROWS, lane_sums(acc[r]));
+}
+#endif
+
 template <int R>
 static inline void dot_group_r(float* y, const int8_t* q, const float* xd, const float* xs, const int32_t* xo, int64_t K,
                                const uint8_t* g, int fmt) {
+#if I8_ISA == 3
+    if (fmt == Q8_0) dot_group_q8_512<R>(y, q, xd, K, g);
+    else if (fmt == Q4_0) dot_group_q4_512<Q4_0, R>(y, q, xd, xs, K, g);
+    else if (fmt == Q4_1) dot_group_q4_512<Q4_1, R>(y, q, xd, xs, K, g);
+    else if (fmt == Q4_K) dot_group_q4_512<Q4_K, R>(y, q, xd, xs, K, g);
+    else if (fmt == Q5_K) dot_group_q4_512<Q5_K, R>(y, q, xd, xs, K, g);
+    else dot_group_q6<R>(y, q, xd, xo, K, g);
+#else
     if (fmt == Q8_0) dot_group_q8<R>(y, q, xd, K, g);
     else if (fmt == Q4_0) dot_group_q4<Q4_0, R>(y, q, xd, xs, K, g);
     else if (fmt == Q4_1) dot_group_q4<Q4_1, R>(y, q, xd, xs, K, g);
     else if (fmt == Q4_K) dot_group_q4<Q4_K, R>(y, q, xd, xs, K, g);
     else if (fmt == Q5_K) dot_group_q4<Q5_K, R>(y, q, xd, xs, K, g);
     else dot_group_q6<R>(y, q, xd, xo, K, g);
+#endif
 }
 
 static void dot_group(float* y, const int8_t* q, const float* xd, const float* xs, const int32_t* xo, int R, int64_t K,
