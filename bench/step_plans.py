@@ -9,6 +9,7 @@
 
     python bench/step_plans.py --json bench/results/step-plans-smollm2-cpu.json [--baseline-commit bf98f19]
     python bench/step_plans.py --model FILE.gguf --batches 1 8 16 -p 16 -n 16 --json ...   (another model)
+    python bench/step_plans.py --backend 'cpu[int8]' --batches 1 8 16 ...                (the int8 route)
 """
 from __future__ import annotations
 
@@ -74,6 +75,7 @@ def run_baseline(path, prompt, gen, reps):
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--json", help="write the results with provenance here")
+    ap.add_argument("--backend", default="cpu", help="backend spec, e.g. 'cpu[int8]' (default cpu)")
     ap.add_argument("-p", type=int, default=128, help="prompt tokens of the pp test")
     ap.add_argument("-n", type=int, default=64, help="decode steps of the tg test")
     ap.add_argument("-r", type=int, default=5, help="repetitions")
@@ -88,8 +90,8 @@ def main(argv=None):
         ap.error("--baseline-commit measures the embedded model: leave out --model")
     prov = provenance(" ".join(["python", "bench/step_plans.py", *(argv if argv is not None else sys.argv[1:])]))
 
-    models = {"plans": portinfer.load(args.model, backend="cpu", plans=True),
-              "op path": portinfer.load(args.model, backend="cpu", plans=False)}
+    models = {"plans": portinfer.load(args.model, backend=args.backend, plans=True),
+              "op path": portinfer.load(args.model, backend=args.backend, plans=False)}
     base = baseline_tree(args.baseline_commit) if args.baseline_commit else None
     rates = {}
     breakdowns = {}
@@ -111,7 +113,7 @@ def main(argv=None):
     one = batch[args.batches[0]]
     rows = [{"run": label, "test": name, "tok_s_mean": statistics.fmean(v),
              "tok_s_sd": statistics.stdev(v) if len(v) > 1 else 0.0, "tok_s": v} for (label, name), v in rates.items()]
-    doc = {"provenance": prov, "model": models["plans"].name, "backend": "cpu", "rows": rows,
+    doc = {"provenance": prov, "model": models["plans"].name, "backend": args.backend, "rows": rows,
            "step_breakdown": {k: {f: statistics.median(b[f] for b in v) for f in ("step_ms", "kernel_ms", "host_ms",
                                                                                    "host_pct")}
                               for k, v in breakdowns.items()},
