@@ -595,7 +595,7 @@ static inline void gemv_q4_lut_row(float* y, const float* A, int64_t lda, const 
     V c[U][R][NV];
 #pragma GCC unroll 4
     for (int u = 0; u < U; ++u)
-#pragma GCC unroll 4
+#pragma GCC unroll 8
         for (int r = 0; r < R; ++r)
 #pragma GCC unroll 8
             for (int v = 0; v < NV; ++v) c[u][r][v] = Vec::zero();
@@ -614,7 +614,7 @@ static inline void gemv_q4_lut_row(float* y, const float* A, int64_t lda, const 
         V w[NV];
 #pragma GCC unroll 8
         for (int v = 0; v < NV / 2; ++v) Vec::nibbles_lut(qs + v * W, table, w[v], w[NV / 2 + v]);
-#pragma GCC unroll 4
+#pragma GCC unroll 8
         for (int r = 0; r < R; ++r)
 #pragma GCC unroll 8
             for (int v = 0; v < NV; ++v) cu[r][v] = Vec::fma(w[v], Vec::load(x + r * lda + v * W), cu[r][v]);
@@ -628,7 +628,7 @@ static inline void gemv_q4_lut_row(float* y, const float* A, int64_t lda, const 
         for (int u = 0; u < U; ++u) block(c[u], A + (blk + u) * QK, b + u * bb);
     }
     for (; blk < nblocks; ++blk) block(c[0], A + blk * QK, row + blk * bb);
-#pragma GCC unroll 4
+#pragma GCC unroll 8
     for (int r = 0; r < R; ++r) {
         V s = c[0][r][0];
 #pragma GCC unroll 8
