@@ -93,7 +93,7 @@ static inline void kq45_block(V (&c)[R][2], float* cm, const float* x, int64_t l
                               int64_t xs_stride, const uint8_t* b, const float* f16) {
     alignas(64) float dsc[8], dmn[8];
     kq_scales_mins(dsc, dmn, b, f16);
-#pragma GCC unroll 4
+#pragma GCC unroll 8
     for (int r = 0; r < R; ++r) {
         float m = 0.f;
 #pragma GCC unroll 8
@@ -105,7 +105,7 @@ static inline void kq45_block(V (&c)[R][2], float* cm, const float* x, int64_t l
 #pragma GCC unroll 4
     for (int g0 = 0; g0 < 8; g0 += G) {
         V t[R][G];
-#pragma GCC unroll 4
+#pragma GCC unroll 8
         for (int r = 0; r < R; ++r)
 #pragma GCC unroll 8
             for (int s = 0; s < G; ++s) t[r][s] = Vec::zero();
@@ -120,13 +120,13 @@ static inline void kq45_block(V (&c)[R][2], float* cm, const float* x, int64_t l
                     lo = Vec::fma(Vec::bits(qh + v * W, 2 * j, 1), Vec::set1(16.0f), lo);
                     hi = Vec::fma(Vec::bits(qh + v * W, 2 * j + 1, 1), Vec::set1(16.0f), hi);
                 }
-#pragma GCC unroll 4
+#pragma GCC unroll 8
                 for (int r = 0; r < R; ++r) {
                     t[r][2 * p] = Vec::fma(lo, Vec::load(x + r * lda + 64 * j + v * W), t[r][2 * p]);
                     t[r][2 * p + 1] = Vec::fma(hi, Vec::load(x + r * lda + 64 * j + 32 + v * W), t[r][2 * p + 1]);
                 }
             }
-#pragma GCC unroll 4
+#pragma GCC unroll 8
         for (int r = 0; r < R; ++r)
 #pragma GCC unroll 8
             for (int s = 0; s < G; ++s) c[r][s & 1] = Vec::fma(t[r][s], Vec::set1(dsc[g0 + s]), c[r][s & 1]);
@@ -148,7 +148,7 @@ static inline void kq6_block(V (&c)[R][2], const float* x, int64_t lda, const ui
 #pragma GCC unroll 2
         for (int qp = 0; qp < 2; ++qp) {
             V t[R][4];  // [low quarter first 16, low second 16, high first 16, high second 16]
-#pragma GCC unroll 4
+#pragma GCC unroll 8
             for (int r = 0; r < R; ++r)
 #pragma GCC unroll 4
                 for (int i = 0; i < 4; ++i) t[r][i] = Vec::zero();
@@ -160,7 +160,7 @@ static inline void kq6_block(V (&c)[R][2], const float* x, int64_t lda, const ui
                 hi = Vec::fma(Vec::bits(qh + 32 * h + v * W, 2 * (qp + 2), 3), Vec::set1(16.0f), hi);
                 const int half = v * W / 16;  // which 16-weight sub-block of the quarter these lanes are in
                 const float* xl = x + 128 * h + 32 * qp + v * W;
-#pragma GCC unroll 4
+#pragma GCC unroll 8
                 for (int r = 0; r < R; ++r) {
                     t[r][half] = Vec::fma(lo, Vec::load(xl + r * lda), t[r][half]);
                     t[r][2 + half] = Vec::fma(hi, Vec::load(xl + 64 + r * lda), t[r][2 + half]);
@@ -169,7 +169,7 @@ static inline void kq6_block(V (&c)[R][2], const float* x, int64_t lda, const ui
             const int s_lo = 8 * h + 2 * qp, s_hi = s_lo + 4;  // sub-blocks of quarters qp and qp + 2
             const V d0 = Vec::set1(d * (float)sc[s_lo]), d1 = Vec::set1(d * (float)sc[s_lo + 1]);
             const V d2 = Vec::set1(d * (float)sc[s_hi]), d3 = Vec::set1(d * (float)sc[s_hi + 1]);
-#pragma GCC unroll 4
+#pragma GCC unroll 8
             for (int r = 0; r < R; ++r) {
                 c[r][0] = Vec::fma(t[r][0], d0, c[r][0]);
                 c[r][1] = Vec::fma(t[r][1], d1, c[r][1]);
@@ -186,7 +186,7 @@ static inline void gemv_kquant_row(float* y, const float* A, int64_t lda, const 
     constexpr int64_t bb = kquant_block_bytes(FMT);
     V c[R][2];
     float cm[R];
-#pragma GCC unroll 4
+#pragma GCC unroll 8
     for (int r = 0; r < R; ++r) { c[r][0] = c[r][1] = Vec::zero(); cm[r] = 0.f; }
     for (int64_t sb = 0; sb < nsb; ++sb) {
         const uint8_t* b = row + sb * bb;
@@ -198,7 +198,7 @@ static inline void gemv_kquant_row(float* y, const float* A, int64_t lda, const 
         else
             kq45_block<FMT, R>(c, cm, A + sb * QK_K, lda, xsum + sb * 8, xsum_stride, b, f16);
     }
-#pragma GCC unroll 4
+#pragma GCC unroll 8
     for (int r = 0; r < R; ++r) y[r] = Vec::reduce_add(Vec::add(c[r][0], c[r][1])) - cm[r];
 }
 
