@@ -1,8 +1,7 @@
 // The int8 route on AVX512-VNNI (vpdpbusd): Cascade Lake, Ice Lake, Sapphire Rapids, Zen 4/5.
-// 512-bit vectors for Q4_0 / Q4_1 / Q4_K / Q5_K / Q8_0 (one block of all four rows a vector: half
-// the instructions per row of x, which is what a decode step of several sequences pays for), the
-// AVX2 path's ymm code through AVX512VL for Q6_K; the same layout as every path. Chosen at run time
-// only where the CPU reports avx512vnni and avx512vl.
+// 512-bit vectors (one block of all four rows a vector: about half the instructions per row of x,
+// which is what a decode step of several sequences pays for); the same layout as every path. Chosen
+// at run time only where the CPU reports avx512vnni and avx512vl.
 #if defined(__x86_64__)
 #pragma GCC diagnostic ignored "-Wuninitialized"
 #pragma GCC diagnostic ignored "-Wmaybe-uninitialized"

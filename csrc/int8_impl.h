@@ -1,9 +1,8 @@
 // The integer dot products of the int8 route (int8.h), written once and compiled once per path:
 // int8_<path>.cpp sets I8_ISA and a GCC target pragma, opens its own namespace and includes this
 // file there. I8_ISA: 0 portable (plain C++), 1 AVX2 (maddubs + madd), 2 AVX-VNNI (vpdpbusd on
-// ymm, VEX), 3 AVX512-VNNI (vpdpbusd on zmm for Q4_0 / Q4_1 / Q4_K / Q5_K / Q8_0, the ymm code
-// through AVX512VL for Q6_K). The ymm loops are shared by the three x86 paths; only their u8 x s8
-// dot step differs.
+// ymm, VEX), 3 AVX512-VNNI (vpdpbusd on zmm, loops of their own). The ymm loops are shared by the
+// three x86 paths; only their u8 x s8 dot step differs.
 //
 // Not a standalone header: no include guard; includes come before the namespace.
 
@@ -434,6 +433,55 @@ static inline void dot_group_q8_512(float* y, const int8_t* q, const float* xd, 
     }
     for (int r = 0; r < R; ++r) _mm_storeu_ps(y + r * I8_ROWS, lane_sums(acc[r]));
 }
+
+// Q6_K: the nibbles as Q4's ([row 0 | row 1 | row 2 | row 3], low = weights 0..15, high = 16..31);
+// the 32 qh bytes broadcast as [qh 0..15 | qh 16..31 | qh 0..15 | qh 16..31] put each row's high bits
+// in its lane (int8_q6_qh_shift: 0 0 4 4 per lane under the low nibbles, 2 2 6 6 under the high),
+// one variable shift, a shift and a mask each. The two 16-weight halves have their own scales, so
+// their sums stay in two vectors; each starts at -32 sum(x over the half) in one element per lane
+// (x's per-call offsets xo), which makes it exactly sum((u - 32) x). Scales in the record's lane
+// order (int8_q6_sc_index), spread per row lane by one permute each.
+template <int R>
+static inline void dot_group_q6_512(float* y, const int8_t* q, const float* xd, const int32_t* xo, int64_t K,
+                                    const uint8_t* g) {
+    const int64_t nb = K / QK;
+    constexpr int64_t REC = int8_record_bytes(Q6_K), QB = int8_quant_bytes(Q6_K);
+    const __m512i low = _mm512_set1_epi8(0x0f), high = _mm512_set1_epi8(0x30);
+    const __m512i slo = _mm512_setr_epi32(0, 0, 0, 0, 0, 0, 0, 0, 4, 4, 4, 4, 4, 4, 4, 4);
+    const __m512i shi = _mm512_setr_epi32(2, 2, 2, 2, 2, 2, 2, 2, 6, 6, 6, 6, 6, 6, 6, 6);
+    const __m512i i0 = _mm512_setr_epi32(0, 0, 0, 0, 4, 4, 4, 4, 1, 1, 1, 1, 5, 5, 5, 5);
+    const __m512i i1 = _mm512_setr_epi32(2, 2, 2, 2, 6, 6, 6, 6, 3, 3, 3, 3, 7, 7, 7, 7);
+    __m512 acc[R];
+    for (int r = 0; r < R; ++r) acc[r] = _mm512_setzero_ps();
+    for (int64_t b = 0; b < nb; ++b) {
+        const uint8_t* qs = g + b * REC;
+        __builtin_prefetch(qs + PREFETCH_AHEAD);
+        __builtin_prefetch(qs + PREFETCH_AHEAD + 64);
+        const __m512i v = _mm512_loadu_si512(qs);
+        const __m512i h = _mm512_broadcast_i64x4(_mm256_loadu_si256((const __m256i*)(qs + 64)));
+        const __m512i ulo = _mm512_or_si512(_mm512_and_si512(v, low),
+                                            _mm512_and_si512(_mm512_slli_epi16(_mm512_srlv_epi32(h, slo), 4), high));
+        const __m512i uhi = _mm512_or_si512(_mm512_and_si512(_mm512_srli_epi16(v, 4), low),
+                                            _mm512_and_si512(_mm512_slli_epi16(_mm512_srlv_epi32(h, shi), 4), high));
+        const __m512 dw = per_lane(half4(qs + QB));
+        const __m512 sc = _mm512_castps256_ps512(
+            _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i*)(qs + QB + 8)))));
+        const __m512 s0 = _mm512_mul_ps(dw, _mm512_permutexvar_ps(i0, sc));
+        const __m512 s1 = _mm512_mul_ps(dw, _mm512_permutexvar_ps(i1, sc));
+#pragma GCC unroll 4
+        for (int r = 0; r < R; ++r) {
+            const int8_t* xb = q + r * K + b * QK;
+            const int32_t* o = xo + (r * nb + b) * 8;  // [32 S0, ., 32 S1, ...]
+            const __m512i xl = _mm512_broadcast_i32x4(_mm_loadu_si128((const __m128i*)xb));
+            const __m512i xh = _mm512_broadcast_i32x4(_mm_loadu_si128((const __m128i*)(xb + 16)));
+            const __m512i p0 = _mm512_dpbusd_epi32(_mm512_maskz_set1_epi32(0x1111, -o[0]), ulo, xl);
+            const __m512i p1 = _mm512_dpbusd_epi32(_mm512_maskz_set1_epi32(0x1111, -o[2]), uhi, xh);
+            const __m512 t = _mm512_fmadd_ps(_mm512_cvtepi32_ps(p1), s1, _mm512_mul_ps(_mm512_cvtepi32_ps(p0), s0));
+            acc[r] = _mm512_fmadd_ps(t, _mm512_set1_ps(xd[r * nb + b]), acc[r]);
+        }
+    }
+    for (int r = 0; r < R; ++r) _mm_storeu_ps(y + r * I8_ROWS, lane_sums(acc[r]));
+}
 #endif
 
 template <int R>
@@ -445,7 +493,7 @@ static inline void dot_group_r(float* y, const int8_t* q, const float* xd, const
     else if (fmt == Q4_1) dot_group_q4_512<Q4_1, R>(y, q, xd, xs, K, g);
     else if (fmt == Q4_K) dot_group_q4_512<Q4_K, R>(y, q, xd, xs, K, g);
     else if (fmt == Q5_K) dot_group_q4_512<Q5_K, R>(y, q, xd, xs, K, g);
-    else dot_group_q6<R>(y, q, xd, xo, K, g);
+    else dot_group_q6_512<R>(y, q, xd, xo, K, g);
 #else
     if (fmt == Q8_0) dot_group_q8<R>(y, q, xd, K, g);
     else if (fmt == Q4_0) dot_group_q4<Q4_0, R>(y, q, xd, xs, K, g);
