@@ -2,7 +2,8 @@
 
 - SmolLM2-135M Q4_1 decode (tg) and prefill (pp) on the cpu backend through plans and on the op
   path, with the per-step breakdown (time inside the native step vs everything else);
-- decode of 1, 2, 4 and 8 sequences at once through plans: the step time of each, relative to one;
+- decode of 1, 2, 4 and 8 sequences at once through plans: the step time of each, relative to one
+  (the sizes alternated within each repetition, each ratio against the single-sequence runs around it);
 - optionally the same tg/pp on an older commit of portinfer (--baseline-commit, e.g. bf98f19, the
   main before step plans), built in a temporary git worktree and run in a subprocess, alternating
   with this tree's runs so both see the same machine.
@@ -33,19 +34,38 @@ from portinfer.bench.machine import provenance  # noqa: E402
 from portinfer.bench.model import bench_backend  # noqa: E402
 
 
-def decode_step_ms(model, batch, steps, repetitions):
-    """Median ms per decode step of `batch` sequences (after a 16-token prefill each)."""
-    g = torch.Generator().manual_seed(0)
-    times = []
-    for _ in range(repetitions + 1):
-        cache = model.new_cache(batch, 16 + steps)
-        model.step(torch.randint(0, model.config.vocab_size, (batch, 16), generator=g), cache)
-        token = torch.randint(0, model.config.vocab_size, (batch,), generator=g)
-        t0 = time.perf_counter()
-        for _ in range(steps):
-            token = model.decode(token, cache).argmax(-1)
-        times.append(1e3 * (time.perf_counter() - t0) / steps)
-    return statistics.median(times[1:])  # the first run builds the plans
+def decode_step_ms(model, batch, steps, seed=0):
+    """ms per decode step of `batch` sequences over `steps` steps, after a 16-token prefill each."""
+    g = torch.Generator().manual_seed(seed)
+    cache = model.new_cache(batch, 16 + steps)
+    model.step(torch.randint(0, model.config.vocab_size, (batch, 16), generator=g), cache)
+    token = torch.randint(0, model.config.vocab_size, (batch,), generator=g)
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        token = model.decode(token, cache).argmax(-1)
+    return 1e3 * (time.perf_counter() - t0) / steps
+
+
+def batch_steps(model, batches, steps, repetitions):
+    """Step times by batch size, and each size's step relative to the first size's, the sizes
+    alternated within every repetition and each ratio taken against the mean of the reference
+    runs right before and after it (this VM's speed drifts by minutes: sizes measured one after
+    another carried that drift into the ratio). Medians over the repetitions, and every value."""
+    for B in batches:  # the first run of each size builds its plans
+        decode_step_ms(model, B, 4)
+    times = {B: [] for B in batches}
+    ratios = {B: [] for B in batches}
+    ref = batches[0]
+    for rep in range(repetitions):
+        before = decode_step_ms(model, ref, steps, rep)
+        run = {B: decode_step_ms(model, B, steps, rep) for B in batches[1:]}
+        after = decode_step_ms(model, ref, steps, rep)
+        run[ref] = (before + after) / 2
+        for B, ms in run.items():
+            times[B].append(ms)
+            ratios[B].append(ms / run[ref])
+    return ({B: statistics.median(v) for B, v in times.items()}, {B: statistics.median(v) for B, v in ratios.items()},
+            times, ratios)
 
 
 BASELINE_SCRIPT = """
@@ -109,23 +129,23 @@ def main(argv=None):
         if base is not None:
             subprocess.run(["git", "-C", str(ROOT), "worktree", "remove", "--force", str(base)], capture_output=True)
 
-    batch = {B: decode_step_ms(models["plans"], B, 32, args.r) for B in args.batches}
-    one = batch[args.batches[0]]
+    batch, vs_one, batch_times, batch_ratios = batch_steps(models["plans"], args.batches, 32, args.r)
     rows = [{"run": label, "test": name, "tok_s_mean": statistics.fmean(v),
              "tok_s_sd": statistics.stdev(v) if len(v) > 1 else 0.0, "tok_s": v} for (label, name), v in rates.items()]
     doc = {"provenance": prov, "model": models["plans"].name, "backend": args.backend, "rows": rows,
            "step_breakdown": {k: {f: statistics.median(b[f] for b in v) for f in ("step_ms", "kernel_ms", "host_ms",
                                                                                    "host_pct")}
                               for k, v in breakdowns.items()},
-           "decode_step_ms_by_batch": batch,
-           "decode_step_vs_one": {B: ms / one for B, ms in batch.items()}}
+           "decode_step_ms_by_batch": batch, "decode_step_vs_one": vs_one,
+           "decode_step_ms_by_batch_each": batch_times, "decode_step_vs_one_each": batch_ratios}
     for r in rows:
         print(f"{r['run']:>16} {r['test']:>6}: {r['tok_s_mean']:8.2f} ± {r['tok_s_sd']:.2f} tok/s")
     for k, b in doc["step_breakdown"].items():
         print(f"{k:>16} step {b['step_ms']:.2f} ms: kernels {b['kernel_ms']:.2f} ms, host {b['host_ms']:.2f} ms "
               f"({b['host_pct']:.1f}%)")
     for B, ms in batch.items():
-        print(f"decode step of {B} sequences: {ms:.2f} ms ({ms / one:.2f}x {args.batches[0]})")
+        each = ", ".join(f"{r:.2f}" for r in batch_ratios[B])
+        print(f"decode step of {B} sequences: {ms:.2f} ms ({vs_one[B]:.2f}x {args.batches[0]}; each repetition: {each})")
     if args.json:
         Path(args.json).write_text(json.dumps(doc, indent=2))
         print(f"wrote {args.json}", file=sys.stderr)

@@ -56,3 +56,26 @@ def test_quant_routes_script():
         assert set(r["seconds"]) == {"cpu[fp32]", "cpu[int8]"} and all(len(v) == 2 for v in r["seconds"].values())
         assert r["stored_bytes"] == 8 * 256 * {"q6_k": 210 / 256, "q4_0": 18 / 32}[r["format"]]
         assert math.isclose(r["fp32_over_int8"], r["median_s"]["cpu[fp32]"] / r["median_s"]["cpu[int8]"])
+
+
+def test_step_plans_batch_ratios_alternate_with_the_reference(tmp_path):
+    """bench/step_plans.py's batched decode: every repetition times each batch size between two runs
+    of the reference size, and each ratio is against those neighbours; the JSON keeps every value,
+    the medians are of them."""
+    from hf_models import build
+
+    spec = importlib.util.spec_from_file_location("step_plans", ROOT / "bench" / "step_plans.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    build("llama_gqa", tmp_path / "m")
+    out = tmp_path / "r.json"
+    mod.main(["--model", str(tmp_path / "m"), "--backend", "cpu[int8]", "--batches", "1", "3", "-p", "4", "-n", "2",
+              "-r", "3", "--rounds", "1", "--json", str(out)])
+    doc = json.loads(out.read_text())
+    assert doc["backend"] == "cpu[int8]"
+    each, ratios = doc["decode_step_ms_by_batch_each"], doc["decode_step_vs_one_each"]
+    assert set(each) == set(ratios) == {"1", "3"} and all(len(v) == 3 for v in each.values())
+    assert ratios["1"] == [1.0, 1.0, 1.0]
+    for ms, r, ref in zip(each["3"], ratios["3"], each["1"]):
+        assert ms > 0 and math.isclose(r, ms / ref)
+    assert math.isclose(doc["decode_step_vs_one"]["3"], sorted(ratios["3"])[1])
