@@ -31,7 +31,7 @@ sys.path.insert(0, str(ROOT))
 
 import portinfer  # noqa: E402
 from portinfer.bench.machine import provenance  # noqa: E402
-from portinfer.bench.model import bench_backend  # noqa: E402
+from portinfer.bench.model import _greedy, bench_backend  # noqa: E402
 
 
 def decode_step_ms(model, batch, steps, seed=0):
@@ -41,8 +41,8 @@ def decode_step_ms(model, batch, steps, seed=0):
     model.step(torch.randint(0, model.config.vocab_size, (batch, 16), generator=g), cache)
     token = torch.randint(0, model.config.vocab_size, (batch,), generator=g)
     t0 = time.perf_counter()
-    for _ in range(steps):
-        token = model.decode(token, cache).argmax(-1)
+    for _ in range(steps):  # numpy's argmax, as generate and the server pick greedy tokens (_greedy)
+        token = _greedy(model.decode(token, cache))
     return 1e3 * (time.perf_counter() - t0) / steps
 
 
