@@ -23,7 +23,9 @@ CpuBackend = cpu_mod.CpuBackend
 FORMATS = ("q8_0", "q4_0", "q4_1")
 # (M, N, K): M = 1 (decode), M in 2..4, M > 4 (prefill chunks of 4 with a remainder); N not a
 # multiple of the 4-row groups; K from one block up
-SHAPES = [(1, 37, 96), (1, 4, 32), (2, 61, 160), (3, 9, 64), (4, 64, 256), (7, 33, 128), (18, 70, 224)]
+# M = 5..8 and 13 reach remainders of the 4-row chunks of x (1, 2, 3, 4 rows after whole chunks)
+SHAPES = [(1, 37, 96), (1, 4, 32), (2, 61, 160), (3, 9, 64), (4, 64, 256), (5, 12, 64), (6, 20, 96), (7, 33, 128),
+          (8, 9, 32), (13, 17, 64), (18, 70, 224)]
 PATHS = CpuBackend.int8_paths() if cpu_mod._cpu else []
 
 
