@@ -97,3 +97,20 @@ def test_stop_string_and_streaming(smollm2_torch):
     pieces = list(stream)
     assert len(pieces) > 3 and "".join(pieces) == free.text == stream.result.text
     assert stream.result.token_ids == free.token_ids
+
+
+@pytest.mark.parametrize("top_p", [0.05, 0.5, 0.9, 0.999])
+@pytest.mark.parametrize("scale", [0.3, 3.0])
+def test_top_p_over_a_large_vocabulary_keeps_the_full_sort_set(top_p, scale):
+    """Sampler's top_p sorts only the head of the distribution (k most probable tokens, k growing):
+    the kept set must be the one a full sort gives (transformers' TopPLogitsWarper), for flat and
+    peaked distributions over 5000 tokens."""
+    from transformers.generation.logits_process import TopPLogitsWarper
+
+    from portinfer.runtime.sampling import _softmax, _top_p
+
+    z = (torch.randn(5000, generator=torch.Generator().manual_seed(int(top_p * 1000))) * scale).double()
+    ours = _top_p(z.numpy(), _softmax(z.numpy()), top_p)
+    ref = TopPLogitsWarper(top_p)(torch.zeros(1, 1, dtype=torch.long), z[None].clone())[0]
+    assert torch.equal(torch.from_numpy(ours).isinf(), ref.isinf()), (top_p, scale)
+    assert int((~ref.isinf()).sum()) >= 1
