@@ -85,7 +85,8 @@ class Sampler:
 
     def __init__(self, params: SamplingParams):
         self.params = params
-        self.rng = np.random.default_rng(params.seed)  # no seed: fresh entropy
+        # no seed: fresh entropy; any integer seeds it (numpy's generator takes non-negative ones)
+        self.rng = np.random.default_rng(None if params.seed is None else params.seed % (1 << 64))
 
     def __call__(self, logits: torch.Tensor, seen: list) -> list[int]:
         """logits fp32 [B, V] (any device), seen: per sequence the token ids so far (needed only
