@@ -108,11 +108,10 @@ class CpuPlanExecutor:
         self.profile = False
         # fixed slots carry their bytes: add() checks every node's extent against them (csrc/bindings.cpp)
         self.program = cpu_module.Plan(self.dynamic, [_buf(t) for t in self._fixed])
-        self.node_ops, self.node_ints = [], []  # each native node's plan op code and integer arguments
+        self.node_ops = []  # the plan op code of each native node
         for op, refs, ints, f in pending:
             self.program.add(op, [list(r) for r in refs], [int(i) for i in ints], float(f))
             self.node_ops.append(op)
-            self.node_ints.append(tuple(int(i) for i in ints))
 
     def reset_profile(self):
         self.kernel_s = 0.0
