@@ -50,11 +50,10 @@ def load_build(directory: str, tag: str):
 
 
 def blocks_for(n, k, fmt, seed):
-    import gguf
+    from portinfer.backends import quant
 
     w = torch.randn(n, k, generator=torch.Generator().manual_seed(seed))
-    q = gguf.quantize(w.numpy(), getattr(gguf.GGMLQuantizationType, fmt.upper()))
-    return torch.from_numpy(q).reshape(n, -1).contiguous()
+    return quant.quantize(w, fmt).blocks.reshape(n, -1).contiguous()
 
 
 def prepared(mod, route, fmt, blocks, n, k):
@@ -81,7 +80,8 @@ def main(argv=None) -> int:
     p.add_argument("build_a", help="directory with a built portinfer/_cpu*.so (the baseline)")
     p.add_argument("build_b", help="directory with a built portinfer/_cpu*.so (the change)")
     p.add_argument("--route", choices=("int8", "fp32"), default="int8")
-    p.add_argument("--format", default="q4_1", choices=("q4_0", "q4_1", "q8_0"))
+    p.add_argument("--format", default="q4_1", choices=("q4_0", "q4_1", "q8_0", "q4_k", "q5_k", "q6_k"),
+                   help="K-quants: K a multiple of 256, int8 route only")
     p.add_argument("--rows", type=int, nargs="+", default=[1, 4, 8], help="rows of x (M)")
     p.add_argument("--shapes", nargs="+", default=["1536x576", "576x1536", "576x576"], help="N x K")
     p.add_argument("--threads", type=int, default=1)

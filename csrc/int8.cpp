@@ -119,16 +119,17 @@ struct Int8Call {
     const void* bias;
     int64_t M, N, K, xs, nb, gb, groups_per_task;
     int adt, fmt;
+    bool use_panel;   // the path's panel kernel (M >= I8_PANEL_MIN_M)
     int8_t* q;        // [M][K]
     float *d, *s;     // [M][nb]
-    int32_t* xo;      // [M][nb][8] (Q6_K only, else null): int8_q6_offsets
+    int32_t* xo;      // [M][nb][8] (Q6_K, int8_offsets) or, on panels, [M][nb][4] (int8_panel_offsets); else null
     uint8_t* finite;  // [M]: 0 where the row holds a NaN / Inf
 };
 
-// Q6_K's offsets of one quantized row q [nb * 32]: per block the vector 32 [S0 S0 S1 S1 S0 S0 S1 S1]
-// (S0, S1: the sums of q over weights 0..15, 16..31), in the lane order of the Q6_K kernel's sums, which
+// The integer offsets of one quantized row q [nb * 32]: per block the vector 32 [S0 S0 S1 S1 S0 S0 S1 S1]
+// (S0, S1: the sums of q over weights 0..15, 16..31), in the lane order of the Q6_K kernels' sums, which
 // subtract it once per block and row of x instead of per weight vector (w = d sc (u - 32))
-static void int8_q6_offsets(int32_t* xo, const int8_t* q, int64_t nb) {
+static void int8_offsets(int32_t* xo, const int8_t* q, int64_t nb) {
     for (int64_t b = 0; b < nb; ++b) {
         int s0 = 0, s1 = 0;
         for (int t = 0; t < 16; ++t) {
@@ -137,6 +138,21 @@ static void int8_q6_offsets(int32_t* xo, const int8_t* q, int64_t nb) {
         }
         const int32_t v[8] = {32 * s0, 32 * s0, 32 * s1, 32 * s1, 32 * s0, 32 * s0, 32 * s1, 32 * s1};
         std::memcpy(xo + b * 8, v, sizeof v);
+    }
+}
+
+// The panel kernels' integer offsets of one quantized row: per block [-32 S0, -32 S1, -8 S, -128 S]
+// (S0, S1: the sums of q over weights 0..15, 16..31, S = S0 + S1), where Q6_K's halves, Q4_0's and
+// Q8_0's sums start (their codes are unsigned: u - 32, n - 8, w + 128)
+static void int8_panel_offsets(int32_t* xo, const int8_t* q, int64_t nb) {
+    for (int64_t b = 0; b < nb; ++b) {
+        int s0 = 0, s1 = 0;
+        for (int t = 0; t < 16; ++t) {
+            s0 += q[b * QK + t];
+            s1 += q[b * QK + 16 + t];
+        }
+        const int32_t v[4] = {-32 * s0, -32 * s1, -8 * (s0 + s1), -128 * (s0 + s1)};
+        std::memcpy(xo + b * 4, v, sizeof v);
     }
 }
 
@@ -152,52 +168,76 @@ static void quantize_task(void* ctx, int64_t m, int thread) {
         row = buf;
     }
     c.finite[m] = c.k->quantize_row(c.q + m * c.K, c.d + m * c.nb, c.s + m * c.nb, row, c.K) ? 1 : 0;
-    if (c.xo) int8_q6_offsets(c.xo + m * c.nb * 8, c.q + m * c.K, c.nb);
+    if (c.use_panel) int8_panel_offsets(c.xo + m * c.nb * 4, c.q + m * c.K, c.nb);
+    else if (c.xo) int8_offsets(c.xo + m * c.nb * 8, c.q + m * c.K, c.nb);
 }
 
-// a run of groups against every row of x, 4 rows of x at a time (the run's weights stay in cache
-// between row chunks when M > 4). The common case (fp32 out, every row finite) stores the sums
-// straight into out, the bias added in the same pass; other rows go through the general path.
+// y [R][ys] (the sums of rows m0.. of x against output rows n0 .. n0 + nn) into out, the bias added. The
+// common case (fp32 out, every row finite) stores straight into out; other rows go through the
+// general path (rows with NaN / Inf take an fp32 dot product, so that they propagate as the
+// reference's do).
+static void store_sums(const Int8Call& c, const float* y, int64_t ys, int64_t m0, int R, int64_t n0, int nn,
+                       int thread, float*& wrow) {
+    const int64_t N = c.N, K = c.K;
+    bool fast = c.adt == DT_F32;
+    for (int r = 0; r < R; ++r) fast = fast && c.finite[m0 + r];
+    if (fast) {
+        const float* bias32 = (const float*)c.bias;
+        for (int r = 0; r < R; ++r) {
+            float* o = (float*)c.out + (m0 + r) * N + n0;
+            for (int i = 0; i < nn; ++i) o[i] = y[r * ys + i] + (bias32 ? bias32[n0 + i] : 0.f);
+        }
+        return;
+    }
+    for (int r = 0; r < R; ++r) {
+        const int64_t m = m0 + r;
+        for (int i = 0; i < nn; ++i) {
+            const int64_t n = n0 + i;
+            float v = y[r * ys + i];
+            if (!c.finite[m]) {
+                if (!wrow) wrow = scratch(thread, 7, (size_t)K);
+                dequant_row(wrow, c.packed, n, K, c.fmt);
+                v = 0.f;
+                for (int64_t k = 0; k < K; ++k) v += load_scalar(c.x, c.adt, m * c.xs + k) * wrow[k];
+            }
+            if (c.bias) v += load_scalar(c.bias, c.adt, n);
+            store_scalar(c.out, c.adt, m * N + n, v);
+        }
+    }
+}
+
+// a run of groups against every row of x. With the path's panel kernel (and M >= 2): panels of 4
+// groups, each against the rows of x in chunks of up to 8 (equal sizes), the panel's weights in
+// L1 across the chunks. Otherwise 4 rows of x at a time against each group (the run's weights stay
+// in cache between row chunks when M > 4).
 static void groups_task(void* ctx, int64_t t, int thread) {
     const Int8Call& c = *(const Int8Call*)ctx;
     const int64_t N = c.N, K = c.K, nb = c.nb, M = c.M;
     const int64_t groups = i8_ceil_div(N, I8_ROWS);
     const int64_t g0 = t * c.groups_per_task, g1 = i8_min(groups, g0 + c.groups_per_task);
-    const bool f32 = c.adt == DT_F32;
-    const float* bias32 = f32 ? (const float*)c.bias : nullptr;
     float* wrow = nullptr;
+    if (c.use_panel) {
+        const int64_t chunks = i8_ceil_div(M, I8_PANEL_ROWS);
+        for (int64_t g = g0; g < g1; g += 4) {
+            const int ng = (int)i8_min(4, g1 - g);
+            for (int64_t ch = 0; ch < chunks; ++ch) {
+                const int64_t m0 = ch * M / chunks;
+                const int R = (int)((ch + 1) * M / chunks - m0);
+                alignas(64) float y[I8_PANEL_ROWS * 16];
+                c.k->panel(y, c.q + m0 * K, c.d + m0 * nb, c.s + m0 * nb, c.xo + m0 * nb * 4, R, K,
+                           c.packed + g * c.gb, c.gb, ng, c.fmt);
+                store_sums(c, y, 16, m0, R, g * I8_ROWS, (int)i8_min(16, N - g * I8_ROWS), thread, wrow);
+            }
+        }
+        return;
+    }
     for (int64_t m0 = 0; m0 < M; m0 += I8_ROWS) {
         const int R = (int)i8_min(I8_ROWS, M - m0);
-        bool chunk_fast = f32;
-        for (int r = 0; r < R; ++r) chunk_fast = chunk_fast && c.finite[m0 + r];
         for (int64_t g = g0; g < g1; ++g) {
             alignas(64) float y[I8_ROWS * I8_ROWS];
             c.k->dot_group(y, c.q + m0 * K, c.d + m0 * nb, c.s + m0 * nb, c.xo ? c.xo + m0 * nb * 8 : nullptr, R, K,
                            c.packed + g * c.gb, c.fmt);
-            const int64_t n0 = g * I8_ROWS;
-            const int nn = (int)i8_min(I8_ROWS, N - n0);
-            if (chunk_fast) {
-                for (int r = 0; r < R; ++r) {
-                    float* o = (float*)c.out + (m0 + r) * N + n0;
-                    for (int i = 0; i < nn; ++i) o[i] = y[r * I8_ROWS + i] + (bias32 ? bias32[n0 + i] : 0.f);
-                }
-                continue;
-            }
-            for (int r = 0; r < R; ++r) {
-                const int64_t m = m0 + r;
-                for (int i = 0; i < nn; ++i) {
-                    const int64_t n = n0 + i;
-                    float v = y[r * I8_ROWS + i];
-                    if (!c.finite[m]) {  // fp32 dot product: NaN / Inf propagate like the reference's
-                        if (!wrow) wrow = scratch(thread, 7, (size_t)K);
-                        dequant_row(wrow, c.packed, n, K, c.fmt);
-                        v = 0.f;
-                        for (int64_t k = 0; k < K; ++k) v += load_scalar(c.x, c.adt, m * c.xs + k) * wrow[k];
-                    }
-                    if (c.bias) v += load_scalar(c.bias, c.adt, n);
-                    store_scalar(c.out, c.adt, m * N + n, v);
-                }
-            }
+            store_sums(c, y, I8_ROWS, m0, R, g * I8_ROWS, (int)i8_min(I8_ROWS, N - g * I8_ROWS), thread, wrow);
         }
     }
 }
@@ -210,8 +250,9 @@ void linear_int8(const Int8Kernels* k, void* out, const void* x, const uint8_t* 
     c.nb = K / QK;
     c.gb = int8_group_bytes(fmt, K);
     // scratch (thread 0, slots 4 and 5), taken before any task runs: q [M][K] int8, d, s [M][nb],
-    // xo [M][nb][8] (Q6_K), finite [M]
-    const int64_t xo_n = fmt == Q6_K ? 8 * M * c.nb : 0;
+    // xo (Q6_K or panels: Int8Call), finite [M]
+    c.use_panel = k->panel && M >= I8_PANEL_MIN_M;
+    const int64_t xo_n = c.use_panel ? 4 * M * c.nb : fmt == Q6_K ? 8 * M * c.nb : 0;
     c.q = (int8_t*)scratch(0, 4, (size_t)i8_ceil_div(M * K, 4));
     float* ds = scratch(0, 5, (size_t)(2 * M * c.nb + xo_n + i8_ceil_div(M, 4)));
     c.d = ds;
@@ -228,10 +269,12 @@ void linear_int8(const Int8Kernels* k, void* out, const void* x, const uint8_t* 
         // streams 8 times: 1.06x / 1.19x tok/s for 2 over 8, alternated in one process on a Zen 5),
         // the second half left for whichever thread is free first
         c.groups_per_task = i8_max(4, i8_ceil_div(groups, 2 * threads));
+        if (c.use_panel) c.groups_per_task = i8_ceil_div(c.groups_per_task, 4) * 4;  // whole panels
     } else {
         // prefill: runs of ~32 KiB of weights (kept in L1/L2 across the chunks of 4 rows of x),
         // but enough runs for every thread
         c.groups_per_task = i8_max(1, i8_min(32768 / c.gb, i8_ceil_div(groups, 2 * threads)));
+        if (c.use_panel) c.groups_per_task = i8_ceil_div(c.groups_per_task, 4) * 4;  // whole panels
     }
     parallel_for(i8_ceil_div(groups, c.groups_per_task), groups_task, &c);
 }

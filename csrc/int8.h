@@ -45,10 +45,24 @@ struct Int8Kernels {
     // q, d, s unspecified) when x holds a NaN or an Inf
     bool (*quantize_row)(int8_t* q, float* d, float* s, const float* x, int64_t K);
     // y [R][4] (row stride 4) = R <= 4 quantized rows (q row stride K, d / s row stride nb, xo row
-    // stride 8 nb: int8_q6_offsets, Q6_K only) against the one repacked group at `group`; fmt: QFormat
+    // stride 8 nb: int8_offsets, Q6_K only) against the one repacked group at `group`; fmt: QFormat
     void (*dot_group)(float* y, const int8_t* q, const float* d, const float* s, const int32_t* xo, int R,
                       int64_t K, const uint8_t* group, int fmt);
+    // y [R][16] (row stride 16) = R <= I8_PANEL_ROWS quantized rows (as dot_group, but xo row stride 4 nb:
+    // int8_panel_offsets, every format)
+    // against the ng <= 4 groups from g0 (group stride gb), the 16 output rows of a panel at once;
+    // null where the path has none (the driver then runs dot_group over 4 rows of x at a time)
+    void (*panel)(float* y, const int8_t* q, const float* d, const float* s, const int32_t* xo, int R, int64_t K,
+                  const uint8_t* g0, int64_t gb, int ng, int fmt);
 };
+
+// rows of x a panel call takes (the registers of a 16-row panel hold 8 rows' sums)
+static const int I8_PANEL_ROWS = 8;
+// the fewest rows of x that run on panels where the path has them. One row stays on dot_group: a
+// decode step of one sequence is a stream from memory, and a thread's groups read one after another
+// stream best (Qwen2-0.5B-shaped Q8_0 / Q4_0 on a Zen 5, alternated in one process: panels 1.07x /
+// 1.03x the step time at one sequence, 0.83x at two, 0.68-0.83x at eight)
+static const int I8_PANEL_MIN_M = 2;
 
 const Int8Kernels* int8_kernels_portable();
 #if defined(__x86_64__)

@@ -271,7 +271,7 @@ static inline void dot_group_q8(float* y, const int8_t* q, const float* xd, int6
 // broadcast. Each of a row's two 16-weight sub-blocks has its own scale, so the sums stay apart:
 // three hadds give [r0h0 r2h0 r0h1 r2h1 | r1h0 r3h0 r1h1 r3h1], the order of the record's int8 scales
 // (int8_q6_sc_index); the -32 of w = d sc (u - 32) is one subtraction of x's offsets xo (32 sum(q)
-// per sub-block, int8_q6_offsets) per block and row of x. maddubs' pair sums stay below int16's
+// per sub-block, int8_offsets) per block and row of x. maddubs' pair sums stay below int16's
 // limit: 2 * 63 * 127.
 template <int R>
 static inline void dot_group_q6(float* y, const int8_t* q, const float* xd, const int32_t* xo, int64_t K,
@@ -337,15 +337,53 @@ static inline __m128 lane_sums(__m512 a) {
     return _mm512_castps512_ps128(_mm512_permutexvar_ps(_mm512_setr_epi32(0, 4, 8, 12, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0), a));
 }
 
+// The unsigned codes of one block of a group's four rows, a row per 128-bit lane: lo = [row L:
+// weights 0..15], hi = [row L: weights 16..31]. Q4_0 / Q4_1 / Q4_K: the nibbles (low nibble = weight
+// t, high = t + 16); Q5_K: a fifth bit from the 16 qh bytes broadcast, each lane shifted right by its
+// row's bit (int8_q5_qh_bit: 0 1 4 5 under the low nibbles, 2 3 6 7 under the high ones), moved to
+// bit 4; Q6_K: two high bits from the 32 qh bytes broadcast as [qh 0..15 | qh 16..31 | ..], which
+// puts each row's bits in its lane (int8_q6_qh_shift: 0 0 4 4 per lane under the low nibbles, 2 2 6 6
+// under the high); Q8_0 (two loads, [row 0 | row 1] and [row 2 | row 3], 32 bytes a row): w + 128
+// (w xor 0x80), the row halves gathered into lo / hi.
+template <int FMT>
+static inline void codes_512(__m512i& lo, __m512i& hi, const uint8_t* qs) {
+    if constexpr (FMT == Q8_0) {
+        const __m512i flip = _mm512_set1_epi8((char)0x80);
+        const __m512i w0 = _mm512_xor_si512(_mm512_loadu_si512(qs), flip);
+        const __m512i w1 = _mm512_xor_si512(_mm512_loadu_si512(qs + 64), flip);
+        lo = _mm512_shuffle_i32x4(w0, w1, 0x88);
+        hi = _mm512_shuffle_i32x4(w0, w1, 0xdd);
+        return;
+    }
+    const __m512i low = _mm512_set1_epi8(0x0f);
+    const __m512i v = _mm512_loadu_si512(qs);
+    lo = _mm512_and_si512(v, low);
+    hi = _mm512_and_si512(_mm512_srli_epi16(v, 4), low);
+    if constexpr (FMT == Q5_K) {
+        const __m512i bit = _mm512_set1_epi8(0x10);
+        const __m512i h = _mm512_broadcast_i32x4(_mm_loadu_si128((const __m128i*)(qs + 64)));
+        const __m512i slo = _mm512_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1, 4, 4, 4, 4, 5, 5, 5, 5);
+        const __m512i shi = _mm512_setr_epi32(2, 2, 2, 2, 3, 3, 3, 3, 6, 6, 6, 6, 7, 7, 7, 7);
+        lo = _mm512_or_si512(lo, _mm512_and_si512(_mm512_slli_epi16(_mm512_srlv_epi32(h, slo), 4), bit));
+        hi = _mm512_or_si512(hi, _mm512_and_si512(_mm512_slli_epi16(_mm512_srlv_epi32(h, shi), 4), bit));
+    }
+    if constexpr (FMT == Q6_K) {
+        const __m512i high = _mm512_set1_epi8(0x30);
+        const __m512i h = _mm512_broadcast_i64x4(_mm256_loadu_si256((const __m256i*)(qs + 64)));
+        const __m512i slo = _mm512_setr_epi32(0, 0, 0, 0, 0, 0, 0, 0, 4, 4, 4, 4, 4, 4, 4, 4);
+        const __m512i shi = _mm512_setr_epi32(2, 2, 2, 2, 2, 2, 2, 2, 6, 6, 6, 6, 6, 6, 6, 6);
+        lo = _mm512_or_si512(lo, _mm512_and_si512(_mm512_slli_epi16(_mm512_srlv_epi32(h, slo), 4), high));
+        hi = _mm512_or_si512(hi, _mm512_and_si512(_mm512_slli_epi16(_mm512_srlv_epi32(h, shi), 4), high));
+    }
+}
+
 // Q4_0 / Q4_1 / Q4_K / Q5_K: the block's 64 nibble bytes are [row 0 | row 1 | row 2 | row 3] in one
 // load; low nibbles (weights 0..15) meet x[0..15] broadcast to every lane, high nibbles x[16..31].
-// Q5_K's fifth bits: the 16 qh bytes broadcast, each lane shifted right by its row's bit
-// (int8_q5_qh_bit: 0 1 4 5 under the low nibbles, 2 3 6 7 under the high ones), then moved to bit 4.
+// (codes_512).
 template <int FMT, int R>
 static inline void dot_group_q4_512(float* y, const int8_t* q, const float* xd, const float* xs, int64_t K,
                                     const uint8_t* g) {
     const int64_t nb = K / QK;
-    const __m512i low = _mm512_set1_epi8(0x0f);
     constexpr bool KQ = int8_has_header(FMT);
     constexpr int64_t REC = int8_record_bytes(FMT), QB = int8_quant_bytes(FMT);
     constexpr int64_t SPAN = int8_span(FMT), HDR = int8_header_bytes(FMT);
@@ -367,16 +405,8 @@ static inline void dot_group_q4_512(float* y, const int8_t* q, const float* xd, 
             const uint8_t* qs = sb + HDR + bb * REC;
             __builtin_prefetch(qs + PREFETCH_AHEAD);
             __builtin_prefetch(qs + PREFETCH_AHEAD + 64);
-            const __m512i v = _mm512_loadu_si512(qs);
-            __m512i lo = _mm512_and_si512(v, low), hi = _mm512_and_si512(_mm512_srli_epi16(v, 4), low);
-            if constexpr (FMT == Q5_K) {
-                const __m512i bit = _mm512_set1_epi8(0x10);
-                const __m512i h = _mm512_broadcast_i32x4(_mm_loadu_si128((const __m128i*)(qs + 64)));
-                const __m512i slo = _mm512_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1, 4, 4, 4, 4, 5, 5, 5, 5);
-                const __m512i shi = _mm512_setr_epi32(2, 2, 2, 2, 3, 3, 3, 3, 6, 6, 6, 6, 7, 7, 7, 7);
-                lo = _mm512_or_si512(lo, _mm512_and_si512(_mm512_slli_epi16(_mm512_srlv_epi32(h, slo), 4), bit));
-                hi = _mm512_or_si512(hi, _mm512_and_si512(_mm512_slli_epi16(_mm512_srlv_epi32(h, shi), 4), bit));
-            }
+            __m512i lo, hi;
+            codes_512<FMT>(lo, hi, qs);
             __m512 dsel;
             __m128 off;
             if constexpr (KQ) {  // [sc0..3 m0..3] as fp32
@@ -434,10 +464,8 @@ static inline void dot_group_q8_512(float* y, const int8_t* q, const float* xd, 
     for (int r = 0; r < R; ++r) _mm_storeu_ps(y + r * I8_ROWS, lane_sums(acc[r]));
 }
 
-// Q6_K: the nibbles as Q4's ([row 0 | row 1 | row 2 | row 3], low = weights 0..15, high = 16..31);
-// the 32 qh bytes broadcast as [qh 0..15 | qh 16..31 | qh 0..15 | qh 16..31] put each row's high bits
-// in its lane (int8_q6_qh_shift: 0 0 4 4 per lane under the low nibbles, 2 2 6 6 under the high),
-// one variable shift, a shift and a mask each. The two 16-weight halves have their own scales, so
+// Q6_K: the 6-bit codes as codes_512 gives them (a row per lane, low = weights 0..15, high = 16..31).
+// The two 16-weight halves have their own scales, so
 // their sums stay in two vectors; each starts at -32 sum(x over the half) in one element per lane
 // (x's per-call offsets xo), which makes it exactly sum((u - 32) x). Scales in the record's lane
 // order (int8_q6_sc_index), spread per row lane by one permute each.
@@ -446,9 +474,6 @@ static inline void dot_group_q6_512(float* y, const int8_t* q, const float* xd, 
                                     const uint8_t* g) {
     const int64_t nb = K / QK;
     constexpr int64_t REC = int8_record_bytes(Q6_K), QB = int8_quant_bytes(Q6_K);
-    const __m512i low = _mm512_set1_epi8(0x0f), high = _mm512_set1_epi8(0x30);
-    const __m512i slo = _mm512_setr_epi32(0, 0, 0, 0, 0, 0, 0, 0, 4, 4, 4, 4, 4, 4, 4, 4);
-    const __m512i shi = _mm512_setr_epi32(2, 2, 2, 2, 2, 2, 2, 2, 6, 6, 6, 6, 6, 6, 6, 6);
     const __m512i i0 = _mm512_setr_epi32(0, 0, 0, 0, 4, 4, 4, 4, 1, 1, 1, 1, 5, 5, 5, 5);
     const __m512i i1 = _mm512_setr_epi32(2, 2, 2, 2, 6, 6, 6, 6, 3, 3, 3, 3, 7, 7, 7, 7);
     __m512 acc[R];
@@ -457,12 +482,8 @@ static inline void dot_group_q6_512(float* y, const int8_t* q, const float* xd, 
         const uint8_t* qs = g + b * REC;
         __builtin_prefetch(qs + PREFETCH_AHEAD);
         __builtin_prefetch(qs + PREFETCH_AHEAD + 64);
-        const __m512i v = _mm512_loadu_si512(qs);
-        const __m512i h = _mm512_broadcast_i64x4(_mm256_loadu_si256((const __m256i*)(qs + 64)));
-        const __m512i ulo = _mm512_or_si512(_mm512_and_si512(v, low),
-                                            _mm512_and_si512(_mm512_slli_epi16(_mm512_srlv_epi32(h, slo), 4), high));
-        const __m512i uhi = _mm512_or_si512(_mm512_and_si512(_mm512_srli_epi16(v, 4), low),
-                                            _mm512_and_si512(_mm512_slli_epi16(_mm512_srlv_epi32(h, shi), 4), high));
+        __m512i ulo, uhi;
+        codes_512<Q6_K>(ulo, uhi, qs);
         const __m512 dw = per_lane(half4(qs + QB));
         const __m512 sc = _mm512_castps256_ps512(
             _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i*)(qs + QB + 8)))));
@@ -481,6 +502,167 @@ static inline void dot_group_q6_512(float* y, const int8_t* q, const float* xd, 
         }
     }
     for (int r = 0; r < R; ++r) _mm_storeu_ps(y + r * I8_ROWS, lane_sums(acc[r]));
+}
+// ---- the panel kernel: several rows of x against 16 output rows (4 groups) at once
+//
+// The loops above give each row of x a block of four weight rows per vpdpbusd, then pay a convert,
+// a multiply and two FMAs for those 128 products: ~9 instructions a row of x per 128 weights, which
+// is what a decode step of 8-16 sequences is made of. Here the codes of four groups' blocks are
+// transposed in registers (16 unpacks a block, shared by every row of x) into 8 vectors of 4-byte
+// quads, vector j holding weights 4j..4j+3 of all 16 output rows; a row of x then takes one vpdpbusd
+// a quad (its 4 bytes broadcast) and one convert, multiply and FMA per block: 512 products in ~12
+// instructions. The 16 sums of a vector sit in the transposed order p = 4 L + G (row L of group G),
+// which every per-row scale follows and the final store undoes (one permute; the order is its own
+// inverse). Offsets: Q4_0 and Q8_0 start each sum at -8 sum(q) and -128 sum(q), Q6_K its halves at
+// -32 sum(q_h) (x's per-call integer offsets, int8_panel_offsets: exact); Q4_1 / Q4_K / Q5_K add
+// m_w s_x in fp32 as the loops above do.
+
+// the order of the panel's sums, and its own inverse: element p holds row 4 (p % 4) + p / 4
+static inline __m512i panel_order() {
+    return _mm512_setr_epi32(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15);
+}
+
+static inline int64_t ld64(const uint8_t* p) {
+    int64_t v;
+    std::memcpy(&v, p, 8);
+    return v;
+}
+static inline int32_t ld32(const int8_t* p) {
+    int32_t v;
+    std::memcpy(&v, p, 4);
+    return v;
+}
+
+// four fp16 per group at g[G] + off, in the panel's order
+static inline __m512 panel_half(const uint8_t* const* g, int64_t off, __m512i order) {
+    const __m256i h = _mm256_setr_epi64x(ld64(g[0] + off), ld64(g[1] + off), ld64(g[2] + off), ld64(g[3] + off));
+    return _mm512_permutexvar_ps(order, _mm512_cvtph_ps(h));
+}
+
+// four uint8 per group at g[G] + off, in the panel's order
+static inline __m512 panel_u8(const uint8_t* const* g, int64_t off, __m512i order) {
+    int32_t v[4];
+    for (int G = 0; G < 4; ++G) std::memcpy(&v[G], g[G] + off, 4);
+    const __m128i b = _mm_setr_epi32(v[0], v[1], v[2], v[3]);
+    return _mm512_permutexvar_ps(order, _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(b)));
+}
+
+// t[j] (4 x 4 int32 per lane) = the transpose of a[G] within each 128-bit lane: element G of lane L of
+// t[j] is element j of lane L of a[G]
+static inline void transpose_lanes(__m512i* t, const __m512i* a) {
+    const __m512i t0 = _mm512_unpacklo_epi32(a[0], a[1]), t1 = _mm512_unpackhi_epi32(a[0], a[1]);
+    const __m512i t2 = _mm512_unpacklo_epi32(a[2], a[3]), t3 = _mm512_unpackhi_epi32(a[2], a[3]);
+    t[0] = _mm512_unpacklo_epi64(t0, t2);
+    t[1] = _mm512_unpackhi_epi64(t0, t2);
+    t[2] = _mm512_unpacklo_epi64(t1, t3);
+    t[3] = _mm512_unpackhi_epi64(t1, t3);
+}
+
+// y [R][16] = R <= 8 quantized rows of x against the ng <= 4 groups from g0 (group stride gb; rows of
+// missing groups are computed on the last group again and dropped by the caller)
+template <int FMT, int R>
+static void panel_512_r(float* y, const int8_t* q, const float* xd, const float* xs, const int32_t* xo, int64_t K,
+                        const uint8_t* g0, int64_t gb, int ng) {
+    const int64_t nb = K / QK;
+    constexpr bool KQ = int8_has_header(FMT);
+    constexpr int64_t REC = int8_record_bytes(FMT), QB = int8_quant_bytes(FMT);
+    constexpr int64_t SPAN = int8_span(FMT), HDR = int8_header_bytes(FMT);
+    const __m512i order = panel_order();
+    const uint8_t* g[4];
+    for (int G = 0; G < 4; ++G) g[G] = g0 + (G < ng ? G : ng - 1) * gb;
+    __m512 acc[R];
+    for (int r = 0; r < R; ++r) acc[r] = _mm512_setzero_ps();
+    for (int64_t j = 0; j < nb / SPAN; ++j) {
+        const int64_t sbo = j * (HDR + SPAN * REC);
+        __m512 dsb = _mm512_setzero_ps(), nmin = _mm512_setzero_ps();
+        if constexpr (KQ) {  // the super-block's header: d, -dmin
+            dsb = panel_half(g, sbo, order);
+            nmin = _mm512_sub_ps(_mm512_setzero_ps(), panel_half(g, sbo + 8, order));
+        }
+        for (int64_t bb = 0; bb < SPAN; ++bb) {
+            const int64_t b = j * SPAN + bb, off = sbo + HDR + bb * REC;
+            __m512i lo[4], hi[4], t[8];
+            // the panel reads its 4 groups side by side, so each group's stream runs at a quarter of
+            // the pace: prefetch the next panel (the next 4 groups, contiguous) at the same pace
+            // instead, one panel ahead, in its memory order
+            for (int64_t l = 0; l < 4 * REC; l += 64) __builtin_prefetch(g0 + 4 * gb + 4 * off + l);
+            for (int G = 0; G < 4; ++G) codes_512<FMT>(lo[G], hi[G], g[G] + off);
+            transpose_lanes(t, lo);
+            transpose_lanes(t + 4, hi);
+            __m512 scale, scale1 = _mm512_setzero_ps(), offw = _mm512_setzero_ps();
+            if constexpr (KQ) {
+                scale = _mm512_mul_ps(dsb, panel_u8(g, off + QB, order));
+                offw = _mm512_mul_ps(nmin, panel_u8(g, off + QB + 4, order));
+            } else if constexpr (FMT == Q6_K) {
+                // the 8 int8 scales of groups 0, 1 and of 2, 3; element p = 4 L + G takes group G's
+                // int8_q6_sc_index(L, h) = (L % 2) 4 + 2 h + L / 2
+                const __m512i c01 = _mm512_cvtepi8_epi32(_mm_set_epi64x(ld64(g[1] + off + QB + 8), ld64(g[0] + off + QB + 8)));
+                const __m512i c23 = _mm512_cvtepi8_epi32(_mm_set_epi64x(ld64(g[3] + off + QB + 8), ld64(g[2] + off + QB + 8)));
+                const __m512i i0 = _mm512_setr_epi32(0, 8, 16, 24, 4, 12, 20, 28, 1, 9, 17, 25, 5, 13, 21, 29);
+                const __m512i i1 = _mm512_add_epi32(i0, _mm512_set1_epi32(2));
+                const __m512 d = panel_half(g, off + QB, order);
+                scale = _mm512_mul_ps(d, _mm512_cvtepi32_ps(_mm512_permutex2var_epi32(c01, i0, c23)));
+                scale1 = _mm512_mul_ps(d, _mm512_cvtepi32_ps(_mm512_permutex2var_epi32(c01, i1, c23)));
+            } else {
+                scale = panel_half(g, off + QB, order);
+                if constexpr (FMT == Q4_1) offw = panel_half(g, off + QB + 8, order);
+            }
+#pragma GCC unroll 8
+            for (int r = 0; r < R; ++r) {
+                const int8_t* xb = q + r * K + b * QK;
+                const int32_t* o = xo + (r * nb + b) * 4;  // int8_panel_offsets
+                const __m512 dx = _mm512_set1_ps(xd[r * nb + b]);
+                if constexpr (FMT == Q6_K) {
+                    __m512i p0 = _mm512_set1_epi32(o[0]), p1 = _mm512_set1_epi32(o[1]);
+                    for (int k = 0; k < 4; ++k) {
+                        p0 = _mm512_dpbusd_epi32(p0, t[k], _mm512_set1_epi32(ld32(xb + 4 * k)));
+                        p1 = _mm512_dpbusd_epi32(p1, t[4 + k], _mm512_set1_epi32(ld32(xb + 16 + 4 * k)));
+                    }
+                    acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(p0), _mm512_mul_ps(scale, dx), acc[r]);
+                    acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(p1), _mm512_mul_ps(scale1, dx), acc[r]);
+                } else {
+                    // two chains of four (a vpdpbusd's latency is several cycles: with one chain of eight
+                    // per row, 8 rows kept too few in flight)
+                    __m512i p = _mm512_setzero_si512(), p1 = _mm512_setzero_si512();
+                    if constexpr (FMT == Q4_0) p = _mm512_set1_epi32(o[2]);  // -8 sum(q)
+                    if constexpr (FMT == Q8_0) p = _mm512_set1_epi32(o[3]);  // -128 sum(q)
+                    for (int k = 0; k < 4; ++k) {
+                        p = _mm512_dpbusd_epi32(p, t[k], _mm512_set1_epi32(ld32(xb + 4 * k)));
+                        p1 = _mm512_dpbusd_epi32(p1, t[4 + k], _mm512_set1_epi32(ld32(xb + 16 + 4 * k)));
+                    }
+                    p = _mm512_add_epi32(p, p1);
+                    acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(p), _mm512_mul_ps(scale, dx), acc[r]);
+                    if constexpr (FMT == Q4_1 || KQ) acc[r] = _mm512_fmadd_ps(offw, _mm512_set1_ps(xs[r * nb + b]), acc[r]);
+                }
+            }
+        }
+    }
+    for (int r = 0; r < R; ++r) _mm512_storeu_ps(y + 16 * r, _mm512_permutexvar_ps(order, acc[r]));
+}
+
+template <int FMT>
+static void panel_512_f(float* y, const int8_t* q, const float* xd, const float* xs, const int32_t* xo, int R,
+                        int64_t K, const uint8_t* g0, int64_t gb, int ng) {
+    switch (R) {
+        case 1: panel_512_r<FMT, 1>(y, q, xd, xs, xo, K, g0, gb, ng); break;
+        case 2: panel_512_r<FMT, 2>(y, q, xd, xs, xo, K, g0, gb, ng); break;
+        case 3: panel_512_r<FMT, 3>(y, q, xd, xs, xo, K, g0, gb, ng); break;
+        case 4: panel_512_r<FMT, 4>(y, q, xd, xs, xo, K, g0, gb, ng); break;
+        case 5: panel_512_r<FMT, 5>(y, q, xd, xs, xo, K, g0, gb, ng); break;
+        case 6: panel_512_r<FMT, 6>(y, q, xd, xs, xo, K, g0, gb, ng); break;
+        case 7: panel_512_r<FMT, 7>(y, q, xd, xs, xo, K, g0, gb, ng); break;
+        default: panel_512_r<FMT, 8>(y, q, xd, xs, xo, K, g0, gb, ng); break;
+    }
+}
+
+static void panel(float* y, const int8_t* q, const float* xd, const float* xs, const int32_t* xo, int R, int64_t K,
+                  const uint8_t* g0, int64_t gb, int ng, int fmt) {
+    if (fmt == Q8_0) panel_512_f<Q8_0>(y, q, xd, xs, xo, R, K, g0, gb, ng);
+    else if (fmt == Q4_0) panel_512_f<Q4_0>(y, q, xd, xs, xo, R, K, g0, gb, ng);
+    else if (fmt == Q4_1) panel_512_f<Q4_1>(y, q, xd, xs, xo, R, K, g0, gb, ng);
+    else if (fmt == Q4_K) panel_512_f<Q4_K>(y, q, xd, xs, xo, R, K, g0, gb, ng);
+    else if (fmt == Q5_K) panel_512_f<Q5_K>(y, q, xd, xs, xo, R, K, g0, gb, ng);
+    else panel_512_f<Q6_K>(y, q, xd, xs, xo, R, K, g0, gb, ng);
 }
 #endif
 

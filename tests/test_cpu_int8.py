@@ -24,8 +24,10 @@ FORMATS = ("q8_0", "q4_0", "q4_1")
 # (M, N, K): M = 1 (decode), M in 2..4, M > 4 (prefill chunks of 4 with a remainder); N not a
 # multiple of the 4-row groups; K from one block up
 # M = 5..8 and 13 reach remainders of the 4-row chunks of x (1, 2, 3, 4 rows after whole chunks)
+# 8 x 1030 x 1024: many tasks of whole 16-row panels (M >= 2 on a path with panel kernels), the last
+# panel of 6 rows on 2 groups
 SHAPES = [(1, 37, 96), (1, 4, 32), (2, 61, 160), (3, 9, 64), (4, 64, 256), (5, 12, 64), (6, 20, 96), (7, 33, 128),
-          (8, 9, 32), (13, 17, 64), (18, 70, 224)]
+          (8, 9, 32), (13, 17, 64), (18, 70, 224), (8, 1030, 1024)]
 PATHS = CpuBackend.int8_paths() if cpu_mod._cpu else []
 
 
@@ -108,10 +110,11 @@ def test_k_quants_on_the_int8_route(path, fmt):
     """The K-quants on the integer kernels, repacked from their super-blocks (codes, scales and mins as
     stored): the int8 definition over the same weights to fp32 rounding, and the float64 reference under
     the int8 budget. Shapes: M = 1..4 and chunks of 4 with a remainder, N not a multiple of 4, K from
-    one super-block up."""
+    one super-block up; many tasks of panels, the last on one group."""
     be = CpuBackend(quant_route="int8")
     be.set_int8_path(path)
-    for i, (M, N, K) in enumerate([(1, 37, 256), (3, 9, 512), (8, 33, 256), (16, 20, 256), (18, 70, 768)]):
+    for i, (M, N, K) in enumerate([(1, 37, 256), (3, 9, 512), (8, 33, 256), (16, 20, 256), (18, 70, 768),
+                                   (5, 530, 1024)]):
         g = torch.Generator().manual_seed(500 + i + 10 * len(fmt))
         x = torch.randn(M, K, generator=g)
         w = quant.quantize_k(torch.randn(N, K, generator=g) / math.sqrt(K), fmt)
