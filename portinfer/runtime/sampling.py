@@ -88,11 +88,11 @@ class Sampler:
         # no seed: fresh entropy; any integer seeds it (numpy's generator takes non-negative ones)
         self.rng = np.random.default_rng(None if params.seed is None else params.seed % (1 << 64))
 
-    def __call__(self, logits: torch.Tensor, seen: list) -> list[int]:
-        """logits fp32 [B, V] (any device), seen: per sequence the token ids so far (needed only
-        for the repetition penalty) -> next ids."""
+    def __call__(self, logits, seen: list) -> list[int]:
+        """logits fp32 [B, V] (a tensor on any device, or a numpy array), seen: per sequence the token
+        ids so far (needed only for the repetition penalty) -> next ids."""
         p = self.params
-        x = logits.detach().float().cpu().numpy()
+        x = logits if isinstance(logits, np.ndarray) else logits.detach().float().cpu().numpy()
         if p.greedy and p.repetition_penalty == 1.0:  # numpy's argmax (SIMD, one thread), no copy
             return x.argmax(axis=-1).tolist()
         if p.repetition_penalty != 1.0:

@@ -27,6 +27,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 
 from ..runtime.detokenize import IncrementalDetokenizer
@@ -221,10 +222,10 @@ class Scheduler:
         job.detokenizer = IncrementalDetokenizer(self.model.tokenizer, job.stops) \
             if self.model.tokenizer is not None else None
         penalties = job.presence_penalty or job.frequency_penalty
-        job.counts = torch.zeros(self.model.config.vocab_size) if penalties else None
+        job.counts = np.zeros(self.model.config.vocab_size, dtype=np.float32) if penalties else None
         if job.repetition_penalty != 1.0:  # transformers' semantics: prompt and generated tokens
-            job.seen = torch.zeros(self.model.config.vocab_size, dtype=torch.bool)
-            job.seen[torch.tensor(job.prompt)] = True
+            job.seen = np.zeros(self.model.config.vocab_size, dtype=bool)
+            job.seen[np.asarray(job.prompt, dtype=np.int64)] = True
         else:
             job.seen = None
         self.slots[s], self.states[s] = job, SlotState.PREFILL
@@ -371,24 +372,30 @@ class Scheduler:
             self._free(s)
 
     def _sample(self, job: Job, logits):
+        """The job's next token (and its logprobs) from its row of logits, in numpy on this thread:
+        torch ops over the vocabulary would run on torch's OpenMP threads, which keep spinning into
+        the next native step (runtime/sampling.py, docs/step-plans.md)."""
         if not all_finite(logits):
             raise FloatingPointError("the model produced non-finite logits for this sequence")
-        x = logits
+        x = logits.detach().numpy()
         if job.seen is not None or job.counts is not None:
-            x = x.clone()
             if job.seen is not None:
-                p = job.repetition_penalty
-                x = torch.where(job.seen & (x > 0), x / p, torch.where(job.seen, x * p, x))
+                p = np.float32(job.repetition_penalty)
+                x = np.where(job.seen & (x > 0), x / p, np.where(job.seen, x * p, x))
             if job.counts is not None:  # OpenAI: mu[j] - c[j] * frequency - (c[j] > 0) * presence
-                x -= job.counts * job.frequency_penalty + (job.counts > 0).float() * job.presence_penalty
+                x = x - (job.counts * np.float32(job.frequency_penalty) +
+                         (job.counts > 0).astype(np.float32) * np.float32(job.presence_penalty))
         token = job.sampler(x[None], None)[0]
         logprobs = None
         if job.logprobs is not None:
-            lp = torch.log_softmax(logits, dim=-1)
+            z = logits.detach().numpy().astype(np.float64)
+            lp = z - z.max() - np.log(np.exp(z - z.max()).sum())
             alts = []
             if job.logprobs:
-                top = torch.topk(lp, job.logprobs)
-                alts = [(self._token_text(int(i)), float(v)) for v, i in zip(top.values, top.indices)]
+                k = min(job.logprobs, lp.shape[0])
+                top = np.argpartition(-lp, k - 1)[:k]
+                top = top[np.argsort(-lp[top], kind="stable")]
+                alts = [(self._token_text(int(i)), float(lp[i])) for i in top]
             logprobs = (self._token_text(token), float(lp[token]), alts)
         return token, logprobs
 
