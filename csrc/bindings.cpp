@@ -147,14 +147,17 @@ T* ptr(uintptr_t p) { return reinterpret_cast<T*>(p); }
 // linear on weights repacked for the int8 route (the binding and the step plans' int8 linear node);
 // the caller holds kernel_lock
 void run_linear_int8(void* out, const void* x, const void* packed, const void* bias, int64_t M, int64_t N, int64_t K,
-                     int64_t xs, int adt, int fmt) {
+                     int64_t xs, int adt, int fmt, int mode) {
     const Int8Kernels* k = int8_kernels();
     const KernelTable& t = kernels();
     // prefill (M > 16): the GEMM is compute-bound, where int8 activations bought no speed here
     // but cost accuracy: fp32 activations on the same repacked weights. A decode step of up to 16
     // sequences (a server's batch) stays on the integer kernels, chunks of 4 rows over weights kept
-    // in cache: the GEMM dequantizes every tile, which made a step of 8 rows ~3x slower than this
-    if (M > I8_DECODE_MAX_M && !int8_prefill) {
+    // in cache: the GEMM dequantizes every tile, which made a step of 8 rows ~3x slower than this.
+    // mode 2 (the cpu[int8-all] route) takes int8 activations for every M: with the panel kernels
+    // a prefill GEMM 2.0-2.7x faster on a Zen 5, for ~3.5e-2 (not ~3e-6) of error in SmolLM2's
+    // prompt logits
+    if (M > I8_DECODE_MAX_M && !int8_prefill && mode != 2) {
         t.linear(out, x, packed, bias, M, N, K, xs, adt, W_INT8X4 + fmt);
         return;
     }
@@ -315,7 +318,11 @@ Extents node_extents(const std::string& op, int64_t code, const int64_t* i, bool
             return e;
         }
         case P_LINEAR: {  // [M, N, K, xs, adt, wfmt | int8 fmt, int8]: out [M, N], x [M, K], weights, bias [N]
+            // int8: 0 (weights of wfmt), 1 (int8 route: prefill on fp32 activations), 2 (int8 for every M)
             const int64_t eb = dtype_bytes_checked(op, "activation dtype", i[4]);
+            if (i[6] < 0 || i[6] > 2)
+                throw py::value_error(op + ": int8 mode: expected 0 (none), 1 (decode rows) or 2 (every row), got " +
+                                      std::to_string(i[6]));
             if (i[6]) int8_format_checked(op, i[5]);
             set(0, "out", span(op, "out", eb, {i[0], i[1]}, {i[1], 1}));
             set(1, "x", span(op, "x", eb, {i[0], i[2]}, {i[3], 1}));
@@ -807,14 +814,15 @@ PYBIND11_MODULE(_cpu, m) {
         int8_repack(ptr<uint8_t>(out.first), ptr<const uint8_t>(blocks.first), N, K, fmt);
     });
     m.def("linear_int8", [](Buf out, Buf x, Buf packed, Buf bias, int64_t M, int64_t N, int64_t K, int64_t xs, int adt,
-                            int fmt) {
+                            int fmt, int mode) {
         const std::string op = "linear_int8";
-        const int64_t i[20] = {M, N, K, xs, adt, fmt, 1};
+        const int64_t i[20] = {M, N, K, xs, adt, fmt, mode};
         need_all(op, node_extents(op, P_LINEAR, i), {out, x, packed, bias});
         kernels();
         py::gil_scoped_release release;
         std::lock_guard<std::mutex> lock(kernel_lock);
         run_linear_int8(ptr<void>(out.first), ptr<const void>(x.first), ptr<const void>(packed.first),
-                        ptr<const void>(bias.first), M, N, K, xs, adt, fmt);
-    });
+                        ptr<const void>(bias.first), M, N, K, xs, adt, fmt, mode);
+    }, py::arg("out"), py::arg("x"), py::arg("packed"), py::arg("bias"), py::arg("M"), py::arg("N"), py::arg("K"),
+       py::arg("xs"), py::arg("adt"), py::arg("fmt"), py::arg("mode") = 1);
 }

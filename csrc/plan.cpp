@@ -69,7 +69,7 @@ void plan_run(const std::vector<PlanNode>& nodes, const PlanRun& run, const Kern
             case P_LINEAR:
                 if (i[6]) {  // weights repacked for the int8 route; i[5] its format code
                     linear_int8(at(n.r[0], run), at(n.r[1], run), at(n.r[2], run), at(n.r[3], run), i[0], i[1], i[2],
-                                i[3], (int)i[4], (int)i[5]);
+                                i[3], (int)i[4], (int)i[5], (int)i[6]);
                     break;
                 }
                 k.linear(at(n.r[0], run), at(n.r[1], run), at(n.r[2], run), at(n.r[3], run), i[0], i[1], i[2], i[3],

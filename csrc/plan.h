@@ -49,9 +49,10 @@ struct PlanRun {
     int64_t T = 0;
 };
 
-// linear on int8-route weights (bindings.cpp run_linear_int8): a P_LINEAR node with i[6] = 1
+// linear on int8-route weights (bindings.cpp run_linear_int8): a P_LINEAR node with i[6] = 1 (decode rows
+// on int8 activations, prefill on fp32) or 2 (every row on int8)
 typedef void (*LinearFn)(void* out, const void* x, const void* w, const void* bias, int64_t M, int64_t N, int64_t K,
-                         int64_t xs, int adt, int fmt);
+                         int64_t xs, int adt, int fmt, int mode);
 
 // seconds: nullptr, or one accumulator per node (each node's wall time is added: the profile that
 // `CpuPlanExecutor.profile` reads; two clock reads per node)

@@ -56,6 +56,28 @@ def test_prefill_runs_on_fp32_activations_by_default():
             assert relative_error(y1, _emulate_int8(x[:m], w, b)) <= 1e-5, (fmt, m)
 
 
+def test_int8_all_route_runs_prefill_on_int8_activations():
+    """cpu[int8-all]: the same repacked weights as cpu[int8], and every row count on int8 activations
+    (the int8 definition to fp32 rounding at 17..40 rows, where cpu[int8] gives the fp32 route's numbers);
+    a linear call's int8 mode out of range is refused. The step plans' linear node: tests/test_smollm2.py
+    runs the model on cpu[int8-all]."""
+    cpu_mod._cpu.set_int8_prefill(False)
+    be_all, be8 = CpuBackend(quant_route="int8-all"), CpuBackend(quant_route="int8")
+    assert be_all.quantizes_activations and be_all.info()["int8_path"] == be8.info()["int8_path"]
+    for fmt in FORMATS:
+        x, w, b = _case(40, 70, 160, fmt, seed=12)
+        p_all, p8 = be_all.prepare_linear(w, torch.float32), be8.prepare_linear(w, torch.float32)
+        assert torch.equal(p_all.payload, p8.payload)
+        for m in (1, 8, 17, 40):
+            y = be_all.linear(x[:m], p_all, b)
+            assert relative_error(y, _emulate_int8(x[:m], w, b)) <= 1e-5, (fmt, m)
+        assert relative_error(be8.linear(x, p8, b), _emulate_int8(x, w, b)) > 1e-4, fmt  # fp32 activations
+    with pytest.raises(ValueError, match="int8 mode"):
+        out = torch.empty(2, 70)
+        cpu_mod._cpu.linear_int8(cpu_mod._buf(out), cpu_mod._buf(x[:2]), cpu_mod._buf(p_all.payload),
+                                 cpu_mod._buf(None), 2, 70, 160, 160, 0, 2, 3)
+
+
 def _case(M, N, K, fmt, seed, dtype=torch.float32, bias=True):
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(M, K, generator=g).to(dtype)
@@ -240,6 +262,8 @@ def test_unusable_path_from_environment_is_refused():
 def test_route_setting():
     assert CpuBackend(quant_route="fp32").quantizes_activations is False
     assert CpuBackend(quant_route="int8").quantizes_activations is True
+    assert CpuBackend(quant_route="int8-all").quantizes_activations is True
+    assert registry.get("cpu[int8-all]").quant_route == "int8-all"
     with pytest.raises(ValueError, match="quant_route"):
         CpuBackend(quant_route="int4")
     old = os.environ.get("PORTINFER_CPU_QUANT_ROUTE")

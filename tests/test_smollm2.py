@@ -38,7 +38,8 @@ def hf():
 
 
 # the cpu backend once per route of its quantized weights (the backend spec cpu[ROUTE])
-PARAMS = [b for b in BACKENDS if b != "cpu"] + (["cpu[int8]", "cpu[fp32]"] if "cpu" in BACKENDS else [])
+PARAMS = [b for b in BACKENDS if b != "cpu"] + (["cpu[int8]", "cpu[fp32]", "cpu[int8-all]"]
+                                                if "cpu" in BACKENDS else [])
 
 
 @pytest.fixture(scope="module", params=PARAMS)

@@ -232,8 +232,9 @@ class CpuPlanExecutor:
             x, w = self._rows(a[0]), a[1].value
             bias = NONE_REF if a[2].value is None else self._arg(a[2]).ref
             payload = self._const(Const(w.payload))
-            # weights repacked for the int8 route take its kernel (csrc/plan.cpp: i[6] = 1, i[5] its format)
-            int8 = w.extra.get("layout") == cpu._INT8_LAYOUT
+            # weights repacked for the int8 route take its kernel (csrc/plan.cpp: i[6] = the route's int8 mode,
+            # 1 or 2, i[5] its format)
+            int8 = w.extra.get("int8_mode", 1) if w.extra.get("layout") == cpu._INT8_LAYOUT else 0
             code = cpu._INT8_FORMATS[w.format] if int8 else self._wf[w.format]
             return [(P_LINEAR, [out.ref, x.ref, payload.ref, bias],
                      [x.shape[0], w.out_features, x.shape[1], x.stride[0], dt, code, int(int8)], 0.0)]

@@ -130,7 +130,7 @@ def available(name: str) -> bool:
 
 def parse_spec(text: str) -> tuple[str, dict]:
     """'NAME' or 'NAME[SETTING]' -> (name, constructor options). The setting is the backend's own
-    (Backend.options_from_setting): cpu[int8] / cpu[fp32] choose the cpu backend's quant route, so
+    (Backend.options_from_setting): cpu[int8] / cpu[fp32] / cpu[int8-all] choose the cpu backend's quant route, so
     every command that takes --backend (generate, serve, bench) can choose it the same way."""
     if not isinstance(text, str):
         raise ValueError(f"backend: expected a name such as 'cpu' or 'cpu[int8]', got {text!r}")

