@@ -208,9 +208,11 @@ def test_int8_paths_agree_with_portable_bitwise_quantization(path):
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-def test_int8_route_half_activations(dtype):
-    be = CpuBackend(quant_route="int8")
-    x, w, b = _case(3, 50, 128, "q4_0", seed=3, dtype=dtype)
+@pytest.mark.parametrize("route,M", [("int8", 1), ("int8", 3), ("int8-all", 20)])
+def test_int8_route_half_activations(dtype, route, M):
+    cpu_mod._cpu.set_int8_prefill(False)
+    be = CpuBackend(quant_route=route)
+    x, w, b = _case(M, 50, 128, "q4_0", seed=3, dtype=dtype)
     y = be.linear(x, be.prepare_linear(w, dtype), b)
     assert y.dtype == dtype
     emu = _emulate_int8(x, w, b)
@@ -218,15 +220,21 @@ def test_int8_route_half_activations(dtype):
     assert relative_error(y, emu) <= 2 * {torch.float16: 2 ** -11, torch.bfloat16: 2 ** -8}[dtype] + 1e-5
 
 
-def test_non_finite_rows_propagate_like_the_reference():
-    be = CpuBackend(quant_route="int8")
-    x, w, _ = _case(3, 12, 64, "q8_0", seed=5)
+@pytest.mark.parametrize("route,M,fmt", [("int8", 3, "q8_0"), ("int8", 3, "q4_1"), ("int8-all", 20, "q4_1")])
+def test_non_finite_rows_propagate_like_the_reference(route, M, fmt):
+    """Rows with an Inf or a NaN take fp32 dot products (NaN / Inf land where the reference's do), the
+    other rows stay on the integer kernels: M = 3 (panels where the path has them) and a prefill of
+    20 rows on cpu[int8-all]."""
+    cpu_mod._cpu.set_int8_prefill(False)
+    be = CpuBackend(quant_route=route)
+    x, w, _ = _case(M, 12, 64, fmt, seed=5)
     x[1, 7] = float("inf")
     x[2, 40] = float("nan")
     y = be.linear(x, be.prepare_linear(w, torch.float32), None)
     ref = x.double() @ quant.dequantize(w, torch.float64).T
     assert torch.equal(torch.isnan(y), torch.isnan(ref)) and torch.equal(torch.isinf(y), torch.isinf(ref))
-    assert relative_error(y[0:1], _emulate_int8(x[0:1], w, None)) <= 1e-5
+    finite = [0] + list(range(3, M))
+    assert relative_error(y[finite], _emulate_int8(x[finite], w, None)) <= 1e-5
 
 
 def test_paths_listed_and_missing_ones_refused():
