@@ -67,9 +67,13 @@ def prepared(mod, route, fmt, blocks, n, k):
 
 
 def call(mod, route, fmt, out, x, payload, m, n, k):
-    if route == "int8":
-        mod.linear_int8(_buf(out), _buf(x), _buf(payload), _buf(None), m, n, k, k, _DTYPE_CODE[torch.float32],
-                        _INT8_FORMATS[fmt])
+    if route == "int8":  # every row count on the int8 kernels (mode 2, the cpu[int8-all] route)
+        args = (_buf(out), _buf(x), _buf(payload), _buf(None), m, n, k, k, _DTYPE_CODE[torch.float32],
+                _INT8_FORMATS[fmt])
+        try:
+            mod.linear_int8(*args, 2)
+        except TypeError:  # a build from before the int8 modes: more than 16 rows there take fp32 activations
+            mod.linear_int8(*args)
     else:
         mod.linear(_buf(out), _buf(x), _buf(payload), _buf(None), m, n, k, k, _DTYPE_CODE[torch.float32],
                    _WEIGHT_CODE[fmt])

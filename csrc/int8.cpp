@@ -218,6 +218,9 @@ static void groups_task(void* ctx, int64_t t, int thread) {
     float* wrow = nullptr;
     if (c.use_panel) {
         const int64_t chunks = i8_ceil_div(M, I8_PANEL_ROWS);
+        // more than one chunk: the first transcodes each block of the panel into a per-thread cache, the
+        // others read it back (the transcoding is ~40% of a chunk's instructions at 8 rows)
+        uint8_t* tc = chunks > 1 ? (uint8_t*)scratch(thread, 0, (size_t)(nb * I8_PANEL_CACHE_BYTES / 4)) : nullptr;
         for (int64_t g = g0; g < g1; g += 4) {
             const int ng = (int)i8_min(4, g1 - g);
             for (int64_t ch = 0; ch < chunks; ++ch) {
@@ -225,7 +228,7 @@ static void groups_task(void* ctx, int64_t t, int thread) {
                 const int R = (int)((ch + 1) * M / chunks - m0);
                 alignas(64) float y[I8_PANEL_ROWS * 16];
                 c.k->panel(y, c.q + m0 * K, c.d + m0 * nb, c.s + m0 * nb, c.xo + m0 * nb * 4, R, K,
-                           c.packed + g * c.gb, c.gb, ng, c.fmt);
+                           c.packed + g * c.gb, c.gb, ng, tc, ch == 0, c.fmt);
                 store_sums(c, y, 16, m0, R, g * I8_ROWS, (int)i8_min(16, N - g * I8_ROWS), thread, wrow);
             }
         }

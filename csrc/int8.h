@@ -51,13 +51,17 @@ struct Int8Kernels {
     // y [R][16] (row stride 16) = R <= I8_PANEL_ROWS quantized rows (as dot_group, but xo row stride 4 nb:
     // int8_panel_offsets, every format)
     // against the ng <= 4 groups from g0 (group stride gb), the 16 output rows of a panel at once;
-    // null where the path has none (the driver then runs dot_group over 4 rows of x at a time)
+    // null where the path has none (the driver then runs dot_group over 4 rows of x at a time). tc: null,
+    // or room for the panel's nb = K / 32 transcoded blocks (I8_PANEL_CACHE_BYTES each), which the call
+    // with tc_fill writes and the calls without it read back (the other chunks of rows of x)
     void (*panel)(float* y, const int8_t* q, const float* d, const float* s, const int32_t* xo, int R, int64_t K,
-                  const uint8_t* g0, int64_t gb, int ng, int fmt);
+                  const uint8_t* g0, int64_t gb, int ng, uint8_t* tc, bool tc_fill, int fmt);
 };
 
 // rows of x a panel call takes (the registers of a 16-row panel hold 8 rows' sums)
 static const int I8_PANEL_ROWS = 8;
+// bytes of one transcoded block of a panel: 8 vectors of quads, 3 of scales (64 bytes each)
+static const int64_t I8_PANEL_CACHE_BYTES = 11 * 64;
 // the fewest rows of x that run on panels where the path has them. One row stays on dot_group: a
 // decode step of one sequence is a stream from memory, and a thread's groups read one after another
 // stream best (Qwen2-0.5B-shaped Q8_0 / Q4_0 on a Zen 5, alternated in one process: panels 1.07x /

@@ -559,10 +559,14 @@ static inline void transpose_lanes(__m512i* t, const __m512i* a) {
 }
 
 // y [R][16] = R <= 8 quantized rows of x against the ng <= 4 groups from g0 (group stride gb; rows of
-// missing groups are computed on the last group again and dropped by the caller)
+// missing groups are computed on the last group again and dropped by the caller). tc: null, or the
+// panel's transcoded blocks (I8_PANEL_CACHE_BYTES each: the 8 quad vectors, then the scale vectors),
+// written by the call with tc_fill and read back by the later calls for other rows of x (a prefill's
+// chunks of 8 rows transcode each panel once)
 template <int FMT, int R>
 static void panel_512_r(float* y, const int8_t* q, const float* xd, const float* xs, const int32_t* xo, int64_t K,
-                        const uint8_t* g0, int64_t gb, int ng) {
+                        const uint8_t* g0, int64_t gb, int ng, uint8_t* tc, bool tc_fill) {
+    const bool cached = tc && !tc_fill;
     const int64_t nb = K / QK;
     constexpr bool KQ = int8_has_header(FMT);
     constexpr int64_t REC = int8_record_bytes(FMT), QB = int8_quant_bytes(FMT);
@@ -575,13 +579,24 @@ static void panel_512_r(float* y, const int8_t* q, const float* xd, const float*
     for (int64_t j = 0; j < nb / SPAN; ++j) {
         const int64_t sbo = j * (HDR + SPAN * REC);
         __m512 dsb = _mm512_setzero_ps(), nmin = _mm512_setzero_ps();
-        if constexpr (KQ) {  // the super-block's header: d, -dmin
+        if (KQ && !cached) {  // the super-block's header: d, -dmin
             dsb = panel_half(g, sbo, order);
             nmin = _mm512_sub_ps(_mm512_setzero_ps(), panel_half(g, sbo + 8, order));
         }
         for (int64_t bb = 0; bb < SPAN; ++bb) {
             const int64_t b = j * SPAN + bb, off = sbo + HDR + bb * REC;
-            __m512i lo[4], hi[4], t[8];
+            __m512i t[8];
+            __m512 scale, scale1 = _mm512_setzero_ps(), offw = _mm512_setzero_ps();
+            uint8_t* tcb = tc ? tc + b * I8_PANEL_CACHE_BYTES : nullptr;
+            if (cached) {
+                for (int k = 0; k < 8; ++k) t[k] = _mm512_loadu_si512(tcb + 64 * k);
+                scale = _mm512_loadu_ps(tcb + 512);
+                scale1 = _mm512_loadu_ps(tcb + 576);
+                offw = _mm512_loadu_ps(tcb + 640);
+                goto rows;
+            }
+            {
+            __m512i lo[4], hi[4];
             // the panel reads its 4 groups side by side, so each group's stream runs at a quarter of
             // the pace: prefetch the next panel (the next 4 groups, contiguous) at the same pace
             // instead, one panel ahead, in its memory order
@@ -589,7 +604,7 @@ static void panel_512_r(float* y, const int8_t* q, const float* xd, const float*
             for (int G = 0; G < 4; ++G) codes_512<FMT>(lo[G], hi[G], g[G] + off);
             transpose_lanes(t, lo);
             transpose_lanes(t + 4, hi);
-            __m512 scale, scale1 = _mm512_setzero_ps(), offw = _mm512_setzero_ps();
+            }
             if constexpr (KQ) {
                 scale = _mm512_mul_ps(dsb, panel_u8(g, off + QB, order));
                 offw = _mm512_mul_ps(nmin, panel_u8(g, off + QB + 4, order));
@@ -607,6 +622,13 @@ static void panel_512_r(float* y, const int8_t* q, const float* xd, const float*
                 scale = panel_half(g, off + QB, order);
                 if constexpr (FMT == Q4_1) offw = panel_half(g, off + QB + 8, order);
             }
+            if (tcb) {
+                for (int k = 0; k < 8; ++k) _mm512_storeu_si512(tcb + 64 * k, t[k]);
+                _mm512_storeu_ps(tcb + 512, scale);
+                _mm512_storeu_ps(tcb + 576, scale1);
+                _mm512_storeu_ps(tcb + 640, offw);
+            }
+        rows:
 #pragma GCC unroll 8
             for (int r = 0; r < R; ++r) {
                 const int8_t* xb = q + r * K + b * QK;
@@ -642,27 +664,27 @@ static void panel_512_r(float* y, const int8_t* q, const float* xd, const float*
 
 template <int FMT>
 static void panel_512_f(float* y, const int8_t* q, const float* xd, const float* xs, const int32_t* xo, int R,
-                        int64_t K, const uint8_t* g0, int64_t gb, int ng) {
+                        int64_t K, const uint8_t* g0, int64_t gb, int ng, uint8_t* tc, bool tc_fill) {
     switch (R) {
-        case 1: panel_512_r<FMT, 1>(y, q, xd, xs, xo, K, g0, gb, ng); break;
-        case 2: panel_512_r<FMT, 2>(y, q, xd, xs, xo, K, g0, gb, ng); break;
-        case 3: panel_512_r<FMT, 3>(y, q, xd, xs, xo, K, g0, gb, ng); break;
-        case 4: panel_512_r<FMT, 4>(y, q, xd, xs, xo, K, g0, gb, ng); break;
-        case 5: panel_512_r<FMT, 5>(y, q, xd, xs, xo, K, g0, gb, ng); break;
-        case 6: panel_512_r<FMT, 6>(y, q, xd, xs, xo, K, g0, gb, ng); break;
-        case 7: panel_512_r<FMT, 7>(y, q, xd, xs, xo, K, g0, gb, ng); break;
-        default: panel_512_r<FMT, 8>(y, q, xd, xs, xo, K, g0, gb, ng); break;
+        case 1: panel_512_r<FMT, 1>(y, q, xd, xs, xo, K, g0, gb, ng, tc, tc_fill); break;
+        case 2: panel_512_r<FMT, 2>(y, q, xd, xs, xo, K, g0, gb, ng, tc, tc_fill); break;
+        case 3: panel_512_r<FMT, 3>(y, q, xd, xs, xo, K, g0, gb, ng, tc, tc_fill); break;
+        case 4: panel_512_r<FMT, 4>(y, q, xd, xs, xo, K, g0, gb, ng, tc, tc_fill); break;
+        case 5: panel_512_r<FMT, 5>(y, q, xd, xs, xo, K, g0, gb, ng, tc, tc_fill); break;
+        case 6: panel_512_r<FMT, 6>(y, q, xd, xs, xo, K, g0, gb, ng, tc, tc_fill); break;
+        case 7: panel_512_r<FMT, 7>(y, q, xd, xs, xo, K, g0, gb, ng, tc, tc_fill); break;
+        default: panel_512_r<FMT, 8>(y, q, xd, xs, xo, K, g0, gb, ng, tc, tc_fill); break;
     }
 }
 
 static void panel(float* y, const int8_t* q, const float* xd, const float* xs, const int32_t* xo, int R, int64_t K,
-                  const uint8_t* g0, int64_t gb, int ng, int fmt) {
-    if (fmt == Q8_0) panel_512_f<Q8_0>(y, q, xd, xs, xo, R, K, g0, gb, ng);
-    else if (fmt == Q4_0) panel_512_f<Q4_0>(y, q, xd, xs, xo, R, K, g0, gb, ng);
-    else if (fmt == Q4_1) panel_512_f<Q4_1>(y, q, xd, xs, xo, R, K, g0, gb, ng);
-    else if (fmt == Q4_K) panel_512_f<Q4_K>(y, q, xd, xs, xo, R, K, g0, gb, ng);
-    else if (fmt == Q5_K) panel_512_f<Q5_K>(y, q, xd, xs, xo, R, K, g0, gb, ng);
-    else panel_512_f<Q6_K>(y, q, xd, xs, xo, R, K, g0, gb, ng);
+                  const uint8_t* g0, int64_t gb, int ng, uint8_t* tc, bool tc_fill, int fmt) {
+    if (fmt == Q8_0) panel_512_f<Q8_0>(y, q, xd, xs, xo, R, K, g0, gb, ng, tc, tc_fill);
+    else if (fmt == Q4_0) panel_512_f<Q4_0>(y, q, xd, xs, xo, R, K, g0, gb, ng, tc, tc_fill);
+    else if (fmt == Q4_1) panel_512_f<Q4_1>(y, q, xd, xs, xo, R, K, g0, gb, ng, tc, tc_fill);
+    else if (fmt == Q4_K) panel_512_f<Q4_K>(y, q, xd, xs, xo, R, K, g0, gb, ng, tc, tc_fill);
+    else if (fmt == Q5_K) panel_512_f<Q5_K>(y, q, xd, xs, xo, R, K, g0, gb, ng, tc, tc_fill);
+    else panel_512_f<Q6_K>(y, q, xd, xs, xo, R, K, g0, gb, ng, tc, tc_fill);
 }
 #endif
 
