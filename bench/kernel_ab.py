@@ -89,6 +89,7 @@ def main(argv=None) -> int:
     p.add_argument("--rows", type=int, nargs="+", default=[1, 4, 8], help="rows of x (M)")
     p.add_argument("--shapes", nargs="+", default=["1536x576", "576x1536", "576x576"], help="N x K")
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--int8-path", help="the int8 path of both builds (default: the best this CPU has)")
     p.add_argument("--copies", type=int, default=2, help="weight copies per shape (2: in cache; 40+: from memory)")
     p.add_argument("--turns", type=int, default=12, help="turns per build (each ~3 MMAC of calls)")
     p.add_argument("--json", help="write the rows with provenance here")
@@ -96,6 +97,8 @@ def main(argv=None) -> int:
     mods = [load_build(args.build_a, "a"), load_build(args.build_b, "b")]
     for mod in mods:
         mod.set_num_threads(args.threads)
+        if args.int8_path:
+            mod.set_int8_path(args.int8_path)
     rows = []
     for i, shape in enumerate(args.shapes):
         n, k = (int(v) for v in shape.lower().split("x"))
@@ -125,7 +128,8 @@ def main(argv=None) -> int:
     if args.json:
         doc = {"provenance": provenance("python bench/kernel_ab.py " + " ".join(argv or sys.argv[1:])),
                "builds": [os.path.abspath(args.build_a), os.path.abspath(args.build_b)], "route": args.route,
-               "format": args.format, "threads": args.threads, "copies": args.copies, "rows": rows}
+               "format": args.format, "threads": args.threads, "copies": args.copies,
+               "int8_path": args.int8_path or mods[1].get_int8_path(), "rows": rows}
         with open(args.json, "w") as f:
             json.dump(doc, f, indent=2)
     return 0

@@ -206,8 +206,8 @@ static void store_sums(const Int8Call& c, const float* y, int64_t ys, int64_t m0
     }
 }
 
-// a run of groups against every row of x. With the path's panel kernel (and M >= 2): panels of 4
-// groups, each against the rows of x in chunks of up to 8 (equal sizes), the panel's weights in
+// a run of groups against every row of x. With the path's panel kernel (and M >= 2): panels of 4 (2)
+// groups, each against the rows of x in chunks of up to 8 (4) (equal sizes), the panel's weights in
 // L1 across the chunks. Otherwise 4 rows of x at a time against each group (the run's weights stay
 // in cache between row chunks when M > 4).
 static void groups_task(void* ctx, int64_t t, int thread) {
@@ -217,19 +217,20 @@ static void groups_task(void* ctx, int64_t t, int thread) {
     const int64_t g0 = t * c.groups_per_task, g1 = i8_min(groups, g0 + c.groups_per_task);
     float* wrow = nullptr;
     if (c.use_panel) {
-        const int64_t chunks = i8_ceil_div(M, I8_PANEL_ROWS);
+        const int PG = c.k->panel_groups, PR = c.k->panel_rows;
+        const int64_t chunks = i8_ceil_div(M, PR);
         // more than one chunk: the first transcodes each block of the panel into a per-thread cache, the
         // others read it back (the transcoding is ~40% of a chunk's instructions at 8 rows)
         uint8_t* tc = chunks > 1 ? (uint8_t*)scratch(thread, 0, (size_t)(nb * I8_PANEL_CACHE_BYTES / 4)) : nullptr;
-        for (int64_t g = g0; g < g1; g += 4) {
-            const int ng = (int)i8_min(4, g1 - g);
+        for (int64_t g = g0; g < g1; g += PG) {
+            const int ng = (int)i8_min(PG, g1 - g);
             for (int64_t ch = 0; ch < chunks; ++ch) {
                 const int64_t m0 = ch * M / chunks;
                 const int R = (int)((ch + 1) * M / chunks - m0);
                 alignas(64) float y[I8_PANEL_ROWS * 16];
                 c.k->panel(y, c.q + m0 * K, c.d + m0 * nb, c.s + m0 * nb, c.xo + m0 * nb * 4, R, K,
                            c.packed + g * c.gb, c.gb, ng, tc, ch == 0, c.fmt);
-                store_sums(c, y, 16, m0, R, g * I8_ROWS, (int)i8_min(16, N - g * I8_ROWS), thread, wrow);
+                store_sums(c, y, 16, m0, R, g * I8_ROWS, (int)i8_min(PG * I8_ROWS, N - g * I8_ROWS), thread, wrow);
             }
         }
         return;
@@ -254,7 +255,7 @@ void linear_int8(const Int8Kernels* k, void* out, const void* x, const uint8_t* 
     c.gb = int8_group_bytes(fmt, K);
     // scratch (thread 0, slots 4 and 5), taken before any task runs: q [M][K] int8, d, s [M][nb],
     // xo (Q6_K or panels: Int8Call), finite [M]
-    c.use_panel = k->panel && M >= I8_PANEL_MIN_M;
+    c.use_panel = k->panel && (k->panel_formats >> fmt & 1) && M >= I8_PANEL_MIN_M;
     const int64_t xo_n = c.use_panel ? 4 * M * c.nb : fmt == Q6_K ? 8 * M * c.nb : 0;
     c.q = (int8_t*)scratch(0, 4, (size_t)i8_ceil_div(M * K, 4));
     float* ds = scratch(0, 5, (size_t)(2 * M * c.nb + xo_n + i8_ceil_div(M, 4)));
@@ -272,12 +273,12 @@ void linear_int8(const Int8Kernels* k, void* out, const void* x, const uint8_t* 
         // streams 8 times: 1.06x / 1.19x tok/s for 2 over 8, alternated in one process on a Zen 5),
         // the second half left for whichever thread is free first
         c.groups_per_task = i8_max(4, i8_ceil_div(groups, 2 * threads));
-        if (c.use_panel) c.groups_per_task = i8_ceil_div(c.groups_per_task, 4) * 4;  // whole panels
+        if (c.use_panel) c.groups_per_task = i8_ceil_div(c.groups_per_task, k->panel_groups) * k->panel_groups;
     } else {
         // prefill: runs of ~32 KiB of weights (kept in L1/L2 across the chunks of 4 rows of x),
         // but enough runs for every thread
         c.groups_per_task = i8_max(1, i8_min(32768 / c.gb, i8_ceil_div(groups, 2 * threads)));
-        if (c.use_panel) c.groups_per_task = i8_ceil_div(c.groups_per_task, 4) * 4;  // whole panels
+        if (c.use_panel) c.groups_per_task = i8_ceil_div(c.groups_per_task, k->panel_groups) * k->panel_groups;
     }
     parallel_for(i8_ceil_div(groups, c.groups_per_task), groups_task, &c);
 }

@@ -30,6 +30,11 @@
 //   streams and groups of K > 768 streamed ~1.5x slower). The layout is the same on every
 //   instruction-set path. The K-quants keep their codes, scales and mins as stored (every weight
 //   exact): 4.625 / 5.5 / 7 bits a weight against the file's 4.5 / 5.5 / 6.56.
+//
+// Kernels: dot_group (one group against up to 4 rows of x: a decode step of one sequence) and, on
+// the SIMD paths, panel (4 groups on zmm, 2 on ymm, against up to 8 / 4 rows of x: 2+ rows), which
+// transposes the groups' codes in registers into vectors of 4-byte quads of all the panel's output
+// rows (int8_impl.h, docs/cpu-backend.md "Panel kernels").
 #pragma once
 
 #include "common.h"
@@ -48,17 +53,21 @@ struct Int8Kernels {
     // stride 8 nb: int8_offsets, Q6_K only) against the one repacked group at `group`; fmt: QFormat
     void (*dot_group)(float* y, const int8_t* q, const float* d, const float* s, const int32_t* xo, int R,
                       int64_t K, const uint8_t* group, int fmt);
-    // y [R][16] (row stride 16) = R <= I8_PANEL_ROWS quantized rows (as dot_group, but xo row stride 4 nb:
+    // y [R][16] (row stride 16) = R <= panel_rows quantized rows (as dot_group, but xo row stride 4 nb:
     // int8_panel_offsets, every format)
-    // against the ng <= 4 groups from g0 (group stride gb), the 16 output rows of a panel at once;
+    // against the ng <= panel_groups groups from g0 (group stride gb), the output rows of a panel at once;
     // null where the path has none (the driver then runs dot_group over 4 rows of x at a time). tc: null,
     // or room for the panel's nb = K / 32 transcoded blocks (I8_PANEL_CACHE_BYTES each), which the call
     // with tc_fill writes and the calls without it read back (the other chunks of rows of x)
     void (*panel)(float* y, const int8_t* q, const float* d, const float* s, const int32_t* xo, int R, int64_t K,
                   const uint8_t* g0, int64_t gb, int ng, uint8_t* tc, bool tc_fill, int fmt);
+    int panel_groups;        // groups a panel call takes (4: 16 output rows on zmm, 2: 8 on ymm)
+    int panel_rows;          // rows of x a panel call takes at most
+    unsigned panel_formats;  // bit fmt set: the panel computes QFormat fmt (else dot_group does)
 };
 
-// rows of x a panel call takes (the registers of a 16-row panel hold 8 rows' sums)
+// rows of x a panel call takes at most on any path (Int8Kernels::panel_rows; the registers of a zmm
+// panel of 16 output rows hold 8 rows' sums)
 static const int I8_PANEL_ROWS = 8;
 // bytes of one transcoded block of a panel: 8 vectors of quads, 3 of scales (64 bytes each)
 static const int64_t I8_PANEL_CACHE_BYTES = 11 * 64;

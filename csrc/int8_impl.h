@@ -147,6 +147,17 @@ static inline __m256i dot2_u8s8(__m256i u1, __m256i s1, __m256i u2, __m256i s2) 
 
 static inline __m128 half4(const uint8_t* p) { return _mm_cvtph_ps(_mm_loadl_epi64((const __m128i*)p)); }
 
+static inline int64_t ld64(const uint8_t* p) {
+    int64_t v;
+    std::memcpy(&v, p, 8);
+    return v;
+}
+static inline int32_t ld32(const int8_t* p) {
+    int32_t v;
+    std::memcpy(&v, p, 4);
+    return v;
+}
+
 // bytes ahead of the current block that the dot products prefetch (through a group's region and on
 // into the next group's: a thread's groups are one contiguous stream)
 static const int64_t PREFETCH_AHEAD = 2048;
@@ -522,16 +533,6 @@ static inline __m512i panel_order() {
     return _mm512_setr_epi32(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15);
 }
 
-static inline int64_t ld64(const uint8_t* p) {
-    int64_t v;
-    std::memcpy(&v, p, 8);
-    return v;
-}
-static inline int32_t ld32(const int8_t* p) {
-    int32_t v;
-    std::memcpy(&v, p, 4);
-    return v;
-}
 
 // four fp16 per group at g[G] + off, in the panel's order
 static inline __m512 panel_half(const uint8_t* const* g, int64_t off, __m512i order) {
@@ -685,6 +686,216 @@ static void panel(float* y, const int8_t* q, const float* xd, const float* xs, c
     else if (fmt == Q4_K) panel_512_f<Q4_K>(y, q, xd, xs, xo, R, K, g0, gb, ng, tc, tc_fill);
     else if (fmt == Q5_K) panel_512_f<Q5_K>(y, q, xd, xs, xo, R, K, g0, gb, ng, tc, tc_fill);
     else panel_512_f<Q6_K>(y, q, xd, xs, xo, R, K, g0, gb, ng, tc, tc_fill);
+}
+#endif
+
+#if I8_ISA == 1 || I8_ISA == 2
+// ---- the panel kernel on 256-bit vectors (AVX2, AVX-VNNI): 8 output rows (2 groups) at once
+//
+// As panel_512_r with two 128-bit lanes: per block each group's codes are four vectors ([row 0 |
+// row 1] and [row 2 | row 3], weights 0..15 and 16..31: codes_256), the two groups' vectors
+// transposed within lanes into 8 vectors of quads (element p = 4 l + i holds group i / 2, row
+// 2 (i % 2) + l), and a row of x takes one vpdpbusd per quad (AVX-VNNI) or one vpmaddubsw per quad
+// with the int16 pair sums added across quads before one vpmaddwd (AVX2; codes below 16 allow 8
+// quads, below 32 four, below 64 two, within int16). AVX2 leaves Q8_0 (codes up to 255) to
+// dot_group. 4 rows of x a call: 16 ymm registers hold the 8 quad vectors and 4 rows' sums.
+
+// the codes of one block of a group (int8_record): lo[0] = [row 0 | row 1] weights 0..15, lo[1] =
+// [row 2 | row 3], hi[] weights 16..31; the high bits of Q5_K / Q6_K as codes_512 places them
+// (int8_q5_qh_bit, int8_q6_qh_shift); Q8_0: w + 128
+template <int FMT>
+static inline void codes_256(__m256i* lo, __m256i* hi, const uint8_t* qs) {
+    if constexpr (FMT == Q8_0) {
+        const __m256i flip = _mm256_set1_epi8((char)0x80);
+        __m256i w[4];
+        for (int r = 0; r < 4; ++r) w[r] = _mm256_xor_si256(_mm256_loadu_si256((const __m256i*)(qs + 32 * r)), flip);
+        lo[0] = _mm256_permute2x128_si256(w[0], w[1], 0x20);
+        hi[0] = _mm256_permute2x128_si256(w[0], w[1], 0x31);
+        lo[1] = _mm256_permute2x128_si256(w[2], w[3], 0x20);
+        hi[1] = _mm256_permute2x128_si256(w[2], w[3], 0x31);
+        return;
+    }
+    const __m256i low = _mm256_set1_epi8(0x0f);
+    for (int v = 0; v < 2; ++v) {
+        const __m256i b = _mm256_loadu_si256((const __m256i*)(qs + 32 * v));
+        lo[v] = _mm256_and_si256(b, low);
+        hi[v] = _mm256_and_si256(_mm256_srli_epi16(b, 4), low);
+    }
+    if constexpr (FMT == Q5_K) {  // bit 2v + l (lo) and 2v + 2 + l (hi) of the 16 qh bytes, lane l
+        const __m256i bit = _mm256_set1_epi8(0x10);
+        const __m256i h = _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i*)(qs + 64)));
+        for (int v = 0; v < 2; ++v) {
+            const __m256i sl = _mm256_setr_epi32(4 * v, 4 * v, 4 * v, 4 * v, 4 * v + 1, 4 * v + 1, 4 * v + 1, 4 * v + 1);
+            const __m256i sh = _mm256_add_epi32(sl, _mm256_set1_epi32(2));
+            lo[v] = _mm256_or_si256(lo[v], _mm256_and_si256(_mm256_slli_epi16(_mm256_srlv_epi32(h, sl), 4), bit));
+            hi[v] = _mm256_or_si256(hi[v], _mm256_and_si256(_mm256_slli_epi16(_mm256_srlv_epi32(h, sh), 4), bit));
+        }
+    }
+    if constexpr (FMT == Q6_K) {  // the 32 qh bytes are [even rows | odd rows]: shifts 0 / 2 (rows 0, 1), 4 / 6
+        const __m256i high = _mm256_set1_epi8(0x30);
+        const __m256i h = _mm256_loadu_si256((const __m256i*)(qs + 64));
+        lo[0] = _mm256_or_si256(lo[0], _mm256_and_si256(_mm256_slli_epi16(h, 4), high));
+        hi[0] = _mm256_or_si256(hi[0], _mm256_and_si256(_mm256_slli_epi16(h, 2), high));
+        lo[1] = _mm256_or_si256(lo[1], _mm256_and_si256(h, high));
+        hi[1] = _mm256_or_si256(hi[1], _mm256_and_si256(_mm256_srli_epi16(h, 2), high));
+    }
+}
+
+// element p = 4 l + i of a panel vector holds output row 4 (i / 2) + 2 (i % 2) + l: the gather from
+// group-major order, and its inverse for the store
+static inline __m256i panel256_order() { return _mm256_setr_epi32(0, 2, 4, 6, 1, 3, 5, 7); }
+static inline __m256i panel256_unorder() { return _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7); }
+
+static inline __m256 panel256_half(const uint8_t* const* g, int64_t off, __m256i order) {
+    return _mm256_permutevar8x32_ps(_mm256_cvtph_ps(_mm_set_epi64x(ld64(g[1] + off), ld64(g[0] + off))), order);
+}
+
+static inline __m256 panel256_u8(const uint8_t* const* g, int64_t off, __m256i order) {
+    int32_t v[2];
+    std::memcpy(&v[0], g[0] + off, 4);
+    std::memcpy(&v[1], g[1] + off, 4);
+    const __m256 f = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_setr_epi32(v[0], v[1], 0, 0)));
+    return _mm256_permutevar8x32_ps(f, order);
+}
+
+// t[j]: within each 128-bit lane, element i is element j of a[i]
+static inline void transpose_lanes_256(__m256i* t, const __m256i* a) {
+    const __m256i t0 = _mm256_unpacklo_epi32(a[0], a[1]), t1 = _mm256_unpackhi_epi32(a[0], a[1]);
+    const __m256i t2 = _mm256_unpacklo_epi32(a[2], a[3]), t3 = _mm256_unpackhi_epi32(a[2], a[3]);
+    t[0] = _mm256_unpacklo_epi64(t0, t2);
+    t[1] = _mm256_unpackhi_epi64(t0, t2);
+    t[2] = _mm256_unpacklo_epi64(t1, t3);
+    t[3] = _mm256_unpackhi_epi64(t1, t3);
+}
+
+// the int32 sums of quads k0 .. k0 + n - 1 of a row of x (x: that row's block) against t, added to p
+template <int FMT>
+static inline __m256i panel256_dot(__m256i p, const __m256i* t, const int8_t* x, int k0, int n) {
+#if I8_ISA == 2
+    for (int k = k0; k < k0 + n; ++k) p = _mm256_dpbusd_avx_epi32(p, t[k], _mm256_set1_epi32(ld32(x + 4 * k)));
+    return p;
+#else
+    // int16 pair sums added across quads while they stay below 2^15: codes < 16 eight, < 32 four, < 64 two
+    constexpr int SPAN16 = FMT == Q6_K ? 2 : FMT == Q5_K ? 4 : 8;
+    const __m256i ones = _mm256_set1_epi16(1);
+    for (int k1 = k0; k1 < k0 + n; k1 += SPAN16) {
+        __m256i s = _mm256_maddubs_epi16(t[k1], _mm256_set1_epi32(ld32(x + 4 * k1)));
+        for (int k = k1 + 1; k < k1 + SPAN16 && k < k0 + n; ++k)
+            s = _mm256_add_epi16(s, _mm256_maddubs_epi16(t[k], _mm256_set1_epi32(ld32(x + 4 * k))));
+        p = _mm256_add_epi32(p, _mm256_madd_epi16(s, ones));
+    }
+    return p;
+#endif
+}
+
+// y [R][16] (8 used) = R <= 4 quantized rows of x against the ng <= 2 groups from g0; tc as panel_512_r
+template <int FMT, int R>
+static void panel_256_r(float* y, const int8_t* q, const float* xd, const float* xs, const int32_t* xo, int64_t K,
+                        const uint8_t* g0, int64_t gb, int ng, uint8_t* tc, bool tc_fill) {
+    const int64_t nb = K / QK;
+    constexpr bool KQ = int8_has_header(FMT);
+    constexpr int64_t REC = int8_record_bytes(FMT), QB = int8_quant_bytes(FMT);
+    constexpr int64_t SPAN = int8_span(FMT), HDR = int8_header_bytes(FMT);
+    const bool cached = tc && !tc_fill;
+    const __m256i order = panel256_order();
+    const uint8_t* g[2] = {g0, g0 + (ng > 1 ? gb : 0)};
+    __m256 acc[R];
+    for (int r = 0; r < R; ++r) acc[r] = _mm256_setzero_ps();
+    for (int64_t j = 0; j < nb / SPAN; ++j) {
+        const int64_t sbo = j * (HDR + SPAN * REC);
+        __m256 dsb = _mm256_setzero_ps(), nmin = _mm256_setzero_ps();
+        if (KQ && !cached) {
+            dsb = panel256_half(g, sbo, order);
+            nmin = _mm256_sub_ps(_mm256_setzero_ps(), panel256_half(g, sbo + 8, order));
+        }
+        for (int64_t bb = 0; bb < SPAN; ++bb) {
+            const int64_t b = j * SPAN + bb, off = sbo + HDR + bb * REC;
+            __m256i t[8];
+            __m256 scale, scale1 = _mm256_setzero_ps(), offw = _mm256_setzero_ps();
+            uint8_t* tcb = tc ? tc + b * I8_PANEL_CACHE_BYTES : nullptr;
+            if (cached) {
+                for (int k = 0; k < 8; ++k) t[k] = _mm256_loadu_si256((const __m256i*)(tcb + 32 * k));
+                scale = _mm256_loadu_ps((const float*)(tcb + 256));
+                scale1 = _mm256_loadu_ps((const float*)(tcb + 288));
+                offw = _mm256_loadu_ps((const float*)(tcb + 320));
+            } else {
+                for (int64_t l = 0; l < 2 * REC; l += 64) __builtin_prefetch(g0 + 2 * gb + 2 * off + l);
+                __m256i lo[4], hi[4];
+                codes_256<FMT>(lo, hi, g[0] + off);
+                codes_256<FMT>(lo + 2, hi + 2, g[1] + off);
+                transpose_lanes_256(t, lo);
+                transpose_lanes_256(t + 4, hi);
+                if constexpr (KQ) {
+                    scale = _mm256_mul_ps(dsb, panel256_u8(g, off + QB, order));
+                    offw = _mm256_mul_ps(nmin, panel256_u8(g, off + QB + 4, order));
+                } else if constexpr (FMT == Q6_K) {
+                    // group i / 2's int8_q6_sc_index(L, h) = 4 l + 2 h + i % 2 (L = 2 (i % 2) + l)
+                    const __m256i c0 = _mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i*)(g[0] + off + QB + 8)));
+                    const __m256i c1 = _mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i*)(g[1] + off + QB + 8)));
+                    const __m256i i0 = _mm256_setr_epi32(0, 1, 0, 1, 4, 5, 4, 5);
+                    const __m256i i1 = _mm256_add_epi32(i0, _mm256_set1_epi32(2));
+                    const __m256 d = panel256_half(g, off + QB, order);
+                    scale = _mm256_mul_ps(d, _mm256_cvtepi32_ps(_mm256_blend_epi32(
+                        _mm256_permutevar8x32_epi32(c0, i0), _mm256_permutevar8x32_epi32(c1, i0), 0xcc)));
+                    scale1 = _mm256_mul_ps(d, _mm256_cvtepi32_ps(_mm256_blend_epi32(
+                        _mm256_permutevar8x32_epi32(c0, i1), _mm256_permutevar8x32_epi32(c1, i1), 0xcc)));
+                } else {
+                    scale = panel256_half(g, off + QB, order);
+                    if constexpr (FMT == Q4_1) offw = panel256_half(g, off + QB + 8, order);
+                }
+                if (tcb) {
+                    for (int k = 0; k < 8; ++k) _mm256_storeu_si256((__m256i*)(tcb + 32 * k), t[k]);
+                    _mm256_storeu_ps((float*)(tcb + 256), scale);
+                    _mm256_storeu_ps((float*)(tcb + 288), scale1);
+                    _mm256_storeu_ps((float*)(tcb + 320), offw);
+                }
+            }
+            for (int r = 0; r < R; ++r) {
+                const int8_t* xb = q + r * K + b * QK;
+                const int32_t* o = xo + (r * nb + b) * 4;  // int8_panel_offsets
+                const __m256 dx = _mm256_set1_ps(xd[r * nb + b]);
+                if constexpr (FMT == Q6_K) {
+                    const __m256i p0 = panel256_dot<FMT>(_mm256_set1_epi32(o[0]), t, xb, 0, 4);
+                    const __m256i p1 = panel256_dot<FMT>(_mm256_set1_epi32(o[1]), t, xb, 4, 4);
+                    acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p0), _mm256_mul_ps(scale, dx), acc[r]);
+                    acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p1), _mm256_mul_ps(scale1, dx), acc[r]);
+                } else {
+                    __m256i p = _mm256_setzero_si256();
+                    if constexpr (FMT == Q4_0) p = _mm256_set1_epi32(o[2]);  // -8 sum(q)
+                    if constexpr (FMT == Q8_0) p = _mm256_set1_epi32(o[3]);  // -128 sum(q)
+                    p = panel256_dot<FMT>(p, t, xb, 0, 8);
+                    acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_mul_ps(scale, dx), acc[r]);
+                    if constexpr (FMT == Q4_1 || KQ) acc[r] = _mm256_fmadd_ps(offw, _mm256_set1_ps(xs[r * nb + b]), acc[r]);
+                }
+            }
+        }
+    }
+    const __m256i unorder = panel256_unorder();
+    for (int r = 0; r < R; ++r) _mm256_storeu_ps(y + 16 * r, _mm256_permutevar8x32_ps(acc[r], unorder));
+}
+
+template <int FMT>
+static void panel_256_f(float* y, const int8_t* q, const float* xd, const float* xs, const int32_t* xo, int R,
+                        int64_t K, const uint8_t* g0, int64_t gb, int ng, uint8_t* tc, bool tc_fill) {
+    switch (R) {
+        case 1: panel_256_r<FMT, 1>(y, q, xd, xs, xo, K, g0, gb, ng, tc, tc_fill); break;
+        case 2: panel_256_r<FMT, 2>(y, q, xd, xs, xo, K, g0, gb, ng, tc, tc_fill); break;
+        case 3: panel_256_r<FMT, 3>(y, q, xd, xs, xo, K, g0, gb, ng, tc, tc_fill); break;
+        default: panel_256_r<FMT, 4>(y, q, xd, xs, xo, K, g0, gb, ng, tc, tc_fill); break;
+    }
+}
+
+static void panel(float* y, const int8_t* q, const float* xd, const float* xs, const int32_t* xo, int R, int64_t K,
+                  const uint8_t* g0, int64_t gb, int ng, uint8_t* tc, bool tc_fill, int fmt) {
+#if I8_ISA == 2
+    if (fmt == Q8_0) panel_256_f<Q8_0>(y, q, xd, xs, xo, R, K, g0, gb, ng, tc, tc_fill);
+    else
+#endif
+    if (fmt == Q4_0) panel_256_f<Q4_0>(y, q, xd, xs, xo, R, K, g0, gb, ng, tc, tc_fill);
+    else if (fmt == Q4_1) panel_256_f<Q4_1>(y, q, xd, xs, xo, R, K, g0, gb, ng, tc, tc_fill);
+    else if (fmt == Q4_K) panel_256_f<Q4_K>(y, q, xd, xs, xo, R, K, g0, gb, ng, tc, tc_fill);
+    else if (fmt == Q5_K) panel_256_f<Q5_K>(y, q, xd, xs, xo, R, K, g0, gb, ng, tc, tc_fill);
+    else panel_256_f<Q6_K>(y, q, xd, xs, xo, R, K, g0, gb, ng, tc, tc_fill);
 }
 #endif
 
