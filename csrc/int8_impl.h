@@ -594,42 +594,39 @@ static void panel_512_r(float* y, const int8_t* q, const float* xd, const float*
                 scale = _mm512_loadu_ps(tcb + 512);
                 scale1 = _mm512_loadu_ps(tcb + 576);
                 offw = _mm512_loadu_ps(tcb + 640);
-                goto rows;
-            }
-            {
-            __m512i lo[4], hi[4];
-            // the panel reads its 4 groups side by side, so each group's stream runs at a quarter of
-            // the pace: prefetch the next panel (the next 4 groups, contiguous) at the same pace
-            // instead, one panel ahead, in its memory order
-            for (int64_t l = 0; l < 4 * REC; l += 64) __builtin_prefetch(g0 + 4 * gb + 4 * off + l);
-            for (int G = 0; G < 4; ++G) codes_512<FMT>(lo[G], hi[G], g[G] + off);
-            transpose_lanes(t, lo);
-            transpose_lanes(t + 4, hi);
-            }
-            if constexpr (KQ) {
-                scale = _mm512_mul_ps(dsb, panel_u8(g, off + QB, order));
-                offw = _mm512_mul_ps(nmin, panel_u8(g, off + QB + 4, order));
-            } else if constexpr (FMT == Q6_K) {
-                // the 8 int8 scales of groups 0, 1 and of 2, 3; element p = 4 L + G takes group G's
-                // int8_q6_sc_index(L, h) = (L % 2) 4 + 2 h + L / 2
-                const __m512i c01 = _mm512_cvtepi8_epi32(_mm_set_epi64x(ld64(g[1] + off + QB + 8), ld64(g[0] + off + QB + 8)));
-                const __m512i c23 = _mm512_cvtepi8_epi32(_mm_set_epi64x(ld64(g[3] + off + QB + 8), ld64(g[2] + off + QB + 8)));
-                const __m512i i0 = _mm512_setr_epi32(0, 8, 16, 24, 4, 12, 20, 28, 1, 9, 17, 25, 5, 13, 21, 29);
-                const __m512i i1 = _mm512_add_epi32(i0, _mm512_set1_epi32(2));
-                const __m512 d = panel_half(g, off + QB, order);
-                scale = _mm512_mul_ps(d, _mm512_cvtepi32_ps(_mm512_permutex2var_epi32(c01, i0, c23)));
-                scale1 = _mm512_mul_ps(d, _mm512_cvtepi32_ps(_mm512_permutex2var_epi32(c01, i1, c23)));
             } else {
-                scale = panel_half(g, off + QB, order);
-                if constexpr (FMT == Q4_1) offw = panel_half(g, off + QB + 8, order);
+                __m512i lo[4], hi[4];
+                // the panel reads its 4 groups side by side, so each group's stream runs at a quarter of
+                // the pace: prefetch the next panel (the next 4 groups, contiguous) at the same pace
+                // instead, one panel ahead, in its memory order
+                for (int64_t l = 0; l < 4 * REC; l += 64) __builtin_prefetch(g0 + 4 * gb + 4 * off + l);
+                for (int G = 0; G < 4; ++G) codes_512<FMT>(lo[G], hi[G], g[G] + off);
+                transpose_lanes(t, lo);
+                transpose_lanes(t + 4, hi);
+                if constexpr (KQ) {
+                    scale = _mm512_mul_ps(dsb, panel_u8(g, off + QB, order));
+                    offw = _mm512_mul_ps(nmin, panel_u8(g, off + QB + 4, order));
+                } else if constexpr (FMT == Q6_K) {
+                    // the 8 int8 scales of groups 0, 1 and of 2, 3; element p = 4 L + G takes group G's
+                    // int8_q6_sc_index(L, h) = (L % 2) 4 + 2 h + L / 2
+                    const __m512i c01 = _mm512_cvtepi8_epi32(_mm_set_epi64x(ld64(g[1] + off + QB + 8), ld64(g[0] + off + QB + 8)));
+                    const __m512i c23 = _mm512_cvtepi8_epi32(_mm_set_epi64x(ld64(g[3] + off + QB + 8), ld64(g[2] + off + QB + 8)));
+                    const __m512i i0 = _mm512_setr_epi32(0, 8, 16, 24, 4, 12, 20, 28, 1, 9, 17, 25, 5, 13, 21, 29);
+                    const __m512i i1 = _mm512_add_epi32(i0, _mm512_set1_epi32(2));
+                    const __m512 d = panel_half(g, off + QB, order);
+                    scale = _mm512_mul_ps(d, _mm512_cvtepi32_ps(_mm512_permutex2var_epi32(c01, i0, c23)));
+                    scale1 = _mm512_mul_ps(d, _mm512_cvtepi32_ps(_mm512_permutex2var_epi32(c01, i1, c23)));
+                } else {
+                    scale = panel_half(g, off + QB, order);
+                    if constexpr (FMT == Q4_1) offw = panel_half(g, off + QB + 8, order);
+                }
+                if (tcb) {
+                    for (int k = 0; k < 8; ++k) _mm512_storeu_si512(tcb + 64 * k, t[k]);
+                    _mm512_storeu_ps(tcb + 512, scale);
+                    _mm512_storeu_ps(tcb + 576, scale1);
+                    _mm512_storeu_ps(tcb + 640, offw);
+                }
             }
-            if (tcb) {
-                for (int k = 0; k < 8; ++k) _mm512_storeu_si512(tcb + 64 * k, t[k]);
-                _mm512_storeu_ps(tcb + 512, scale);
-                _mm512_storeu_ps(tcb + 576, scale1);
-                _mm512_storeu_ps(tcb + 640, offw);
-            }
-        rows:
 #pragma GCC unroll 8
             for (int r = 0; r < R; ++r) {
                 const int8_t* xb = q + r * K + b * QK;
