@@ -64,6 +64,7 @@ def test_int8_all_route_runs_prefill_on_int8_activations():
     cpu_mod._cpu.set_int8_prefill(False)
     be_all, be8 = CpuBackend(quant_route="int8-all"), CpuBackend(quant_route="int8")
     assert be_all.quantizes_activations and be_all.info()["int8_path"] == be8.info()["int8_path"]
+    assert "int8-all" in be_all.info()["quant_routes"].split("/")  # `portinfer backends` lists the routes
     for fmt in FORMATS:
         x, w, b = _case(40, 70, 160, fmt, seed=12)
         p_all, p8 = be_all.prepare_linear(w, torch.float32), be8.prepare_linear(w, torch.float32)

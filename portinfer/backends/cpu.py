@@ -191,7 +191,7 @@ class CpuBackend(Backend):
 
     def info(self):
         out = {"simd": self.simd(), "simd_usable": "/".join(self.simd_paths()), "threads": self.num_threads(),
-               "quant_route": self.quant_route}
+               "quant_route": self.quant_route, "quant_routes": "/".join(QUANT_ROUTES)}
         if self.quant_route in _INT8_ROUTES:
             out["int8_path"] = self.int8_path()
             out["int8_formats"] = "/".join(_INT8_FORMATS)  # the block formats on int8 activations
