@@ -126,31 +126,34 @@ struct Int8Call {
     uint8_t* finite;  // [M]: 0 where the row holds a NaN / Inf
 };
 
+// S0, S1: the sums of block b of a quantized row q over weights 0..15 and 16..31
+static inline void half_sums(const int8_t* q, int64_t b, int& s0, int& s1) {
+    s0 = s1 = 0;
+    for (int t = 0; t < 16; ++t) {
+        s0 += q[b * QK + t];
+        s1 += q[b * QK + 16 + t];
+    }
+}
+
 // The integer offsets of one quantized row q [nb * 32]: per block the vector 32 [S0 S0 S1 S1 S0 S0 S1 S1]
-// (S0, S1: the sums of q over weights 0..15, 16..31), in the lane order of the Q6_K kernels' sums, which
-// subtract it once per block and row of x instead of per weight vector (w = d sc (u - 32))
+// (half_sums), in the lane order of the Q6_K kernels' sums, which subtract it once per block and row of
+// x instead of per weight vector (w = d sc (u - 32))
 static void int8_offsets(int32_t* xo, const int8_t* q, int64_t nb) {
     for (int64_t b = 0; b < nb; ++b) {
-        int s0 = 0, s1 = 0;
-        for (int t = 0; t < 16; ++t) {
-            s0 += q[b * QK + t];
-            s1 += q[b * QK + 16 + t];
-        }
+        int s0, s1;
+        half_sums(q, b, s0, s1);
         const int32_t v[8] = {32 * s0, 32 * s0, 32 * s1, 32 * s1, 32 * s0, 32 * s0, 32 * s1, 32 * s1};
         std::memcpy(xo + b * 8, v, sizeof v);
     }
 }
 
 // The panel kernels' integer offsets of one quantized row: per block [-32 S0, -32 S1, -8 S, -128 S]
-// (S0, S1: the sums of q over weights 0..15, 16..31, S = S0 + S1), where Q6_K's halves, Q4_0's and
-// Q8_0's sums start (their codes are unsigned: u - 32, n - 8, w + 128)
+// (half_sums, S = S0 + S1), where Q6_K's halves, Q4_0's and Q8_0's sums start (their codes are
+// unsigned: u - 32, n - 8, w + 128)
 static void int8_panel_offsets(int32_t* xo, const int8_t* q, int64_t nb) {
     for (int64_t b = 0; b < nb; ++b) {
-        int s0 = 0, s1 = 0;
-        for (int t = 0; t < 16; ++t) {
-            s0 += q[b * QK + t];
-            s1 += q[b * QK + 16 + t];
-        }
+        int s0, s1;
+        half_sums(q, b, s0, s1);
         const int32_t v[4] = {-32 * s0, -32 * s1, -8 * (s0 + s1), -128 * (s0 + s1)};
         std::memcpy(xo + b * 4, v, sizeof v);
     }
@@ -273,12 +276,12 @@ void linear_int8(const Int8Kernels* k, void* out, const void* x, const uint8_t* 
         // streams 8 times: 1.06x / 1.19x tok/s for 2 over 8, alternated in one process on a Zen 5),
         // the second half left for whichever thread is free first
         c.groups_per_task = i8_max(4, i8_ceil_div(groups, 2 * threads));
-        if (c.use_panel) c.groups_per_task = i8_ceil_div(c.groups_per_task, k->panel_groups) * k->panel_groups;
     } else {
         // prefill: runs of ~32 KiB of weights (kept in L1/L2 across the chunks of 4 rows of x),
         // but enough runs for every thread
         c.groups_per_task = i8_max(1, i8_min(32768 / c.gb, i8_ceil_div(groups, 2 * threads)));
-        if (c.use_panel) c.groups_per_task = i8_ceil_div(c.groups_per_task, k->panel_groups) * k->panel_groups;
     }
+    if (c.use_panel)  // whole panels per task
+        c.groups_per_task = i8_ceil_div(c.groups_per_task, k->panel_groups) * k->panel_groups;
     parallel_for(i8_ceil_div(groups, c.groups_per_task), groups_task, &c);
 }
