@@ -377,19 +377,19 @@ class Scheduler:
         the next native step (runtime/sampling.py, docs/step-plans.md)."""
         if not all_finite(logits):
             raise FloatingPointError("the model produced non-finite logits for this sequence")
-        x = logits.detach().numpy()
-        if job.seen is not None or job.counts is not None:
-            if job.seen is not None:
-                p = np.float32(job.repetition_penalty)
-                x = np.where(job.seen & (x > 0), x / p, np.where(job.seen, x * p, x))
-            if job.counts is not None:  # OpenAI: mu[j] - c[j] * frequency - (c[j] > 0) * presence
-                x = x - (job.counts * np.float32(job.frequency_penalty) +
-                         (job.counts > 0).astype(np.float32) * np.float32(job.presence_penalty))
+        row = x = logits.detach().numpy()
+        if job.seen is not None:
+            p = np.float32(job.repetition_penalty)
+            x = np.where(job.seen & (x > 0), x / p, np.where(job.seen, x * p, x))
+        if job.counts is not None:  # OpenAI: mu[j] - c[j] * frequency - (c[j] > 0) * presence
+            x = x - (job.counts * np.float32(job.frequency_penalty) +
+                     (job.counts > 0).astype(np.float32) * np.float32(job.presence_penalty))
         token = job.sampler(x[None], None)[0]
         logprobs = None
-        if job.logprobs is not None:
-            z = logits.detach().numpy().astype(np.float64)
-            lp = z - z.max() - np.log(np.exp(z - z.max()).sum())
+        if job.logprobs is not None:  # the model's own distribution, before penalties
+            z = row.astype(np.float64)
+            z -= z.max()
+            lp = z - np.log(np.exp(z).sum())
             alts = []
             if job.logprobs:
                 k = min(job.logprobs, lp.shape[0])
