@@ -906,17 +906,20 @@ static inline void attend_block(const float* q, float* acc, float* m, float* l, 
     alignas(64) float p[R][ATT_KB];
     float corr[R];
     int64_t nmax = 0;
+    for (int r = 0; r < R; ++r) nmax = imax(nmax, nvis[r]);
+    // score vectors that hold a visible key (the last block of a short context holds few): the
+    // columns past them are never read (their keys may not even be converted: convert_block's j_end)
+    const int nsv = (int)ceil_div(nmax, W);
     for (int r = 0; r < R; ++r) {
-        for (int v = 0; v < ATT_NS; ++v) Vec::store(p[r] + v * W, s[r][v]);
-        for (int64_t j = nvis[r]; j < ATT_KB; ++j) p[r][j] = -INFINITY;
-        nmax = imax(nmax, nvis[r]);
+        for (int v = 0; v < nsv; ++v) Vec::store(p[r] + v * W, s[r][v]);
+        for (int64_t j = nvis[r]; j < nsv * W; ++j) p[r][j] = -INFINITY;
         V mx = Vec::load(p[r]);
-        for (int v = 1; v < ATT_NS; ++v) mx = Vec::max(mx, Vec::load(p[r] + v * W));
+        for (int v = 1; v < nsv; ++v) mx = Vec::max(mx, Vec::load(p[r] + v * W));
         const float bm = Vec::reduce_max(mx);
         const float m_new = m[r] > bm ? m[r] : bm;
         corr[r] = std::exp(m[r] - m_new);  // 0 for a row's first visible block (m = -inf)
         V mv = Vec::set1(m_new), sum = Vec::zero();
-        for (int v = 0; v < ATT_NS; ++v) {
+        for (int v = 0; v < nsv; ++v) {
             V e = vexp(Vec::sub(Vec::load(p[r] + v * W), mv));  // masked: exp(-inf) = 0
             Vec::store(p[r] + v * W, e);
             sum = Vec::add(sum, e);
@@ -969,31 +972,34 @@ static void attention(const AttentionArgs* a) {
     // V is read in place when its rows hold whole vectors; otherwise it is copied to padded fp32 rows
     const bool v_in_place = D % W == 0;
     // kt [D][ATT_KB] (and, unless V is read in place, vf [ATT_KB][Dp]) = keys (values) j0 .. j0 + KB of
-    // (batch b, kv head hk) in fp32, zero past Skv
-    auto convert_block = [&](float* kt, float* vf, int64_t b, int64_t hk, int64_t j0, int thread) {
+    // (batch b, kv head hk) in fp32, zero from j_end (<= Skv: past it no row of the caller looks) to the
+    // end of the W-wide group of keys it falls in; later groups are left as they are (attend_block
+    // reads no score vector past the last visible key, and no value row past it)
+    auto convert_block = [&](float* kt, float* vf, int64_t b, int64_t hk, int64_t j0, int64_t j_end, int thread) {
         const char* kbase = at(a->k, b * a->k_stride[0] + hk * a->k_stride[1], dt);
+        const int64_t kb = imin(ATT_KB, ceil_div(j_end - j0, W) * W);  // keys of the block to convert
         if (D % W == 0) {
             // W keys x W dims at a time through a register transpose
-            for (int64_t jb = 0; jb < ATT_KB; jb += W)
+            for (int64_t jb = 0; jb < kb; jb += W)
                 for (int64_t d0 = 0; d0 < D; d0 += W) {
                     V r[W];
                     for (int i = 0; i < W; ++i) {
                         int64_t j = j0 + jb + i;
-                        r[i] = j < Skv ? load_dt(kbase, dt, j * a->k_stride[2] + d0) : Vec::zero();
+                        r[i] = j < j_end ? load_dt(kbase, dt, j * a->k_stride[2] + d0) : Vec::zero();
                     }
                     Vec::transpose(r);
                     for (int i = 0; i < W; ++i) Vec::store(kt + (d0 + i) * ATT_KB + jb, r[i]);
                 }
         } else {
             float* row = scratch(thread, 2, (size_t)Dp);
-            for (int64_t j = j0; j < j0 + ATT_KB; ++j) {
-                if (j < Skv) row_to_f32(row, kbase + j * a->k_stride[2] * dtype_bytes(dt), dt, D);
-                for (int64_t d = 0; d < D; ++d) kt[d * ATT_KB + j - j0] = j < Skv ? row[d] : 0.f;
+            for (int64_t j = j0; j < j0 + kb; ++j) {
+                if (j < j_end) row_to_f32(row, kbase + j * a->k_stride[2] * dtype_bytes(dt), dt, D);
+                for (int64_t d = 0; d < D; ++d) kt[d * ATT_KB + j - j0] = j < j_end ? row[d] : 0.f;
             }
         }
         if (v_in_place) return;
-        for (int64_t jj = 0, j = j0; jj < ATT_KB; ++jj, ++j) {
-            if (j < Skv)
+        for (int64_t jj = 0, j = j0; jj < kb; ++jj, ++j) {
+            if (j < j_end)
                 row_to_f32(vf + jj * Dp, at(a->v, b * a->v_stride[0] + hk * a->v_stride[1] + j * a->v_stride[2], dt), dt, D);
             else
                 for (int64_t d = 0; d < D; ++d) vf[jj * Dp + d] = 0.f;
@@ -1010,7 +1016,7 @@ static void attention(const AttentionArgs* a) {
     auto convert = [&](int64_t t, int thread) {
         int64_t bh = t / head_blocks, j0 = (t % head_blocks) * ATT_KB;
         convert_block(Kt + bh * D * Skp + j0 * D, Vf ? Vf + (bh * Skp + j0) * Dp : nullptr, bh / Hkv, bh % Hkv, j0,
-                      thread);
+                      Skv, thread);
     };
     if (shared_blocks) par(B * Hkv * head_blocks, convert);
 
@@ -1051,7 +1057,7 @@ static void attention(const AttentionArgs* a) {
                 ktb = Kt + bh * D * Skp + j0 * D;
                 vb = at(vbase, j0 * vs, vdt);
             } else {
-                convert_block(own_k, own_v, b, hk, j0, thread);
+                convert_block(own_k, own_v, b, hk, j0, kend, thread);
                 ktb = own_k;
                 vb = v_in_place ? (const void*)at(vbase, j0 * vs, vdt) : (const void*)own_v;
             }
