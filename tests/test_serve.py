@@ -405,26 +405,40 @@ def test_the_op_path_serves_the_same_tokens(chat_dir, reference):
 # ---------------------------------------------------------------------- the engine loop itself
 
 @pytest.mark.parametrize("plans", [True, False])
-def test_a_burst_of_prompts_is_prefilled_in_shared_steps(chat_dir, reference, plans):
-    """Five prompts that arrive together take consecutive slots and are read in shared prefill steps
-    (one step for all of them when they fit the chunk budget), not one step each; every sequence still
-    gets exactly the tokens it gets alone. Driven turn by turn on this thread (no HTTP)."""
+@pytest.mark.parametrize("lengths, steps_with_plans, steps_on_the_op_path", [
+    ((20, 20, 20, 20), 1, 1),  # a burst of equal prompts: one shared step
+    ((3, 40, 5), 3, 3),  # a shared step would pad 3 and 5 tokens to 40: a step each, all in the same turn
+    # with plans, 20..22 tokens are one length class (24), but 3 rows round up to a 4-row class: 2 + 1;
+    # the op path runs exact shapes, where any padding is more rows than a step each
+    ((20, 22, 21), 2, 3),
+])
+def test_a_burst_of_prompts_is_prefilled_in_as_few_rows_as_possible(chat_dir, reference, plans, lengths,
+                                                                   steps_with_plans, steps_on_the_op_path):
+    """Prompts that arrive together take consecutive slots. A prefill step is a rectangle (rows x the
+    longest chunk, with plans rounded up to a shape class), so neighbouring prompts share a step
+    exactly when that computes no more token rows than a step each: similar lengths share, different
+    lengths do not. Every prompt is read in the first turn (they fit the chunk budget), and every
+    sequence gets exactly the tokens it gets alone. Driven turn by turn on this thread (no HTTP)."""
     from portinfer.runtime.sampling import SamplingParams
-    from portinfer.serve.scheduler import Job, Scheduler
+    from portinfer.serve.scheduler import Job, Scheduler, _prefill_length
 
+    prefill_steps = steps_with_plans if plans else steps_on_the_op_path
     model = portinfer.load(chat_dir, plans=plans)
-    prompts = [reference.encode(reference.apply_chat_template([{"role": "user", "content": "x" * n}]))
-               for n in (1, 5, 2, 9, 3)]
+    prompts = [[3 + (5 * i + 7 * j) % 40 for j in range(n)] for i, n in enumerate(lengths)]
     sched = Scheduler(model, max_batch=8, max_context=128, prefill_chunk=256)
     sched.cache = model.new_cache(sched.max_batch, sched.max_context)
-    assert sum(map(len, prompts)) <= 256
+    shapes = []
+    step = model.step
+    model.step = lambda ids, *a, **k: shapes.append(tuple(ids.shape)) or step(ids, *a, **k)
     out = {i: [] for i in range(len(prompts))}
     jobs = [Job(p, 6, SamplingParams(temperature=0), sink=lambda e, i=i: out[i].append(e), index=i, ignore_eos=True)
             for i, p in enumerate(prompts)]
     sched.submit(jobs)
-    sched._turn()  # admits all five, prefills them in one step (their prompts fit the budget), decodes once
-    assert sched.steps == 2, sched.steps
-    assert all(state.value == "decode" for state in sched.states[:5]), sched.states
+    sched._turn()  # admits every prompt, reads them all (they fit the budget), decodes once
+    assert sched.steps == prefill_steps + 1, shapes
+    assert all(state.value == "decode" for state in sched.states[:len(prompts)]), sched.states
+    alone = sum(_prefill_length(n) if plans else n for n in lengths)  # token rows of a step each
+    assert sum(rows * tokens for rows, tokens in shapes[:-1]) <= alone, shapes
     while any(job.slot is not None for job in jobs):
         sched._turn()
     for i, p in enumerate(prompts):

@@ -6,11 +6,14 @@ One KV cache of `max_batch` rows x `max_context` positions is allocated once; sl
 row s (llama.cpp's server slots). Each turn of the loop, at a step boundary:
   1. cancelled jobs leave (their slot is free for this very turn), waiting jobs take free slots
      (the lowest first, so running rows stay packed at the top of the cache);
-  2. one prefill step reads at most `prefill_chunk` prompt tokens: a chunk of the oldest new job's
-     prompt, and of the new jobs in the slots next to it while the budget lasts (a burst of
-     requests lands on consecutive slots: model.step(ids[k, C], cache, n_new, rows=slice(a, a + k)),
-     rows of other slots in the slice get n_new = 0 and are left as they are); a long prompt is
-     read over several turns, and running streams keep getting a token every turn;
+  2. prefill steps read at most `prefill_chunk` prompt tokens in all: chunks of the new jobs'
+     prompts, the oldest first. A step is a rectangle (model.step(ids[k, C], cache, n_new,
+     rows=slice(a, a + k)); rows of other slots in the slice get n_new = 0 and are left as they
+     are), so every row is computed at the longest chunk's length, and with step plans at its shape
+     class (k a power of two, C one of 16, 24, 32, 40, 48, 56, 64, 80, ...). A burst of requests lands on consecutive slots,
+     and one step reads the chunks of neighbouring slots when that computes no more token rows than
+     a step each would (prompts of similar length); otherwise each chunk gets its own step. A long
+     prompt is read over several turns, and running streams keep getting a token every turn;
   3. one decode step runs every decoding slot at once (model.step(ids[b, 1], cache, n_new=1 or 0
      per row, rows=slice(0, b))): the weights are read once per step for the whole batch.
 A step that fails (NaN logits, say) is retried row by row, so only the failing job fails.
@@ -193,7 +196,7 @@ class Scheduler:
                 except BaseException as exc:  # noqa: BLE001 - handed to the caller
                     future.set_exception(exc)
         self._admit()
-        self._prefill_chunk()
+        self._prefill()
         self._decode_step()
         self._gauges()
 
@@ -239,31 +242,53 @@ class Scheduler:
         self.slots[s], self.states[s] = None, SlotState.FREE
         self.cache.reset(s)
 
-    def _prefill_chunk(self):
-        """One prefill step: chunks of the oldest prefilling job's prompt and of the prefilling jobs in the
-        slots next to it, at most `prefill_chunk` prompt tokens in all, in one step over those rows."""
-        pending = [s for s in range(self.max_batch) if self.states[s] is SlotState.PREFILL]
-        if not pending:
-            return
-        oldest = min(pending, key=lambda i: self.slots[i].submitted_s)
-        chunks = {oldest: self._next_chunk(oldest, self.prefill_chunk)}
-        budget = self.prefill_chunk - len(chunks[oldest])
-        for direction in (1, -1):  # grow the run of consecutive prefilling slots, up then down
-            s = oldest + direction
-            while budget > 0 and 0 <= s < self.max_batch and self.states[s] is SlotState.PREFILL:
-                chunks[s] = self._next_chunk(s, budget)
-                budget -= len(chunks[s])
-                s += direction
+    def _prefill(self):
+        """This turn's prefill steps: chunks of the prefilling jobs' prompts, at most `prefill_chunk`
+        prompt tokens in all (so a long prompt is read over several turns while the running streams
+        get a token every turn). The oldest job first; each step reads one chunk, or chunks of the
+        prefilling jobs in the slots next to it when a shared step computes no more token rows than
+        separate steps would (`_rows_computed`: a step is a rectangle, every row padded to its longest)."""
+        budget = self.prefill_chunk
+        while budget > 0:
+            pending = [s for s in range(self.max_batch) if self.states[s] is SlotState.PREFILL]
+            if not pending:
+                return
+            oldest = min(pending, key=lambda i: self.slots[i].submitted_s)
+            run, left = [(oldest, self._next_chunk(oldest, budget))], budget  # the run of neighbours, in order
+            left -= len(run[0][1])
+            for direction in (1, -1):  # consecutive prefilling slots, up then down, while the budget lasts
+                s = oldest + direction
+                while left > 0 and 0 <= s < self.max_batch and self.states[s] is SlotState.PREFILL:
+                    run.append((s, self._next_chunk(s, left)))
+                    left -= len(run[-1][1])
+                    s += direction
+            # the longest start of the run whose shared step computes no more rows than a step each
+            k = max(k for k in range(1, len(run) + 1) if self._rows_computed(dict(run[:k])) <=
+                    sum(self._rows_computed({slot: chunk}) for slot, chunk in run[:k]))
+            chunks = dict(run[:k])
+            budget -= sum(len(c) for c in chunks.values())
+            self._prefill_step(chunks)
+
+    def _shape(self, chunks: dict):
+        """The step over the slots of `chunks` ({slot: tokens}): (first row, rows, tokens per row).
+        With step plans, shape classes: rows rounded up to a power of two and tokens per row by
+        `_prefill_length` (each class is traced once, then replayed)."""
         a, b = min(chunks), max(chunks) + 1
         longest = max(len(c) for c in chunks.values())
-        if self.plans:  # a few shape classes: rows and chunk length rounded up to powers of two
-            width, length = _bucket(b - a, self.max_batch), _bucket(max(longest, 16), self.prefill_chunk)
-            a = min(a, self.max_batch - width)
-            b = a + width
-        else:
-            length = longest
-        ids = torch.zeros(b - a, length, dtype=torch.int64)
-        n_new = [0] * (b - a)
+        if not self.plans:
+            return a, b - a, longest
+        width = _bucket(b - a, self.max_batch)
+        return min(a, self.max_batch - width), width, _prefill_length(longest)
+
+    def _rows_computed(self, chunks: dict) -> int:
+        _, width, length = self._shape(chunks)
+        return width * length
+
+    def _prefill_step(self, chunks: dict):
+        a, width, length = self._shape(chunks)
+        b = a + width
+        ids = torch.zeros(width, length, dtype=torch.int64)
+        n_new = [0] * width
         for s, chunk in chunks.items():
             ids[s - a, :len(chunk)] = torch.tensor(chunk)
             n_new[s - a] = len(chunk)
@@ -426,6 +451,16 @@ class Scheduler:
                 job.sink(Event("error", job.index, error=error))
         for _, future in calls:
             future.cancel()
+
+
+def _prefill_length(n: int) -> int:
+    """A prefill step's n tokens per row rounded up to a shape class (with step plans): 16, 24, 32,
+    then four classes per doubling (40, 48, 56, 64, 80, 96, ...), so padding is at most a quarter of
+    a row (n = 65 -> 80) and ~6% on average, and a 256-token chunk budget has 16 length classes."""
+    if n <= 16:
+        return 16
+    step = max(8, 1 << ((n - 1).bit_length() - 3))
+    return -(-n // step) * step
 
 
 def _bucket(n: int, cap: int) -> int:
