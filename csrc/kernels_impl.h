@@ -883,6 +883,12 @@ static void linear(void* out, const void* x, const void* weights, const void* bi
 // conflicts): up front when several items share a block, else by the item itself. V is read in
 // place when D is a multiple of W, else converted to fp32 rows padded to Dp.
 
+// rows r0 .. r1 of `base` (row stride `stride` bytes, `bytes` each) into the cache, ahead of their use
+static inline void prefetch_rows(const char* base, int64_t stride, int64_t bytes, int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r)
+        for (int64_t o = 0; o < bytes; o += 64) __builtin_prefetch(base + r * stride + o);
+}
+
 static const int64_t ATT_KB = 64;
 static const int64_t ATT_RT = 16;
 
@@ -977,10 +983,17 @@ static void attention(const AttentionArgs* a) {
     // reads no score vector past the last visible key, and no value row past it)
     auto convert_block = [&](float* kt, float* vf, int64_t b, int64_t hk, int64_t j0, int64_t j_end, int thread) {
         const char* kbase = at(a->k, b * a->k_stride[0] + hk * a->k_stride[1], dt);
+        const char* vrows = at(a->v, b * a->v_stride[0] + hk * a->v_stride[1], dt);
         const int64_t kb = imin(ATT_KB, ceil_div(j_end - j0, W) * W);  // keys of the block to convert
         if (D % W == 0) {
-            // W keys x W dims at a time through a register transpose
-            for (int64_t jb = 0; jb < kb; jb += W)
+            // W keys x W dims at a time through a register transpose; the keys two groups ahead and this
+            // group's values (read next, by attend_block) are fetched meanwhile: a decode step's cache
+            // rows come from memory, and one thread's demand loads alone reached ~7 GB/s
+            for (int64_t jb = 0; jb < kb; jb += W) {
+                prefetch_rows(kbase, a->k_stride[2] * dtype_bytes(dt), D * dtype_bytes(dt), j0 + jb + 2 * W,
+                              imin(j_end, j0 + jb + 3 * W));
+                prefetch_rows(vrows, a->v_stride[2] * dtype_bytes(dt), D * dtype_bytes(dt), j0 + jb,
+                              imin(j_end, j0 + jb + W));
                 for (int64_t d0 = 0; d0 < D; d0 += W) {
                     V r[W];
                     for (int i = 0; i < W; ++i) {
@@ -990,6 +1003,7 @@ static void attention(const AttentionArgs* a) {
                     Vec::transpose(r);
                     for (int i = 0; i < W; ++i) Vec::store(kt + (d0 + i) * ATT_KB + jb, r[i]);
                 }
+            }
         } else {
             float* row = scratch(thread, 2, (size_t)Dp);
             for (int64_t j = j0; j < j0 + kb; ++j) {
@@ -1039,6 +1053,9 @@ static void attention(const AttentionArgs* a) {
         float mrow[ATT_RT], lrow[ATT_RT];
         int64_t limit[ATT_RT], kend = 0;
         const int64_t kv = a->kv_len[b], qp = a->q_pos[b];
+        if (!shared_blocks)  // the first two groups of keys, while the queries are read
+            prefetch_rows(at(a->k, b * a->k_stride[0] + hk * a->k_stride[1], dt), a->k_stride[2] * dtype_bytes(dt),
+                          D * dtype_bytes(dt), split * keys_per_split, imin(kv, split * keys_per_split + 2 * W));
         for (int64_t r = 0; r < nr; ++r) {
             int64_t i = (r0 + r) / G, h = hk * G + (r0 + r) % G;
             limit[r] = a->causal ? imin(kv, qp + i + 1) : kv;
