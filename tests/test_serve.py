@@ -335,7 +335,7 @@ def test_cancelled_streams_free_their_slots(server):
 def test_bench_serve_load_generator_counts_what_the_server_streams(server):
     """`portinfer bench serve`'s level: c clients, requests back to back; every generated token counted
     (from the streamed usage), TTFT and inter-token gaps measured, nothing left running."""
-    from portinfer.bench.serve import run_level
+    from portinfer.bench.serve import combine_rounds, run_level
 
     url, _ = server
     body = {"model": "tiny-chat", "prompt": "count these tokens", "max_tokens": 5, "temperature": 0, "stream": True,
@@ -347,6 +347,15 @@ def test_bench_serve_load_generator_counts_what_the_server_streams(server):
     assert 0 < level["ttft_p50_s"] <= level["ttft_p99_s"] < level["wall_s"]
     assert 0 < level["itl_p50_s"] <= level["itl_p99_s"]
     assert metric(url, "portinfer_num_requests_running") == 0
+    # --rounds: a level run again is combined with the first (counts summed, the median round's rate)
+    again = asyncio.run(run_level(url, 3, 7, body))
+    both = combine_rounds([level, again])
+    assert both["requests"] == 14 and both["generated_tokens"] == 70 and both["errors"] == 0
+    assert both["throughput_tok_s_each_round"] == [level["throughput_tok_s"], again["throughput_tok_s"]]
+    assert both["throughput_tok_s"] == pytest.approx((level["throughput_tok_s"] + again["throughput_tok_s"]) / 2)
+    assert len(both["_gaps"]) == len(level["_gaps"]) + len(again["_gaps"]) == 14 * 4
+    assert min(level["ttft_p50_s"], again["ttft_p50_s"]) <= both["ttft_p50_s"] <= max(level["ttft_p99_s"],
+                                                                                      again["ttft_p99_s"])
 
 
 def test_sigterm_shuts_down_cleanly(chat_dir, tmp_path):

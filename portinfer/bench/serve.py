@@ -6,7 +6,11 @@ generated: ignore_eos) until --requests-per-client x c requests (at least 4) are
 aggregate generated tokens/s over the level's wall time, time to first token (TTFT) and the gaps
 between streamed chunks (inter-token latency) at p50/p99, and errors. With one request per client
 a level is a single burst (every prompt read at once, then every stream decoded in lockstep); the
-default of 3 lets later requests arrive while others decode, as a service's load does.
+default of 3 lets later requests arrive while others decode, as a service's load does. With
+--rounds R every level runs R times, in turn (1, 4, 16, 64, 1, 4, ...): a level's throughput is its
+median round's, its latency percentiles are over every round's samples, and the c=16 / c=1 ratio is
+the median of the rounds' own ratios, each from two levels run a minute apart at most (this
+project's machines drift 20-50% between minutes).
 
 The server runs in its own process (started here with the given flags, or --url for one already
 running), so the load generator and the engine loop do not share an interpreter lock.
@@ -83,12 +87,37 @@ async def run_level(url, concurrency, requests, body, timeout_s=600):
     ttft = [r[0] for r in ok if r[0] is not None]
     gaps = [g for r in ok for g in r[1]]
     tokens = sum(r[2] for r in ok)
-    return {"concurrency": concurrency, "requests": len(results), "errors": len(errors),
-            "first_error": errors[0] if errors else None, "generated_tokens": tokens, "wall_s": wall_s,
-            "throughput_tok_s": tokens / wall_s if wall_s > 0 else None,
-            "ttft_p50_s": _percentile(ttft, 0.5), "ttft_p99_s": _percentile(ttft, 0.99),
+    level = {"concurrency": concurrency, "requests": len(results), "errors": len(errors),
+             "first_error": errors[0] if errors else None, "generated_tokens": tokens, "wall_s": wall_s,
+             "throughput_tok_s": tokens / wall_s if wall_s > 0 else None}
+    level.update(_latencies(ttft, gaps))
+    return level
+
+
+def _latencies(ttft, gaps) -> dict:
+    return {"ttft_p50_s": _percentile(ttft, 0.5), "ttft_p99_s": _percentile(ttft, 0.99),
             "itl_p50_s": _percentile(gaps, 0.5), "itl_p99_s": _percentile(gaps, 0.99),
-            "itl_mean_s": statistics.fmean(gaps) if gaps else None}
+            "itl_mean_s": statistics.fmean(gaps) if gaps else None, "_ttft": ttft, "_gaps": gaps}
+
+
+def combine_rounds(rounds: list) -> dict:
+    """One level's runs (one per round) -> the level: counts summed, throughput the median round's,
+    latency percentiles over every round's samples, each round's throughput kept."""
+    rates = [lv["throughput_tok_s"] for lv in rounds]
+    level = {"concurrency": rounds[0]["concurrency"], "requests": sum(lv["requests"] for lv in rounds),
+             "errors": sum(lv["errors"] for lv in rounds),
+             "first_error": next((lv["first_error"] for lv in rounds if lv["first_error"]), None),
+             "generated_tokens": sum(lv["generated_tokens"] for lv in rounds),
+             "wall_s": sum(lv["wall_s"] for lv in rounds),
+             "throughput_tok_s": statistics.median(r for r in rates if r is not None) if any(rates) else None,
+             "throughput_tok_s_each_round": rates}
+    level.update(_latencies([t for lv in rounds for t in lv["_ttft"]], [g for lv in rounds for g in lv["_gaps"]]))
+    level["load_avg"] = rounds[-1].get("load_avg")
+    return level
+
+
+def _public(level: dict) -> dict:
+    return {k: v for k, v in level.items() if not k.startswith("_")}
 
 
 def _free_port():
@@ -123,7 +152,7 @@ def bench_command(args) -> str:
     parts = ["portinfer", "bench", "serve", *([args.model] if args.model else []), "--backend", args.backend,
              "--concurrency", *map(str, args.concurrency), "--prompt-tokens", str(args.prompt_tokens),
              "--max-tokens", str(args.max_tokens), "--requests-per-client", str(args.requests_per_client),
-             "--max-batch", str(args.max_batch), "--max-context", str(args.max_context)]
+             "--rounds", str(args.rounds), "--max-batch", str(args.max_batch), "--max-context", str(args.max_context)]
     for flag, value in (("--url", args.url), ("--json", args.json), ("--plot", args.plot)):
         if value is not None:
             parts += [flag, str(value)]
@@ -132,15 +161,16 @@ def bench_command(args) -> str:
 
 def run(args) -> int:
     if (any(c < 1 for c in args.concurrency) or args.max_tokens < 1 or args.prompt_tokens < 1
-            or args.requests_per_client < 1):
-        raise ValueError("--concurrency, --max-tokens, --prompt-tokens, --requests-per-client: expected integers >= 1")
+            or args.requests_per_client < 1 or args.rounds < 1):
+        raise ValueError("--concurrency, --max-tokens, --prompt-tokens, --requests-per-client, --rounds: "
+                         "expected integers >= 1")
     for flag, path in (("--json", args.json), ("--plot", args.plot)):
         if path is not None and not os.path.isdir(os.path.dirname(os.path.abspath(path))):
             raise ValueError(f"{flag}: the folder of {path} does not exist")
     if args.plot:
         import matplotlib  # noqa: F401 - checked before the run, not after it (pip install "portinfer[bench]")
     doc = {"provenance": provenance(bench_command(args)), "levels": []}
-    proc = None
+    proc, runs = None, {}
     if args.url:
         url = args.url.rstrip("/")
     else:
@@ -154,18 +184,25 @@ def run(args) -> int:
         warm = min(max(args.concurrency), args.max_batch)
         asyncio.run(run_level(url, warm, warm, {**body, "max_tokens": 4}))
         asyncio.run(run_level(url, 1, 1, {**body, "max_tokens": 4}))
-        for c in args.concurrency:
-            level = asyncio.run(run_level(url, c, max(4, args.requests_per_client * c), body))
-            level["load_avg"] = list(os.getloadavg())
-            doc["levels"].append(level)
-            print(_row(level), file=sys.stderr, flush=True)
+        runs = {c: [] for c in args.concurrency}
+        for r in range(args.rounds):  # every level once per round: levels compared are minutes apart at most
+            for c in args.concurrency:
+                level = asyncio.run(run_level(url, c, max(4, args.requests_per_client * c), body))
+                level["load_avg"] = list(os.getloadavg())
+                runs[c].append(level)
+                print(_row(level) + (f" round {r + 1}" if args.rounds > 1 else ""), file=sys.stderr, flush=True)
+        doc["levels"] = [_public(combine_rounds(runs[c])) for c in args.concurrency]
     finally:
         if proc is not None:
             proc.send_signal(signal.SIGTERM)
             proc.wait(60)
-    by_c = {lv["concurrency"]: lv["throughput_tok_s"] for lv in doc["levels"]}
-    if 1 in by_c and 16 in by_c and by_c[1]:
-        doc["throughput_16_over_1"] = by_c[16] / by_c[1]
+    if 1 in args.concurrency and 16 in args.concurrency and len(runs[16]) == len(runs[1]) == args.rounds:
+        # the ratio of the two levels within each round (side by side), then the median round's
+        each = [c16["throughput_tok_s"] / c1["throughput_tok_s"] for c1, c16 in zip(runs[1], runs[16])
+                if c1["throughput_tok_s"] and c16["throughput_tok_s"]]
+        if each:
+            doc["throughput_16_over_1"] = statistics.median(each)
+            doc["throughput_16_over_1_each_round"] = each
     doc["load_avg_end"] = list(os.getloadavg())
     print(format_table(doc))
     if args.json:
@@ -191,7 +228,10 @@ def format_table(doc) -> str:
              "|------|-------|----------|----------|----------|---------|---------|--------|"]
     lines += [_row(lv) for lv in doc["levels"]]
     if "throughput_16_over_1" in doc:
-        lines.append(f"aggregate tokens/s at concurrency 16 / concurrency 1: {doc['throughput_16_over_1']:.2f}x")
+        each = doc.get("throughput_16_over_1_each_round", [])
+        lines.append(f"aggregate tokens/s at concurrency 16 / concurrency 1: {doc['throughput_16_over_1']:.2f}x"
+                     + (f" (median of {len(each)} rounds: {', '.join(f'{x:.2f}' for x in each)})" if len(each) > 1
+                        else ""))
     lines.append(f"(times in ms; load average at start {doc['provenance']['load_avg_start']}, "
                  f"end {doc['load_avg_end']})")
     return "\n".join(lines)
@@ -233,6 +273,9 @@ def add_serve(bench_sub):
     p.add_argument("--max-tokens", type=int, default=64, help="tokens generated per request")
     p.add_argument("--requests-per-client", type=int, default=3,
                    help="requests per level: this many per client (at least 4 in all); 1 makes a level one burst")
+    p.add_argument("--rounds", type=int, default=1,
+                   help="run every level this many times, in turn; a level's throughput is its median round's, "
+                        "and the c=16 / c=1 ratio the median of the rounds' own ratios (default 1)")
     p.add_argument("--max-batch", type=int, default=16, help="slots of the server started here")
     p.add_argument("--max-context", type=int, default=256, help="positions per slot of the server started here")
     p.add_argument("--json", help="write the results as JSON (with provenance) here")
