@@ -354,8 +354,8 @@ Extents node_extents(const std::string& op, int64_t code, const int64_t* i, bool
             set(1, "x", span(op, "x", eb, {i[0], i[1]}, {i[2], 1}));
             return e;
         }
-        case P_ATTENTION: {  // [B, Hq, Hkv, Sq, Sk, D, q strides 3, k strides 3, v strides 3, causal, dt]
-            const int64_t eb = dtype_bytes_checked(op, "dtype", i[16]);
+        case P_ATTENTION: {  // [B, Hq, Hkv, Sq, Sk, D, q strides 3, k strides 3, v strides 3, causal, dt, k/v dt]
+            const int64_t eb = dtype_bytes_checked(op, "dtype", i[16]), kveb = dtype_bytes_checked(op, "kv dtype", i[17]);
             const int64_t B = i[0], Hq = i[1], Hkv = i[2], Sq = i[3], Sk = i[4], D = i[5];
             if (positive(op, "Hq", Hq) % positive(op, "Hkv", Hkv))
                 fail(op, "Hq = " + std::to_string(Hq) + " must be a multiple of Hkv = " + std::to_string(Hkv));
@@ -367,12 +367,12 @@ Extents node_extents(const std::string& op, int64_t code, const int64_t* i, bool
                 positive(op, "B", B);
                 positive(op, "D", D);
             } else {
-                set(2, "k", span(op, "k", eb, {B, Hkv, Sk, D}, {i[9], i[10], i[11], 1}));
-                set(3, "v", span(op, "v", eb, {B, Hkv, Sk, D}, {i[12], i[13], i[14], 1}));
+                set(2, "k", span(op, "k", kveb, {B, Hkv, Sk, D}, {i[9], i[10], i[11], 1}));
+                set(3, "v", span(op, "v", kveb, {B, Hkv, Sk, D}, {i[12], i[13], i[14], 1}));
             }
             set(4, "q_pos", mul(op, B, 4));
             set(5, "kv_len", mul(op, B, 4));
-            e.cache_row[2] = e.cache_row[3] = mul(op, mul(op, Hkv, D), eb);
+            e.cache_row[2] = e.cache_row[3] = mul(op, mul(op, Hkv, D), kveb);
             e.rows = B;
             return e;
         }
@@ -383,15 +383,16 @@ Extents node_extents(const std::string& op, int64_t code, const int64_t* i, bool
             set(2, "b", bytes);
             return e;
         }
-        case P_KV_WRITE: {  // [B, Hkv, S, D, k strides 3, v strides 3, eb]: cache k, cache v, k, v [B, Hkv, S, D]
-            const int64_t eb = elem_bytes_checked(op, "elem_bytes", i[10]), B = i[0], Hkv = i[1], S = i[2], D = i[3];
+        case P_KV_WRITE: {  // [B, Hkv, S, D, k strides 3, v strides 3, dt, cache dt]: cache k, cache v, k, v [B, Hkv, S, D]
+            const int64_t eb = dtype_bytes_checked(op, "dtype", i[10]), ceb = dtype_bytes_checked(op, "cache dtype", i[11]);
+            const int64_t B = i[0], Hkv = i[1], S = i[2], D = i[3];
             set(0, "k cache", 0);
             set(1, "v cache", 0);
             set(2, "k", span(op, "k", eb, {B, Hkv, S, D}, {i[4], i[5], i[6], 1}));
             set(3, "v", span(op, "v", eb, {B, Hkv, S, D}, {i[7], i[8], i[9], 1}));
             set(4, "q_pos", mul(op, B, 4));
             set(5, "kv_len", mul(op, B, 4));
-            e.cache_row[0] = e.cache_row[1] = mul(op, mul(op, Hkv, D), eb);
+            e.cache_row[0] = e.cache_row[1] = mul(op, mul(op, Hkv, D), ceb);
             e.rows = B;
             return e;
         }
@@ -727,7 +728,7 @@ PYBIND11_MODULE(_cpu, m) {
             i[12 + j] = v_stride[j];
         }
         i[15] = causal ? 1 : 0;
-        i[16] = dt;
+        i[16] = i[17] = dt;
         need_all(op, node_extents(op, P_ATTENTION, i), {out, q, k, v, q_pos, kv_len});
         AttentionArgs a;
         a.B = sizes[0]; a.Hq = sizes[1]; a.Hkv = sizes[2]; a.Sq = sizes[3]; a.Sk = sizes[4]; a.D = sizes[5];
@@ -745,7 +746,7 @@ PYBIND11_MODULE(_cpu, m) {
         }
         a.causal = causal ? 1 : 0;
         a.scale = scale;
-        a.dt = dt;
+        a.dt = a.kvdt = dt;
         const KernelTable& kt = kernels();
         py::gil_scoped_release release;
         std::lock_guard<std::mutex> lock(kernel_lock);

@@ -124,7 +124,8 @@ struct AttentionArgs {
     int64_t q_stride[3], k_stride[3], v_stride[3];  // (batch, head, position)
     int causal;
     float scale;
-    int dt;
+    int dt;    // q and out
+    int kvdt;  // k and v (a KV cache's dtype may differ from the activations')
 };
 
 // ----------------------------------------------------------------------------

@@ -962,6 +962,7 @@ static inline void attend_block(const float* q, float* acc, float* m, float* l, 
 
 static void attention(const AttentionArgs* a) {
     const int dt = a->dt;
+    const int kdt = a->kvdt;  // keys and values: a KV cache's dtype, which may differ from q's and out's
     const int64_t B = a->B, Hq = a->Hq, Hkv = a->Hkv, Sq = a->Sq, D = a->D, G = Hq / Hkv;
     const int64_t Dp = ceil_div(D, W) * W;
     // keys beyond every kv_len are never visible
@@ -982,23 +983,23 @@ static void attention(const AttentionArgs* a) {
     // end of the W-wide group of keys it falls in; later groups are left as they are (attend_block
     // reads no score vector past the last visible key, and no value row past it)
     auto convert_block = [&](float* kt, float* vf, int64_t b, int64_t hk, int64_t j0, int64_t j_end, int thread) {
-        const char* kbase = at(a->k, b * a->k_stride[0] + hk * a->k_stride[1], dt);
-        const char* vrows = at(a->v, b * a->v_stride[0] + hk * a->v_stride[1], dt);
+        const char* kbase = at(a->k, b * a->k_stride[0] + hk * a->k_stride[1], kdt);
+        const char* vrows = at(a->v, b * a->v_stride[0] + hk * a->v_stride[1], kdt);
         const int64_t kb = imin(ATT_KB, ceil_div(j_end - j0, W) * W);  // keys of the block to convert
         if (D % W == 0) {
             // W keys x W dims at a time through a register transpose; the keys two groups ahead and this
             // group's values (read next, by attend_block) are fetched meanwhile: a decode step's cache
             // rows come from memory, and one thread's demand loads alone reached ~7 GB/s
             for (int64_t jb = 0; jb < kb; jb += W) {
-                prefetch_rows(kbase, a->k_stride[2] * dtype_bytes(dt), D * dtype_bytes(dt), j0 + jb + 2 * W,
+                prefetch_rows(kbase, a->k_stride[2] * dtype_bytes(kdt), D * dtype_bytes(kdt), j0 + jb + 2 * W,
                               imin(j_end, j0 + jb + 3 * W));
-                prefetch_rows(vrows, a->v_stride[2] * dtype_bytes(dt), D * dtype_bytes(dt), j0 + jb,
+                prefetch_rows(vrows, a->v_stride[2] * dtype_bytes(kdt), D * dtype_bytes(kdt), j0 + jb,
                               imin(j_end, j0 + jb + W));
                 for (int64_t d0 = 0; d0 < D; d0 += W) {
                     V r[W];
                     for (int i = 0; i < W; ++i) {
                         int64_t j = j0 + jb + i;
-                        r[i] = j < j_end ? load_dt(kbase, dt, j * a->k_stride[2] + d0) : Vec::zero();
+                        r[i] = j < j_end ? load_dt(kbase, kdt, j * a->k_stride[2] + d0) : Vec::zero();
                     }
                     Vec::transpose(r);
                     for (int i = 0; i < W; ++i) Vec::store(kt + (d0 + i) * ATT_KB + jb, r[i]);
@@ -1007,14 +1008,14 @@ static void attention(const AttentionArgs* a) {
         } else {
             float* row = scratch(thread, 2, (size_t)Dp);
             for (int64_t j = j0; j < j0 + kb; ++j) {
-                if (j < j_end) row_to_f32(row, kbase + j * a->k_stride[2] * dtype_bytes(dt), dt, D);
+                if (j < j_end) row_to_f32(row, kbase + j * a->k_stride[2] * dtype_bytes(kdt), kdt, D);
                 for (int64_t d = 0; d < D; ++d) kt[d * ATT_KB + j - j0] = j < j_end ? row[d] : 0.f;
             }
         }
         if (v_in_place) return;
         for (int64_t jj = 0, j = j0; jj < kb; ++jj, ++j) {
             if (j < j_end)
-                row_to_f32(vf + jj * Dp, at(a->v, b * a->v_stride[0] + hk * a->v_stride[1] + j * a->v_stride[2], dt), dt, D);
+                row_to_f32(vf + jj * Dp, at(a->v, b * a->v_stride[0] + hk * a->v_stride[1] + j * a->v_stride[2], kdt), kdt, D);
             else
                 for (int64_t d = 0; d < D; ++d) vf[jj * Dp + d] = 0.f;
             for (int64_t d = D; d < Dp; ++d) vf[jj * Dp + d] = 0.f;
@@ -1041,11 +1042,11 @@ static void attention(const AttentionArgs* a) {
         const int64_t split = t % splits, base = t / splits, tile = base % tiles, bh = base / tiles;
         const int64_t b = bh / Hkv, hk = bh % Hkv;
         const int64_t r0 = tile * ATT_RT, nr = imin(ATT_RT, rows - r0);
-        // values: in place (dtype dt, row stride v_stride[2]) or padded fp32 rows
-        const void* vbase = v_in_place ? (const void*)at(a->v, b * a->v_stride[0] + hk * a->v_stride[1], dt)
+        // values: in place (dtype kdt, row stride v_stride[2]) or padded fp32 rows
+        const void* vbase = v_in_place ? (const void*)at(a->v, b * a->v_stride[0] + hk * a->v_stride[1], kdt)
                                        : (const void*)(shared_blocks ? Vf + bh * Skp * Dp : nullptr);
         const int64_t vs = v_in_place ? a->v_stride[2] : Dp;
-        const int vdt = v_in_place ? dt : DT_F32;
+        const int vdt = v_in_place ? kdt : DT_F32;
         float* own_k = shared_blocks ? nullptr : scratch(thread, 0, (size_t)(D * ATT_KB));
         float* own_v = shared_blocks || v_in_place ? nullptr : scratch(thread, 1, (size_t)(ATT_KB * Dp));
         float* Q = scratch(thread, 3, (size_t)(ATT_RT * Dp));
@@ -1054,8 +1055,8 @@ static void attention(const AttentionArgs* a) {
         int64_t limit[ATT_RT], kend = 0;
         const int64_t kv = a->kv_len[b], qp = a->q_pos[b];
         if (!shared_blocks)  // the first two groups of keys, while the queries are read
-            prefetch_rows(at(a->k, b * a->k_stride[0] + hk * a->k_stride[1], dt), a->k_stride[2] * dtype_bytes(dt),
-                          D * dtype_bytes(dt), split * keys_per_split, imin(kv, split * keys_per_split + 2 * W));
+            prefetch_rows(at(a->k, b * a->k_stride[0] + hk * a->k_stride[1], kdt), a->k_stride[2] * dtype_bytes(kdt),
+                          D * dtype_bytes(kdt), split * keys_per_split, imin(kv, split * keys_per_split + 2 * W));
         for (int64_t r = 0; r < nr; ++r) {
             int64_t i = (r0 + r) / G, h = hk * G + (r0 + r) % G;
             limit[r] = a->causal ? imin(kv, qp + i + 1) : kv;

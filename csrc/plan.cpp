@@ -29,15 +29,23 @@ void add(void* out, const void* a, const void* b, int64_t n, int dt) {
     for (int64_t i = 0; i < n; ++i) store_scalar(out, dt, i, load_scalar(a, dt, i) + load_scalar(b, dt, i));
 }
 
-// out [B, H, S, D] rows of n_new = kv_len - q_pos tokens -> cache rows at q_pos (rows row0..)
+// out [B, H, S, D] rows of n_new = kv_len - q_pos tokens (dtype sdt) -> cache rows at q_pos (rows row0..,
+// dtype cdt: converted, rounded to nearest even as torch rounds, when the cache's dtype is another)
 void kv_write(char* cache, const char* src, const int32_t* q_pos, const int32_t* kv_len, int64_t B, int64_t Hkv,
-              int64_t T, int64_t D, int64_t sb, int64_t sh, int64_t ss, int64_t eb) {
-    const size_t row = (size_t)(D * eb);
+              int64_t T, int64_t D, int64_t sb, int64_t sh, int64_t ss, int sdt, int cdt) {
+    const int64_t seb = dtype_bytes(sdt), ceb = dtype_bytes(cdt);
     for (int64_t b = 0; b < B; ++b) {
         const int64_t n = kv_len[b] - q_pos[b], at = q_pos[b];
         for (int64_t h = 0; h < Hkv; ++h)
-            for (int64_t i = 0; i < n; ++i)
-                std::memcpy(cache + ((b * Hkv + h) * T + at + i) * D * eb, src + (b * sb + h * sh + i * ss) * eb, row);
+            for (int64_t i = 0; i < n; ++i) {
+                char* to = cache + ((b * Hkv + h) * T + at + i) * D * ceb;
+                const char* from = src + (b * sb + h * sh + i * ss) * seb;
+                if (sdt == cdt) {
+                    std::memcpy(to, from, (size_t)(D * ceb));
+                    continue;
+                }
+                for (int64_t d = 0; d < D; ++d) store_scalar(to, cdt, d, load_scalar(from, sdt, d));
+            }
     }
 }
 
@@ -108,6 +116,7 @@ void plan_run(const std::vector<PlanNode>& nodes, const PlanRun& run, const Kern
                 }
                 a.causal = (int)i[15];
                 a.dt = (int)i[16];
+                a.kvdt = (int)i[17];
                 a.scale = n.f;
                 k.attention(&a);
                 break;
@@ -118,9 +127,9 @@ void plan_run(const std::vector<PlanNode>& nodes, const PlanRun& run, const Kern
             case P_KV_WRITE: {
                 const int32_t *q_pos = (const int32_t*)at(n.r[4], run), *kv_len = (const int32_t*)at(n.r[5], run);
                 kv_write(at(n.r[0], run), at(n.r[2], run), q_pos, kv_len, i[0], i[1], run.T, i[3], i[4], i[5], i[6],
-                         i[10]);
+                         (int)i[10], (int)i[11]);
                 kv_write(at(n.r[1], run), at(n.r[3], run), q_pos, kv_len, i[0], i[1], run.T, i[3], i[7], i[8], i[9],
-                         i[10]);
+                         (int)i[10], (int)i[11]);
                 break;
             }
             case P_MERGE_HEADS: {  // [B, H, S, D] -> [B, S, H, D]

@@ -57,7 +57,7 @@ def plan(nodes=()):
 ATT = (P_ATTENTION, [[7, 0, 0], [6, 0, 0], list(CACHE), [5, 0, D * 4], [2, 0, 0], [3, 0, 0]],
        [1, 2, 1, 1, 0, D, 2 * D, D, D, 0, 0, D, 0, 0, D, 1, 0], 0.25)
 KVW = (P_KV_WRITE, [list(CACHE), [5, 0, D * 4], [8, 0, 0], [8, 0, 0], [2, 0, 0], [3, 0, 0]],
-       [1, 1, 1, D, D, D, D, D, D, D, 4], 0.0)
+       [1, 1, 1, D, D, D, D, D, D, D, 0, 0], 0.0)
 EMB = (P_EMBEDDING, [[10, 0, 0], [0, 0, 0], [9, 0, 0]], [2, 8, 8, 4, -1, 0, 10], 0.0)
 
 def step(p, ids=(3, 9), q_pos=4, kv_len=5, row0=1, T=T, caches=None):
@@ -214,6 +214,11 @@ CASES = {
     "plan: cache row bytes that disagree": ("plan([(P_ATTENTION, [[7, 0, 0], [6, 0, 0], [4, 0, 32], [5, 0, 32], "
                                             "[2, 0, 0], [3, 0, 0]], ATT[2], 0.25)])", "ValueError",
                                             "k: cache rows of 32 bytes per position, the node's sizes give 64"),
+    "plan: a KV write into a cache of an unknown dtype": ("plan([(P_KV_WRITE, KVW[1], KVW[2][:11] + [7], 0.0)])",
+                                                          "ValueError", "cache dtype: expected a dtype code 0 (fp32), "
+                                                                        "1 (fp16) or 2 (bf16), got 7"),
+    "plan: a bf16 cache where the rows hold fp32": ("plan([(P_ATTENTION, ATT[1], ATT[2] + [2], 0.25)])", "ValueError",
+                                                    "k: cache rows of 64 bytes per position, the node's sizes give 32"),
     "plan: a KV write into plain memory": ("plan([(P_KV_WRITE, [[4, 0, 0], [5, 0, 64]] + KVW[1][2:], KVW[2], 0.0)])",
                                            "ValueError", "k cache: expected KV-cache rows"),
     "plan run: wrong number of step buffers": ("plan([ATT]).run([(0, 0)] * 4, 0, T)", "ValueError",

