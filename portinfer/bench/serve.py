@@ -257,8 +257,10 @@ def plot(doc, path):
     b.set(xscale="log", yscale="log", xlabel="concurrent clients", ylabel="ms", title="latency")
     b.set_xticks(c, [str(x) for x in c])
     b.legend()
-    fig.suptitle(f"portinfer serve: {doc['provenance']['command']}\nload avg {doc['provenance']['load_avg_start']}",
-                 fontsize=8)
+    import textwrap
+
+    title = textwrap.fill(f"{doc['provenance']['command']}", 170)  # long commands wrap instead of running off
+    fig.suptitle(f"{title}\nload avg {doc['provenance']['load_avg_start']}", fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
