@@ -160,8 +160,9 @@ class Model:
         return self.decoder.forward(input_ids, [S] * B, None, all_rows=True, plans=self.plans)
 
     def new_cache(self, batch_size: int, max_len: int):
-        """A KV cache of `batch_size` rows of `max_len` positions, allocated once; cache.filled[b]
-        says how many positions row b holds, cache.reset(b) empties a row."""
+        """A KV cache of `batch_size` rows of `max_len` positions, allocated once, in the dtype load's
+        kv_cache_dtype chose (default: the activations'); cache.filled[b] says how many positions row b
+        holds, cache.reset(b) empties a row."""
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
             raise ValueError(f"batch_size: expected an integer >= 1, got {batch_size!r}")
         if not 1 <= max_len <= self.context_length:
