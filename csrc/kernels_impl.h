@@ -900,24 +900,45 @@ static const int ATT_RMAX = ATT_NS >= 8 ? 2 : 4;        // rows per pass: 4 x 4 
 // q [R][Dp] (pre-scaled), acc [R][Dp]; kt [D][ATT_KB] transposed keys; vb: the block's values,
 // rows of dtype vdt, row stride vs, at least Dp readable columns; nvis[r]: the first nvis[r] keys
 // of the block are visible to row r (>= 1).
-template <int R>
-static inline void attend_block(const float* q, float* acc, float* m, float* l, const int64_t* nvis, const float* kt,
-                                const void* vb, int64_t vs, int vdt, int64_t D, int64_t Dp) {
-    V s[R][ATT_NS];
+// p [R][ATT_KB] = the scores of q's R rows against the block's first NV x W keys (kt [D][ATT_KB])
+template <int R, int NV>
+static inline void block_scores(float (*p)[ATT_KB], const float* q, int64_t Dp, const float* kt, int64_t D) {
+    V s[R][NV];
 #pragma GCC unroll 4
     for (int r = 0; r < R; ++r)
 #pragma GCC unroll 8
-        for (int v = 0; v < ATT_NS; ++v) s[r][v] = Vec::zero();
-    tile_fma<R, ATT_NS>(s, q, Dp, kt, ATT_KB, D);
+        for (int v = 0; v < NV; ++v) s[r][v] = Vec::zero();
+    tile_fma<R, NV>(s, q, Dp, kt, ATT_KB, D);
+#pragma GCC unroll 4
+    for (int r = 0; r < R; ++r)
+#pragma GCC unroll 8
+        for (int v = 0; v < NV; ++v) Vec::store(p[r] + v * W, s[r][v]);
+}
+
+// block_scores for the first nsv (1..ATT_NS) score vectors
+template <int R, int NV = 1>
+static inline void block_scores_n(int nsv, float (*p)[ATT_KB], const float* q, int64_t Dp, const float* kt, int64_t D) {
+    if constexpr (NV < ATT_NS) {
+        if (nsv > NV) {
+            block_scores_n<R, NV + 1>(nsv, p, q, Dp, kt, D);
+            return;
+        }
+    }
+    block_scores<R, NV>(p, q, Dp, kt, D);
+}
+
+template <int R>
+static inline void attend_block(const float* q, float* acc, float* m, float* l, const int64_t* nvis, const float* kt,
+                                const void* vb, int64_t vs, int vdt, int64_t D, int64_t Dp) {
     alignas(64) float p[R][ATT_KB];
     float corr[R];
     int64_t nmax = 0;
     for (int r = 0; r < R; ++r) nmax = imax(nmax, nvis[r]);
-    // score vectors that hold a visible key (the last block of a short context holds few): the
-    // columns past them are never read (their keys may not even be converted: convert_block's j_end)
+    // only the score vectors that hold a visible key (the last block of a short context holds few):
+    // the keys past them are never read (nor even converted: convert_block's j_end)
     const int nsv = (int)ceil_div(nmax, W);
+    block_scores_n<R>(nsv, p, q, Dp, kt, D);
     for (int r = 0; r < R; ++r) {
-        for (int v = 0; v < nsv; ++v) Vec::store(p[r] + v * W, s[r][v]);
         for (int64_t j = nvis[r]; j < nsv * W; ++j) p[r][j] = -INFINITY;
         V mx = Vec::load(p[r]);
         for (int v = 1; v < nsv; ++v) mx = Vec::max(mx, Vec::load(p[r] + v * W));
