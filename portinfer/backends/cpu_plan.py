@@ -18,6 +18,7 @@ a wrong offset here is a ValueError, not memory corruption.
 from __future__ import annotations
 
 import math
+import threading
 import time
 from dataclasses import dataclass
 
@@ -70,6 +71,29 @@ class Loc:
             expected.append(size)
             size *= n
         return self.cache == 0 and all(st == e or n == 1 for st, e, n in zip(self.stride, reversed(expected), self.shape))
+
+
+class _Arena:
+    """The memory of every compiled plan's intermediate values in this process. Plans never overlap
+    (each step is one native call holding the kernel lock) and a value lives within its step, so the
+    plans of every shape class, and of every model, can use the same bytes: a model's plans then take
+    about its largest plan's memory, not the sum over its shape classes (16 prefill lengths of
+    SmolLM2 held ~44 MiB as separate buffers). A plan needing more than the current block gets a new
+    block at least twice as large; plans compiled before keep the old one (their views hold it), so
+    the blocks alive sum to at most ~2x the largest."""
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._block = torch.empty(0, dtype=torch.uint8)
+
+    def take(self, nbytes: int) -> torch.Tensor:
+        with self._lock:
+            if self._block.numel() < nbytes:
+                self._block = torch.empty(max(nbytes, 2 * self._block.numel()), dtype=torch.uint8)
+            return self._block
+
+
+_ARENA = _Arena()
 
 
 def compile_plan(plan, backend, cpu_module, dtype_code, weight_code):
@@ -172,20 +196,31 @@ class CpuPlanExecutor:
         starts = {}
         for v, i in first.items():
             starts.setdefault(i, []).append(v)
-        free, slot_of, self._buffers = {}, {}, []
+        free, place = {}, {}  # place[v]: index into `spans`, a (byte offset in the arena, bytes) each
+        spans, total = [], 0
         nbytes = {v: math.prod(shape) * torch.empty((), dtype=dtype).element_size()
                   for v, (shape, dtype) in ((_VIRTUAL + k, sd) for k, sd in enumerate(self._virtual))}
         for i in range(len(pending)):
             for v in starts.get(i, ()):
                 size = nbytes[v]
-                if free.get(size):
-                    slot_of[v] = free[size].pop()
+                if v == out.slot:  # read after the step, outside the kernel lock: memory of its own
+                    place[v] = -1
+                elif free.get(size):
+                    place[v] = free[size].pop()
                 else:
-                    t = torch.empty(max(size, 1), dtype=torch.uint8)
-                    self._buffers.append(t)
-                    slot_of[v] = self._fix(t)
+                    place[v] = len(spans)
+                    spans.append((total, size))
+                    total += -(-max(size, 1) // 64) * 64
             for v in ends.get(i, ()):
-                free.setdefault(nbytes[v], []).append(slot_of[v])
+                if place[v] >= 0:
+                    free.setdefault(nbytes[v], []).append(place[v])
+        # every plan's values share one arena (_ARENA): plans run one at a time, each a whole native call
+        # under the kernel lock, and a value lives within its step
+        arena = _ARENA.take(total)
+        output = torch.empty(max(nbytes[out.slot], 1), dtype=torch.uint8)
+        self._buffers = [arena[:total], output]
+        real = [self._fix(arena[o:o + max(n, 1)]) for o, n in spans]
+        slot_of = {v: real[k] if k >= 0 else self._fix(output) for v, k in place.items()}
         remapped = [(op, [(slot_of[r[0]], r[1], r[2]) if r[0] >= _VIRTUAL else r for r in refs], ints, f)
                     for op, refs, ints, f in pending]
         shape, dtype = self._virtual[out.slot - _VIRTUAL]
