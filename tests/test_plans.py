@@ -198,3 +198,27 @@ def test_new_architectures_compile_natively_on_cpu(arch, tmp_path):
     tokens = [[g.token_ids for g in m.generate(PROMPTS, max_new_tokens=8, eos_token_id=[])] for m in models]
     assert tokens[0] == tokens[1]
     assert {type(e) for e in models[1].decoder._plans.values()} == {CpuPlanExecutor}
+
+
+def test_cpu_plans_of_two_models_share_the_arena_safely(tiny, tmp_path):
+    """Every compiled cpu plan's intermediate values live in one arena (cpu_plan._Arena): steps of two
+    models and of several shape classes, interleaved, still give each op path's logits (no value is read
+    across steps), and a plan needing more memory than the arena holds gets a larger block."""
+    if "cpu" not in available_backends():
+        pytest.skip("the cpu backend's extension is not built here")
+    from portinfer.backends import cpu_plan
+
+    other_path = tmp_path / "other"
+    hf_models.build("llama_head_dim", other_path, layers=3)
+    pairs = [(_load(p, "cpu", True), _load(p, "cpu", False)) for p in (tiny, other_path)]
+    caches = [[m.new_cache(2, 48) for m in pair] for pair in pairs]
+    script = [torch.tensor([PROMPTS[0][:5], PROMPTS[2][:5]]), torch.tensor([[3], [4]]),
+              torch.tensor([PROMPTS[2][:12], PROMPTS[2][1:13]]), torch.tensor([[5], [6]])]
+    for ids in script:
+        for (planned, op_path), (c_plan, c_op) in zip(pairs, caches):
+            torch.testing.assert_close(planned.step(ids, c_plan), op_path.step(ids, c_op), rtol=1e-5, atol=1e-5)
+    blocks = {e._buffers[0].untyped_storage().data_ptr() for planned, _ in pairs
+              for e in planned.decoder._plans.values()}
+    assert cpu_plan._ARENA._block.numel() >= max(e._buffers[0].numel() for planned, _ in pairs
+                                                 for e in planned.decoder._plans.values())
+    assert len(blocks) < sum(len(planned.decoder._plans) for planned, _ in pairs)  # shared, not one each
