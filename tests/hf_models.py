@@ -7,6 +7,10 @@ weights visibly non-trivial, so greedy decoding has clear margins between candid
 """
 import torch
 
+# token-id prompts of three lengths (within the models' 160-token vocabulary): one prompt, and a batch
+# that pads two of them
+PROMPTS = [[1, 5, 9, 33, 2, 71, 100], [1, 44], [1, 7, 7, 7, 120, 3, 15, 16, 17, 150, 99, 2, 4]]
+
 ARCHS = {
     # GQA, untied embeddings
     "llama_gqa": ("LlamaConfig", dict(num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False)),

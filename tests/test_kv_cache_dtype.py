@@ -13,7 +13,7 @@ import portinfer
 import hf_models
 from conftest import available_backends
 
-PROMPTS = [[1, 5, 9, 33, 2, 71, 100], [1, 44], [1, 7, 7, 7, 120, 3, 15, 16, 17, 150, 99, 2, 4]]
+PROMPTS = hf_models.PROMPTS
 
 
 @pytest.fixture(scope="module")

@@ -29,7 +29,7 @@ import hf_models
 from conftest import model_backends
 
 ARCHS = ("glm", "glm4", "qwen3", "yi")
-PROMPTS = [[1, 5, 9, 33, 2, 71, 100], [1, 44], [1, 7, 7, 7, 120, 3, 15, 16, 17, 150, 99, 2, 4]]
+PROMPTS = hf_models.PROMPTS
 STEPS = 32
 TEMPLATES = Path(__file__).parent / "chat_templates"
 MESSAGES = [

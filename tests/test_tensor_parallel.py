@@ -24,7 +24,7 @@ from portinfer.runtime.parallel import ParallelError, ShardSpec
 import hf_models
 
 WORKER = str(Path(__file__).with_name("tp_worker.py"))
-PROMPTS = [[1, 5, 9, 33, 2, 71, 100], [1, 44], [1, 7, 7, 7, 120, 3, 15, 16, 17, 150, 99, 2, 4]]
+PROMPTS = hf_models.PROMPTS
 ARCHS = ("llama_gqa", "qwen2_bias_tied", "mistral")  # GQA 4/2, biases + tied + 4/1 (kv replicated), GQA 4/2
 FP32_MODEL_BUDGET = 1e-4
 STEPS = 32

@@ -17,7 +17,7 @@ import torch
 
 import portinfer
 
-PROMPTS = [[1, 5, 9, 33, 2, 71, 100], [1, 44], [1, 7, 7, 7, 120, 3, 15, 16, 17, 150, 99, 2, 4]]
+from hf_models import PROMPTS  # the tests' prompts (this script's folder is on sys.path: it runs as a script)
 
 
 def main():

@@ -10,9 +10,10 @@ row s (llama.cpp's server slots). Each turn of the loop, at a step boundary:
      prompts, the oldest first. A step is a rectangle (model.step(ids[k, C], cache, n_new,
      rows=slice(a, a + k)); rows of other slots in the slice get n_new = 0 and are left as they
      are), so every row is computed at the longest chunk's length, and with step plans at its shape
-     class (k a power of two, C one of 16, 24, 32, 40, 48, 56, 64, 80, ...). A burst of requests lands on consecutive slots,
-     and one step reads the chunks of neighbouring slots when that computes no more token rows than
-     a step each would (prompts of similar length); otherwise each chunk gets its own step. A long
+     class (k a power of two, C one of 16, 24, 32, 40, 48, 56, 64, 80, ...). A burst of requests
+     lands on consecutive slots, and one step reads the chunks of neighbouring slots when that
+     computes no more token rows than a step each would (prompts of similar length); otherwise each
+     chunk gets its own step. A long
      prompt is read over several turns, and running streams keep getting a token every turn;
   3. one decode step runs every decoding slot at once (model.step(ids[b, 1], cache, n_new=1 or 0
      per row, rows=slice(0, b))): the weights are read once per step for the whole batch.
@@ -464,6 +465,7 @@ def _prefill_length(n: int) -> int:
 
 
 def _bucket(n: int, cap: int) -> int:
-    """n rounded up to a power of two (at most cap): with step plans, a few shape classes serve
-    every batch width and chunk length (each class is traced once, then replayed)."""
+    """n rounded up to a power of two (at most cap): with step plans, a few shape classes serve every
+    number of rows, of a decode step or a prefill step (each class is traced once, then replayed; a
+    prefill step's tokens per row take `_prefill_length`)."""
     return min(cap, 1 << (n - 1).bit_length())
