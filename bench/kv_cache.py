@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import sys
 import time
@@ -87,7 +88,7 @@ def main(argv=None):
             print(f"{batch:>3} x {context:<5} {d}: step {row['step_ms']:.2f} ms, attention {row['attention_ms']:.2f} ms, "
                   f"{base}/{d} {row[f'step_{base}_over_this']:.2f}x (turns {', '.join(f'{r:.2f}' for r in ratios)}), "
                   f"logits vs {base} {rel:.1e}", flush=True)
-    doc["load_avg_end"] = list(__import__("os").getloadavg())
+    doc["load_avg_end"] = list(os.getloadavg())
     if args.json:
         with open(args.json, "w") as f:
             json.dump(doc, f, indent=2)

@@ -343,7 +343,7 @@ class CpuPlanExecutor:
         if cache_dtype not in self._dt:
             raise _Unsupported(f"a {cache_dtype} KV cache")
         self.cache_meta = (Hkv, D, cache_dtype)
-        row_bytes = Hkv * D * torch.empty((), dtype=cache_dtype).element_size()  # per position; x T a cache row
+        row_bytes = Hkv * D * cache_dtype.itemsize  # per position; x T for one cache row
         shape = (B, Hkv, 0, D)  # the key count is the run's T (csrc/plan.cpp sets strides from it)
         ck = Loc(4 + layer, 0, shape, (0, 0, D, 1), cache_dtype, 0, row_bytes)
         cv = Loc(4 + self.layers + layer, 0, shape, (0, 0, D, 1), cache_dtype, 0, row_bytes)
