@@ -172,7 +172,7 @@ def run(args) -> int:
     if args.plot:
         import matplotlib  # noqa: F401 - checked before the run, not after it (pip install "portinfer[bench]")
     doc = {"provenance": provenance(bench_command(args)), "levels": []}
-    proc, runs = None, {}
+    proc, runs = None, {c: [] for c in args.concurrency}
     if args.url:
         url = args.url.rstrip("/")
     else:
@@ -186,7 +186,6 @@ def run(args) -> int:
         warm = min(max(args.concurrency), args.max_batch)
         asyncio.run(run_level(url, warm, warm, {**body, "max_tokens": 4}))
         asyncio.run(run_level(url, 1, 1, {**body, "max_tokens": 4}))
-        runs = {c: [] for c in args.concurrency}
         for r in range(args.rounds):  # every level once per round: levels compared are minutes apart at most
             for c in args.concurrency:
                 level = asyncio.run(run_level(url, c, max(4, args.requests_per_client * c), body))
@@ -198,7 +197,7 @@ def run(args) -> int:
         if proc is not None:
             proc.send_signal(signal.SIGTERM)
             proc.wait(60)
-    if 1 in args.concurrency and 16 in args.concurrency and len(runs[16]) == len(runs[1]) == args.rounds:
+    if 1 in runs and 16 in runs:
         # the ratio of the two levels within each round (side by side), then the median round's
         each = [c16["throughput_tok_s"] / c1["throughput_tok_s"] for c1, c16 in zip(runs[1], runs[16])
                 if c1["throughput_tok_s"] and c16["throughput_tok_s"]]
@@ -259,7 +258,7 @@ def plot(doc, path):
     b.legend()
     import textwrap
 
-    title = textwrap.fill(f"{doc['provenance']['command']}", 170)  # long commands wrap instead of running off
+    title = textwrap.fill(doc['provenance']['command'], 170)  # long commands wrap instead of running off
     fig.suptitle(f"{title}\nload avg {doc['provenance']['load_avg_start']}", fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
