@@ -57,11 +57,16 @@ def blocks_for(n, k, fmt, seed):
 
 
 def prepared(mod, route, fmt, blocks, n, k):
-    """The payload `linear` reads on this route: repacked 4-row groups (int8) or the GGUF blocks (fp32)."""
+    """The payload `linear` reads on this route: the int8 route's repacked panels of 16 rows (builds before
+    2026-12-02 night: groups of 4) or the GGUF blocks (fp32)."""
     if route == "fp32":
         return blocks.clone()
     code = _INT8_FORMATS[fmt]
-    packed = torch.empty(((n + 3) // 4) * mod.int8_group_bytes(code, k), dtype=torch.uint8)
+    if hasattr(mod, "int8_panel_bytes"):
+        size = ((n + 15) // 16) * mod.int8_panel_bytes(code, k)
+    else:
+        size = ((n + 3) // 4) * mod.int8_group_bytes(code, k)
+    packed = torch.empty(size, dtype=torch.uint8)
     mod.int8_repack(_buf(packed), _buf(blocks), n, k, code)
     return packed
 

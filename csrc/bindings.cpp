@@ -158,7 +158,7 @@ void run_linear_int8(void* out, const void* x, const void* packed, const void* b
     // a prefill GEMM 2.0-2.7x faster on a Zen 5, for ~3.5e-2 (not ~3e-6) of error in SmolLM2's
     // prompt logits
     if (M > I8_DECODE_MAX_M && !int8_prefill && mode != 2) {
-        t.linear(out, x, packed, bias, M, N, K, xs, adt, W_INT8X4 + fmt);
+        t.linear(out, x, packed, bias, M, N, K, xs, adt, W_INT8 + fmt);
         return;
     }
     linear_int8(k, out, x, (const uint8_t*)packed, bias, M, N, K, xs, adt, fmt);
@@ -252,11 +252,11 @@ int64_t weight_bytes(const std::string& op, int64_t wfmt, int64_t N, int64_t K) 
         if (K % QK_K) fail(op, "K = " + std::to_string(K) + " is not a whole number of 256-weight super-blocks");
         return mul(op, N, mul(op, K / QK_K, kquant_block_bytes((int)wfmt)));
     }
-    if (wfmt >= W_INT8X4 && int8_format_valid(wfmt - W_INT8X4)) {  // int8_repack groups of I8_ROWS rows
+    if (wfmt >= W_INT8 && int8_format_valid(wfmt - W_INT8)) {  // int8_repack panels of I8_ROWS rows
         if (K % QK) fail(op, "K = " + std::to_string(K) + " is not a whole number of 32-weight blocks");
-        if (wfmt - W_INT8X4 >= Q6_K && K % QK_K)  // the K-quants' groups: whole super-blocks
+        if (wfmt - W_INT8 >= Q6_K && K % QK_K)  // the K-quants' panels: whole super-blocks
             fail(op, "K = " + std::to_string(K) + " is not a whole number of 256-weight super-blocks");
-        return mul(op, (N + I8_ROWS - 1) / I8_ROWS, int8_group_bytes((int)(wfmt - W_INT8X4), K));
+        return mul(op, (N + I8_ROWS - 1) / I8_ROWS, int8_panel_bytes((int)(wfmt - W_INT8), K));
     }
     fail(op, "weight format code: expected 0..8 (common.h WeightFormat) or 16..21 (int8 route), got " +
                  std::to_string(wfmt));
@@ -300,9 +300,9 @@ Extents node_extents(const std::string& op, int64_t code, const int64_t* i, bool
                 set(0, "out", span(op, "out", eb, {N, H}, {H, 1}));
                 set(2, "table", span(op, "table", eb, {V, H}, {i[2], 1}));
             } else {  // rows of a prepared weight [V, H]: panels or blocks (layout.cpp embedding_prepared)
-                if (i[4] > W_Q6_K && !(i[4] >= W_INT8X4 && int8_format_valid(i[4] - W_INT8X4)))
+                if (i[4] > W_Q6_K && !(i[4] >= W_INT8 && int8_format_valid(i[4] - W_INT8)))
                     fail(op, "weight format code: expected 0..8 (dense panels, GGUF blocks or K-quant super-blocks) "
-                             "or 16..21 (the int8 route's groups), got " + std::to_string(i[4]));
+                             "or 16..21 (the int8 route's panels), got " + std::to_string(i[4]));
                 set(0, "out", span(op, "out", dtype_bytes_checked(op, "dtype", i[5]), {N, H}, {H, 1}));
                 set(2, "weights", weight_bytes(op, i[4], V, H));
             }
@@ -326,7 +326,7 @@ Extents node_extents(const std::string& op, int64_t code, const int64_t* i, bool
             if (i[6]) int8_format_checked(op, i[5]);
             set(0, "out", span(op, "out", eb, {i[0], i[1]}, {i[1], 1}));
             set(1, "x", span(op, "x", eb, {i[0], i[2]}, {i[3], 1}));
-            set(2, "weights", weight_bytes(op, i[6] ? W_INT8X4 + i[5] : i[5], i[1], i[2]));
+            set(2, "weights", weight_bytes(op, i[6] ? W_INT8 + i[5] : i[5], i[1], i[2]));
             set(3, "bias", span(op, "bias", eb, {i[1]}, {1}));
             e.optional[3] = true;
             return e;
@@ -800,16 +800,16 @@ PYBIND11_MODULE(_cpu, m) {
     });
     m.def("set_int8_prefill", [](bool on) { int8_prefill = on; });
     m.def("get_int8_prefill", [] { return int8_prefill; });
-    m.def("int8_group_bytes", [](int fmt, int64_t K) {
-        const std::string op = "int8_group_bytes";
+    m.def("int8_panel_bytes", [](int fmt, int64_t K) {
+        const std::string op = "int8_panel_bytes";
         int8_format_checked(op, fmt);
         if (positive(op, "K", K) % QK) fail(op, "K = " + std::to_string(K) + " is not a whole number of 32-weight blocks");
-        return int8_group_bytes(fmt, K);
+        return int8_panel_bytes(fmt, K);
     });
     m.def("int8_repack", [](Buf out, Buf blocks, int64_t N, int64_t K, int fmt) {
         const std::string op = "int8_repack";
         int8_format_checked(op, fmt);
-        need(op, "out", out, weight_bytes(op, W_INT8X4 + fmt, N, K));
+        need(op, "out", out, weight_bytes(op, W_INT8 + fmt, N, K));
         need(op, "blocks", blocks, weight_bytes(op, int8_source_format(fmt), N, K));
         py::gil_scoped_release release;
         int8_repack(ptr<uint8_t>(out.first), ptr<const uint8_t>(blocks.first), N, K, fmt);

@@ -13,15 +13,15 @@
 
 enum DType : int { DT_F32 = 0, DT_F16 = 1, DT_BF16 = 2 };
 // GGUF block formats of 32 weights; the K-quants (super-blocks of 256 weights) only as the int8
-// route's repacked groups (int8.h), which hold them per 32 weights too
+// route's repacked panels (int8.h), which hold them per 32 weights too
 enum QFormat : int { Q8_0 = 0, Q4_0 = 1, Q4_1 = 2, Q6_K = 3, Q4_K = 4, Q5_K = 5 };
 // how linear's weights are stored: dense panels (pack_dense) of a dtype, or GGUF blocks
 enum WeightFormat : int { W_F32 = 0, W_F16 = 1, W_BF16 = 2, W_Q8_0 = 3, W_Q4_0 = 4, W_Q4_1 = 5,
                           W_Q4_K = 6, W_Q5_K = 7, W_Q6_K = 8 };  // K-quants: kquant_impl.h
-// W_INT8X4 + QFormat: GGUF blocks repacked in groups of 4 rows for the int8 route (int8.h); the
+// W_INT8 + QFormat: GGUF blocks repacked in panels of 16 rows for the int8 route (int8.h); the
 // kernel table's linear takes them for prefill (M > 16) on fp32 activations, embedding gathers rows
 // out of them
-enum : int { W_INT8X4 = 16 };
+enum : int { W_INT8 = 16 };
 
 // GGUF block sizes (spec.QUANT_FORMATS): 32 weights per block
 static const int QK = 32;

@@ -11,7 +11,7 @@ namespace pi_int8_avx2 {
 #define I8_ISA 1
 #include "int8_impl.h"
 #undef I8_ISA
-static const Int8Kernels kernels = {"avx2", quantize_row, dot_group, panel, 2, 4, 0x3e};
+static const Int8Kernels kernels = {"avx2", quantize_row, panel, PANEL_ROWS};
 }  // namespace pi_int8_avx2
 
 #pragma GCC pop_options

@@ -16,7 +16,7 @@ namespace pi_int8_avx512vnni {
 #define I8_ISA 3
 #include "int8_impl.h"
 #undef I8_ISA
-static const Int8Kernels kernels = {"avx512vnni", quantize_row, dot_group, panel, 4, 8, 0x3f};
+static const Int8Kernels kernels = {"avx512vnni", quantize_row, panel, PANEL_ROWS};
 }  // namespace pi_int8_avx512vnni
 
 #pragma GCC pop_options

@@ -12,7 +12,7 @@ namespace pi_int8_avxvnni {
 #define I8_ISA 2
 #include "int8_impl.h"
 #undef I8_ISA
-static const Int8Kernels kernels = {"avxvnni", quantize_row, dot_group, panel, 2, 4, 0x3f};
+static const Int8Kernels kernels = {"avxvnni", quantize_row, panel, PANEL_ROWS};
 }  // namespace pi_int8_avxvnni
 
 #pragma GCC pop_options

@@ -7,7 +7,7 @@
 #include <immintrin.h>
 
 #include "common.h"
-#include "int8.h"  // the int8 route's repacked groups, which linear also reads (linear_repacked_t)
+#include "int8.h"  // the int8 route's repacked panels, which linear also reads (linear_repacked_t)
 
 #pragma GCC push_options
 #pragma GCC target("avx512f,avx512bw,avx512dq,avx512vl,avx2,fma,f16c")

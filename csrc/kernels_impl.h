@@ -763,78 +763,89 @@ static void linear_quant_t(void* out, const float* A, int64_t lda, const uint8_t
 
 #include "kquant_impl.h"  // Q4_K / Q5_K / Q6_K: linear_kquant_t
 
-// the 32 weights of row i of block b of a K-quant's repacked group (int8.h) as fp32, vectorized: the
-// values of int8_dequant_block (Q4_K / Q5_K: d sc u - dmin m; Q6_K: d sc (u - 32))
+// block b of an int8-route panel (int8.h) as fp32: out[t * os + r] = weight t of row r (t < 32,
+// r < 16), the values of int8_dequant_block (d u + m, d sc u - dmin m, d sc (u - 32), d (u - 128)).
+// Loops over the 16 rows of one 4-byte element per row, so each vectorizes over rows.
 template <int FMT>
-static inline void record_block_f32(float* out, const uint8_t* g, int64_t b, int i) {
-    const uint8_t* r = g + int8_record_offset(FMT, b);
-    const int64_t qb = int8_quant_bytes(FMT);
-    const uint8_t* nib = r + 16 * i;
-    if (FMT == Q6_K) {
-        const uint8_t* qh = r + 64 + (i % 2) * 16;
-        const int8_t* sc = (const int8_t*)(r + qb + 8);
-        const float d = int8_half(r + qb + 2 * i);
-        const V d0 = Vec::set1(d * (float)sc[int8_q6_sc_index(i, 0)]), d1 = Vec::set1(d * (float)sc[int8_q6_sc_index(i, 1)]);
-        for (int v = 0; v < 16 / W; ++v) {
-            V lo, hi;
-            Vec::nibbles(nib + v * W, -32.0f, lo, hi);
-            lo = Vec::fma(Vec::bits(qh + v * W, int8_q6_qh_shift(i, 0), 3), Vec::set1(16.0f), lo);
-            hi = Vec::fma(Vec::bits(qh + v * W, int8_q6_qh_shift(i, 16), 3), Vec::set1(16.0f), hi);
-            Vec::store(out + v * W, Vec::mul(lo, d0));
-            Vec::store(out + 16 + v * W, Vec::mul(hi, d1));
+static inline void record_f32(float* out, int64_t os, const uint8_t* panel, int64_t b) {
+    const uint8_t* rec = panel + int8_record_offset(FMT, b);
+    const uint8_t* sc = rec + int8_quant_bytes(FMT);
+    float s0[I8_ROWS], s1[I8_ROWS], off[I8_ROWS];
+    uint32_t e[I8_ROWS], h0[I8_ROWS], h1[I8_ROWS];
+    for (int r = 0; r < I8_ROWS; ++r) {
+        if constexpr (int8_has_header(FMT)) {
+            const uint8_t* hdr = rec - (b % int8_span(FMT)) * int8_record_bytes(FMT) - int8_header_bytes(FMT);
+            s0[r] = s1[r] = int8_half(hdr + 2 * r) * (float)sc[r];
+            off[r] = -(int8_half(hdr + 32 + 2 * r) * (float)sc[16 + r]);
+        } else if constexpr (FMT == Q6_K) {
+            const float d = int8_half(sc + 2 * r);
+            s0[r] = d * (float)(int8_t)sc[32 + r];
+            s1[r] = d * (float)(int8_t)sc[48 + r];
+            off[r] = 0.f;
+        } else {
+            s0[r] = s1[r] = int8_half(sc + 2 * r);
+            off[r] = FMT == Q4_1 ? int8_half(sc + 32 + 2 * r) : FMT == Q4_0 ? -8.0f * s0[r] : 0.f;
+        }
+    }
+    if constexpr (FMT == Q5_K) std::memcpy(h0, rec + 256, sizeof h0);
+    if constexpr (FMT == Q6_K) {
+        std::memcpy(h0, rec + 256, sizeof h0);
+        std::memcpy(h1, rec + 320, sizeof h1);
+    }
+    if constexpr (FMT == Q8_0) {
+        for (int j = 0; j < 8; ++j) {
+            std::memcpy(e, rec + 64 * j, sizeof e);
+            for (int i = 0; i < 4; ++i)
+                for (int r = 0; r < I8_ROWS; ++r) out[(4 * j + i) * os + r] = s0[r] * (float)((int)((e[r] >> (8 * i)) & 255) - 128);
         }
         return;
     }
-    const uint8_t* hdr = r - (b % int8_span(FMT)) * int8_record_bytes(FMT) - int8_header_bytes(FMT);
-    const V dsc = Vec::set1(int8_half(hdr + 2 * i) * (float)r[qb + i]);
-    const V dmn = Vec::set1(int8_half(hdr + 8 + 2 * i) * (float)r[qb + 4 + i]);
-    for (int v = 0; v < 16 / W; ++v) {
-        V lo, hi;
-        Vec::nibbles(nib + v * W, 0.0f, lo, hi);
-        if (FMT == Q5_K) {
-            lo = Vec::fma(Vec::bits(r + 64 + v * W, int8_q5_qh_bit(i, 0), 1), Vec::set1(16.0f), lo);
-            hi = Vec::fma(Vec::bits(r + 64 + v * W, int8_q5_qh_bit(i, 16), 1), Vec::set1(16.0f), hi);
+    for (int j = 0; j < 4; ++j) {
+        std::memcpy(e, rec + 64 * j, sizeof e);
+        for (int i = 0; i < 4; ++i) {
+            float* lo = out + (4 * j + i) * os;
+            float* hi = out + (16 + 4 * j + i) * os;
+            for (int r = 0; r < I8_ROWS; ++r) {
+                int ul = (int)((e[r] >> (8 * i)) & 15), uh = (int)((e[r] >> (8 * i + 4)) & 15);
+                if constexpr (FMT == Q5_K) {
+                    ul |= (int)((h0[r] >> (8 * i + j)) & 1) << 4;
+                    uh |= (int)((h0[r] >> (8 * i + 4 + j)) & 1) << 4;
+                }
+                if constexpr (FMT == Q6_K) {
+                    ul |= (int)((h0[r] >> (8 * i + 2 * j)) & 3) << 4;
+                    uh |= (int)((h1[r] >> (8 * i + 2 * j)) & 3) << 4;
+                    lo[r] = s0[r] * (float)(ul - 32);
+                    hi[r] = s1[r] * (float)(uh - 32);
+                } else if constexpr (int8_has_header(FMT)) {
+                    lo[r] = s0[r] * (float)ul + off[r];
+                    hi[r] = s1[r] * (float)uh + off[r];
+                } else {
+                    lo[r] = s0[r] * (float)ul + off[r];
+                    hi[r] = s0[r] * (float)uh + off[r];
+                }
+            }
         }
-        Vec::store(out + v * W, Vec::sub(Vec::mul(lo, dsc), dmn));
-        Vec::store(out + 16 + v * W, Vec::sub(Vec::mul(hi, dsc), dmn));
     }
 }
 
-// GGUF blocks repacked for the int8 route (int8.h: groups of 4 rows; quants, then d, then m), on
-// fp32 activations: linear_quant_t's GEMM, each block reassembled from its group first (Q6_K's
-// records decoded directly)
+// GGUF blocks repacked for the int8 route (int8.h: panels of 16 rows), on fp32 activations:
+// linear_quant_t's GEMM, each [kc][32] weight block decoded out of the two int8 panels under it
 template <int FMT>
 static void linear_repacked_t(void* out, const float* A, int64_t lda, const uint8_t* packed, const void* bias, int64_t M,
                               int64_t N, int64_t K, int adt) {
-    const int64_t qb = int8_quant_bytes(FMT), rq = qb / 4, head = FMT == Q4_1 ? 4 : 2;
-    const int64_t rec = int8_record_bytes(FMT), gb = int8_group_bytes(FMT, K);
+    static_assert(PANEL == 2 * I8_ROWS, "a GEMM panel is two int8 panels");
+    const int64_t pb = int8_panel_bytes(FMT, K), panels = (N + I8_ROWS - 1) / I8_ROWS;
     auto block = [&](int64_t p, int64_t k0, int64_t kc, int thread) -> const float* {
         float* buf = scratch(thread, 2, (size_t)(KC * PANEL));
-        alignas(64) float tmp[QK];
-        alignas(16) uint8_t blk[40];
-        for (int64_t j = 0; j < PANEL; ++j) {
-            int64_t n = p * PANEL + j;
-            if (n >= N) {
-                for (int64_t k = 0; k < kc; ++k) buf[k * PANEL + j] = 0.f;
+        for (int h = 0; h < 2; ++h) {
+            const int64_t ip = 2 * p + h;  // rows past N: zero codes and scales in their panel, or no panel
+            if (ip >= panels) {
+                for (int64_t k = 0; k < kc; ++k)
+                    for (int r = 0; r < I8_ROWS; ++r) buf[k * PANEL + I8_ROWS * h + r] = 0.f;
                 continue;
             }
-            const uint8_t* g = packed + (n / 4) * gb;
-            const int64_t i = n % 4;
-            for (int64_t kb = 0; kb < kc; kb += QK) {
-                const int64_t b = (k0 + kb) / QK;
-                if constexpr (FMT == Q6_K || FMT == Q4_K || FMT == Q5_K) {  // no GGUF block of 32 to reassemble
-                    record_block_f32<FMT>(tmp, g, b, (int)i);
-                } else {
-                    const uint8_t* r = g + b * rec;  // the block's record: quants of 4 rows, d, m
-                    std::memcpy(blk, r + qb + i * 2, 2);
-                    if (FMT == Q4_1) std::memcpy(blk + 2, r + qb + 8 + i * 2, 2);
-                    std::memcpy(blk + head, r + i * rq, (size_t)rq);
-                    V w[NV];
-                    dequant_block<FMT>(w, blk);
-                    for (int v = 0; v < NV; ++v) Vec::store(tmp + v * W, w[v]);
-                }
-                for (int t = 0; t < QK; ++t) buf[(kb + t) * PANEL + j] = tmp[t];
-            }
+            for (int64_t kb = 0; kb < kc; kb += QK)
+                record_f32<FMT>(buf + kb * PANEL + I8_ROWS * h, PANEL, packed + ip * pb, (k0 + kb) / QK);
         }
         return buf;
     };
@@ -847,12 +858,12 @@ static void linear(void* out, const void* x, const void* weights, const void* bi
     int64_t lda;
     const float* A = x_as_f32(x, M, K, xs, adt, &lda);
     const uint8_t* blocks = (const uint8_t*)weights;
-    if (wfmt >= W_INT8X4) {
-        if (wfmt == W_INT8X4 + Q8_0) linear_repacked_t<Q8_0>(out, A, lda, blocks, bias, M, N, K, adt);
-        else if (wfmt == W_INT8X4 + Q4_0) linear_repacked_t<Q4_0>(out, A, lda, blocks, bias, M, N, K, adt);
-        else if (wfmt == W_INT8X4 + Q4_1) linear_repacked_t<Q4_1>(out, A, lda, blocks, bias, M, N, K, adt);
-        else if (wfmt == W_INT8X4 + Q4_K) linear_repacked_t<Q4_K>(out, A, lda, blocks, bias, M, N, K, adt);
-        else if (wfmt == W_INT8X4 + Q5_K) linear_repacked_t<Q5_K>(out, A, lda, blocks, bias, M, N, K, adt);
+    if (wfmt >= W_INT8) {
+        if (wfmt == W_INT8 + Q8_0) linear_repacked_t<Q8_0>(out, A, lda, blocks, bias, M, N, K, adt);
+        else if (wfmt == W_INT8 + Q4_0) linear_repacked_t<Q4_0>(out, A, lda, blocks, bias, M, N, K, adt);
+        else if (wfmt == W_INT8 + Q4_1) linear_repacked_t<Q4_1>(out, A, lda, blocks, bias, M, N, K, adt);
+        else if (wfmt == W_INT8 + Q4_K) linear_repacked_t<Q4_K>(out, A, lda, blocks, bias, M, N, K, adt);
+        else if (wfmt == W_INT8 + Q5_K) linear_repacked_t<Q5_K>(out, A, lda, blocks, bias, M, N, K, adt);
         else linear_repacked_t<Q6_K>(out, A, lda, blocks, bias, M, N, K, adt);
         return;
     }

@@ -2,7 +2,7 @@
 // (SSE2 on x86-64, NEON on aarch64, which -O3 uses by auto-vectorizing these 8-wide loops).
 // It is the fallback on any CPU and the path `PORTINFER_CPU_SIMD=portable` forces.
 #include "common.h"
-#include "int8.h"  // the int8 route's repacked groups, which linear also reads (linear_repacked_t)
+#include "int8.h"  // the int8 route's repacked panels, which linear also reads (linear_repacked_t)
 
 namespace pi_portable {
 

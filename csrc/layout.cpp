@@ -2,7 +2,7 @@
 #include <cstring>
 
 #include "common.h"
-#include "int8.h"  // the int8 route's repacked groups, which embedding gathers rows from
+#include "int8.h"  // the int8 route's repacked panels, which embedding gathers rows from
 
 // P [ceil(N/32)][K][32] = W [N, K] (row stride ws elements), padded with zeros; elem_bytes 2 or 4
 void pack_dense(void* packed, const void* w, int64_t N, int64_t K, int64_t ws, int64_t elem_bytes) {
@@ -79,12 +79,12 @@ void embedding_prepared(void* out, const int64_t* ids, const void* weights, int6
     const uint8_t* w = (const uint8_t*)weights;
     for (int64_t n = 0; n < N; ++n) {
         const int64_t v = ids[n];
-        if (wfmt >= W_INT8X4) {  // the int8 route's groups of 4 rows: row v's records
-            const int fmt = wfmt - W_INT8X4;
-            const uint8_t* g = w + (v / I8_ROWS) * int8_group_bytes(fmt, H);
+        if (wfmt >= W_INT8) {  // the int8 route's panels of 16 rows: row v's records
+            const int fmt = wfmt - W_INT8;
+            const uint8_t* p = w + (v / I8_ROWS) * int8_panel_bytes(fmt, H);
             float y[QK];
             for (int64_t b = 0; b < H / QK; ++b) {
-                int8_dequant_block(y, g, b, (int)(v % I8_ROWS), fmt);
+                int8_dequant_block(y, 1, p, b, (int)(v % I8_ROWS), fmt);
                 for (int i = 0; i < QK; ++i) store_scalar(out, dt, n * H + b * QK + i, y[i]);
             }
             continue;

@@ -207,8 +207,8 @@ def _check_rejected(cpu, case):
         with pytest.raises(ValueError):
             call(cpu, args)
     # prepare_linear of a *valid* weight may run (linear cases prepare one), nothing else may
-    # (pack_dense for dense weights; int8_group_bytes / int8_repack for blocks on the int8 route)
-    ran = [c for c in spy.calls if c not in ("pack_dense", "int8_group_bytes", "int8_repack") or op == "prepare_linear"]
+    # (pack_dense for dense weights; int8_panel_bytes / int8_repack for blocks on the int8 route)
+    ran = [c for c in spy.calls if c not in ("pack_dense", "int8_panel_bytes", "int8_repack") or op == "prepare_linear"]
     assert ran == [], f"{op} with {label}: kernels {ran} ran before the bad input was rejected"
 
 

@@ -22,10 +22,9 @@ CpuBackend = cpu_mod.CpuBackend
 
 FORMATS = ("q8_0", "q4_0", "q4_1")
 # (M, N, K): M = 1 (decode), M in 2..4, M > 4 (prefill chunks of 4 with a remainder); N not a
-# multiple of the 4-row groups; K from one block up
-# M = 5..8 and 13 reach remainders of the 4-row chunks of x (1, 2, 3, 4 rows after whole chunks)
-# 8 x 1030 x 1024: many tasks of whole 16-row panels (M >= 2 on a path with panel kernels), the last
-# panel of 6 rows on 2 groups
+# multiple of the 16-row panels; K from one block up
+# M = 5..8, 13 and 18 split into equal chunks of rows of x (at most 4 a call on the ymm paths, 8 on zmm)
+# 8 x 1030 x 1024: many tasks of whole 16-row panels, the last panel of 6 rows
 SHAPES = [(1, 37, 96), (1, 4, 32), (2, 61, 160), (3, 9, 64), (4, 64, 256), (5, 12, 64), (6, 20, 96), (7, 33, 128),
           (8, 9, 32), (13, 17, 64), (18, 70, 224), (8, 1030, 1024)]
 PATHS = CpuBackend.int8_paths() if cpu_mod._cpu else []
@@ -132,8 +131,8 @@ K_FORMATS = ("q4_k", "q5_k", "q6_k")
 def test_k_quants_on_the_int8_route(path, fmt):
     """The K-quants on the integer kernels, repacked from their super-blocks (codes, scales and mins as
     stored): the int8 definition over the same weights to fp32 rounding, and the float64 reference under
-    the int8 budget. Shapes: M = 1..4 and chunks of 4 with a remainder, N not a multiple of 4, K from
-    one super-block up; many tasks of panels, the last on one group."""
+    the int8 budget. Shapes: M = 1..18 (one call, equal chunks of rows of x), N not a multiple of the
+    16-row panels, K from one super-block up; many tasks of panels, the last of 2 rows."""
     be = CpuBackend(quant_route="int8")
     be.set_int8_path(path)
     for i, (M, N, K) in enumerate([(1, 37, 256), (3, 9, 512), (8, 33, 256), (16, 20, 256), (18, 70, 768),
@@ -143,7 +142,7 @@ def test_k_quants_on_the_int8_route(path, fmt):
         w = quant.quantize_k(torch.randn(N, K, generator=g) / math.sqrt(K), fmt)
         b = torch.randn(N, generator=g) if i % 2 else None
         prepared = be.prepare_linear(w, torch.float32)
-        assert prepared.format == fmt and prepared.extra["layout"] == "int8x4"
+        assert prepared.format == fmt and prepared.extra["layout"] == "int8x16"
         y = be.linear(x, prepared, b)
         e_emu = relative_error(y, _emulate_int8(x, w, b))
         assert e_emu <= 1e-5, f"{path} {fmt} {M}x{N}x{K}: {e_emu:.2e} off the int8 emulation"
@@ -156,7 +155,7 @@ def test_k_quants_on_the_int8_route(path, fmt):
 
 @pytest.mark.parametrize("fmt", K_FORMATS)
 def test_k_quants_prefill_and_non_finite_rows(fmt):
-    """The K-quants' repacked groups on fp32 activations (M > 16: the GEMM decodes the records) within
+    """The K-quants' repacked panels on fp32 activations (M > 16: the GEMM decodes the records) within
     fp32 rounding of the float64 reference, and a row of x with NaN / Inf propagates like the reference's."""
     cpu_mod._cpu.set_int8_prefill(False)
     be = CpuBackend(quant_route="int8")
@@ -177,9 +176,9 @@ def test_k_quants_prefill_and_non_finite_rows(fmt):
 
 
 @pytest.mark.parametrize("fmt", FORMATS + K_FORMATS)
-def test_embedding_rows_out_of_the_int8_groups(fmt):
+def test_embedding_rows_out_of_the_int8_panels(fmt):
     """A tied output head repacked for the int8 route is the embedding table too (no dense copy): its
-    rows gathered out of the 4-row groups are bitwise the rows gathered out of the GGUF blocks on the
+    rows gathered out of the 16-row panels are bitwise the rows gathered out of the GGUF blocks on the
     fp32 route (the values of quant.dequantize in ggml's fp32 order), which also pins the repacked
     layout: every code, scale and min in its place."""
     be, be32 = CpuBackend(quant_route="int8"), CpuBackend(quant_route="fp32")
@@ -188,7 +187,7 @@ def test_embedding_rows_out_of_the_int8_groups(fmt):
     w = quant.quantize_k(w, fmt) if fmt in K_FORMATS else quant.quantize(w, fmt)
     prepared = be.prepare_linear(w, torch.float32)
     meta = spec.prepared_table_meta(prepared)
-    assert meta["weight_format"] == f"{fmt}@int8x4" and be.supports("embedding", **meta)
+    assert meta["weight_format"] == f"{fmt}@int8x16" and be.supports("embedding", **meta)
     ids = torch.tensor([0, 22, 5, 3, 3, 21], dtype=torch.int64)
     rows = be.embedding(ids, prepared)
     assert torch.equal(rows, be32.embedding(ids, be32.prepare_linear(w, torch.float32)))
@@ -304,10 +303,10 @@ def test_route_setting():
                       ("nosuch[int8]", "unknown name 'nosuch'")):
         with pytest.raises(ValueError, match=says):
             registry.get(bad)
-    # the fp32 route keeps GGUF blocks; the int8 route repacks them (same bytes, 4-row groups)
+    # the fp32 route keeps GGUF blocks; the int8 route repacks them (same bytes, 16-row panels)
     w = quant.quantize(torch.randn(8, 64), "q4_0")
     assert CpuBackend(quant_route="fp32").prepare_linear(w, torch.float32).payload.numel() == w.blocks.numel()
-    assert CpuBackend(quant_route="int8").prepare_linear(w, torch.float32).extra["layout"] == "int8x4"
+    assert CpuBackend(quant_route="int8").prepare_linear(w, torch.float32).extra["layout"] == "int8x16"
 
 
 @pytest.mark.parametrize("route", ["int8", "fp32"])

@@ -262,7 +262,7 @@ def test_q4_k_m_model_on_the_int8_route(q4_k_m_file):
     primary = ours._placement.primary
     assert primary.quantizes_activations
     repacked = {w.format for layer in ours.decoder.layers for w in layer.values()
-                if getattr(w, "extra", {}).get("layout") == "int8x4"}
+                if getattr(w, "extra", {}).get("layout") == "int8x16"}
     assert {"q4_k", "q6_k"} <= repacked, repacked
     ids = torch.tensor([PROMPT])
     with torch.no_grad():

@@ -124,7 +124,7 @@ CASES = {
     "int8_repack: blocks too small": ("_cpu.int8_repack(keep(torch.empty(1 << 16, dtype=torch.uint8)), "
                                       "keep(torch.empty(8, dtype=torch.uint8)), 64, 64, 0)",
                                       "ValueError", "int8_repack: blocks:"),
-    "int8_group_bytes: unknown format": ("_cpu.int8_group_bytes(7, 64)", "ValueError", "format code"),
+    "int8_panel_bytes: unknown format": ("_cpu.int8_panel_bytes(7, 64)", "ValueError", "format code"),
     "embedding: id past the table": ("t = torch.randn(10, 8); ids = torch.tensor([3, 10]); "
                                      "_cpu.embedding(keep(torch.empty(2, 8)), keep(ids), keep(t), 2, 8, 10, 8, 4)",
                                      "ValueError", "embedding: ids: expected every id in [0, 10)"),

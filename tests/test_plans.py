@@ -179,7 +179,7 @@ def test_cpu_int8_route_runs_natively_and_gives_the_op_paths_tokens(monkeypatch)
     from portinfer.runtime.loader import default_model_path
     monkeypatch.setenv("PORTINFER_CPU_QUANT_ROUTE", "int8")
     models = [portinfer.load(default_model_path(), backend="cpu", plans=p) for p in (False, True)]
-    assert models[1].decoder.layers[0]["qkv"].extra.get("layout") == "int8x4"
+    assert models[1].decoder.layers[0]["qkv"].extra.get("layout") == "int8x16"
     prompts = ["The capital of France is", "One, two, three,"]
     tokens = [[g.token_ids for g in m.generate(prompts, max_new_tokens=8, eos_token_id=[])] for m in models]
     assert tokens[0] == tokens[1]

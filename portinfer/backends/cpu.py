@@ -24,7 +24,7 @@ PORTINFER_CPU_QUANT_ROUTE, else "fp32"):
   - "int8": each row of x is quantized once per call to int8 in blocks of 32 (fp32 scale) and
     every output row takes integer dot products against it (AVX512-VNNI / AVX-VNNI vpdpbusd,
     AVX2 maddubs or portable C++, chosen at run time: `int8_paths`, `set_int8_path`,
-    PORTINFER_CPU_INT8_PATH); weights are repacked at prepare time into groups of 4 rows
+    PORTINFER_CPU_INT8_PATH); weights are repacked at prepare time into panels of 16 rows
     (csrc/int8.h). The backend then declares `quantizes_activations` and is held to the int8
     budget. The faster route at decode, less accurate (docs/cpu-backend.md). Calls of more than 16
     rows (prefill) still take fp32 activations on the same repacked weights.
@@ -60,14 +60,14 @@ _INT8_ROUTES = {"int8": 1, "int8-all": 2}  # route -> the int8 mode of its linea
 # opt in with quant_route="int8" / PORTINFER_CPU_QUANT_ROUTE=int8
 DEFAULT_QUANT_ROUTE = "fp32"
 _INT8_FORMATS = {"q8_0": 0, "q4_0": 1, "q4_1": 2, "q6_k": 3, "q4_k": 4, "q5_k": 5}  # csrc/common.h QFormat
-_W_INT8X4 = 16  # csrc/common.h: weight format code of the int8 route's groups = 16 + QFormat
-_INT8_LAYOUT = "int8x4"  # PreparedLinear.extra["layout"] of weights repacked for the int8 route
+_W_INT8 = 16  # csrc/common.h: weight format code of the int8 route's panels = 16 + QFormat
+_INT8_LAYOUT = "int8x16"  # PreparedLinear.extra["layout"] of weights repacked for the int8 route
 
 
 def _table_code(w) -> int:
     """The weight format code (csrc/common.h) embedding_prepared reads a prepared weight's rows as."""
     if w.extra.get("layout") == _INT8_LAYOUT:
-        return _W_INT8X4 + _INT8_FORMATS[w.format]
+        return _W_INT8 + _INT8_FORMATS[w.format]
     return _WEIGHT_CODE[w.format]
 
 
@@ -110,7 +110,7 @@ class CpuBackend(Backend):
     # runs on fp32 activations (measured ~3e-6); int8-all sets 5e-2 per instance (measured 3.5e-2)
     model_logits_budget = 2e-2
     # embedding gathers rows natively out of dense panels, GGUF blocks and super-blocks, and the int8
-    # route's repacked groups (csrc/layout.cpp; spec.prepared_table_meta names those "q4_0@int8x4"), so
+    # route's repacked panels (csrc/layout.cpp; spec.prepared_table_meta names those "q4_0@int8x16"), so
     # a tied output head is the table too, and a quantized table is one copy of its blocks on either route
     embedding_table_formats = tuple(_WEIGHT_CODE) + tuple(f"{f}@{_INT8_LAYOUT}" for f in _INT8_FORMATS)
 
@@ -212,11 +212,11 @@ class CpuBackend(Backend):
         if isinstance(weight, spec.QuantizedWeight):
             blocks = _on_cpu("weight blocks", weight.blocks).contiguous()
             # the int8 route repacks every block format it computes (the K-quants from their super-blocks,
-            # codes and scales as stored: csrc/int8.h) into groups of 4 rows
+            # codes and scales as stored: csrc/int8.h) into panels of 16 rows
             code = _INT8_FORMATS.get(weight.format)
             if self.quant_route in _INT8_ROUTES and code is not None:
-                groups = (n + 3) // 4
-                packed = torch.empty(groups * _cpu.int8_group_bytes(code, k), dtype=torch.uint8)
+                panels = (n + 15) // 16
+                packed = torch.empty(panels * _cpu.int8_panel_bytes(code, k), dtype=torch.uint8)
                 _cpu.int8_repack(_buf(packed), _buf(blocks), n, k, code)
                 return spec.PreparedLinear(self.name, n, k, dtype, weight.format, weight.format, packed,
                                            extra={"layout": _INT8_LAYOUT, "int8_mode": _INT8_ROUTES[self.quant_route]})

@@ -234,7 +234,7 @@ def _min_max(t) -> tuple:
 
 def prepared_table_meta(table: PreparedLinear) -> dict:
     """What `supports("embedding", ...)` sees for a prepared table: its backend, activation dtype and
-    format (with the backend's own repacking, e.g. cpu's int8 groups, as "q4_0@int8x4")."""
+    format (with the backend's own repacking, e.g. cpu's int8 panels, as "q4_0@int8x16")."""
     layout = table.extra.get("layout")
     return {"dtype": table.dtype, "table": "prepared", "prepared_by": table.backend,
             "weight_format": table.format if layout is None else f"{table.format}@{layout}"}
