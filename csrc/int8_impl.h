@@ -139,8 +139,10 @@ static inline int32_t ld32(const int8_t* p) {
 }
 
 // bytes ahead of the current record that the kernels prefetch (through a panel's region and on into
-// the next panel's: a thread's panels are one contiguous stream)
-static const int64_t PREFETCH_AHEAD = 2048;
+// the next panel's: a thread's panels are one contiguous stream). One linear from memory at one row
+// of x, 2 threads, Qwen2-0.5B's 4864x896 and 896x4864, builds alternated in one process: 4096 over
+// 2048 1.05-1.25x (Q4_0, Q8_0, Q4_1); 8192 over 4096 0.93-1.09x
+static const int64_t PREFETCH_AHEAD = 4096;
 
 #if I8_ISA == 3
 // AVX512-VNNI: a code vector is 64 bytes, all 16 rows; a row of x takes one vpdpbusd a quad (its 4
