@@ -27,7 +27,9 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 
 import torch  # noqa: E402
 
+from portinfer.backends import spec  # noqa: E402
 from portinfer.backends.cpu import _DTYPE_CODE, _INT8_FORMATS, _WEIGHT_CODE, _buf  # noqa: E402
+from portinfer.backends.cpu import PANEL as _PANEL  # noqa: E402
 from portinfer.bench.machine import provenance  # noqa: E402
 
 
@@ -49,16 +51,26 @@ def load_build(directory: str, tag: str):
     return module
 
 
+DENSE = {"f32": torch.float32, "f16": torch.float16, "bf16": torch.bfloat16}  # fp32 route only: packed panels
+
+
 def blocks_for(n, k, fmt, seed):
+    """The weight as stored: GGUF blocks [N][...] of a block format, or the dense [N][K] tensor."""
     from portinfer.backends import quant
 
     w = torch.randn(n, k, generator=torch.Generator().manual_seed(seed))
+    if fmt in DENSE:
+        return w.to(DENSE[fmt])
     return quant.quantize(w, fmt).blocks.reshape(n, -1).contiguous()
 
 
 def prepared(mod, route, fmt, blocks, n, k):
     """The payload `linear` reads on this route: the int8 route's repacked panels of 16 rows (builds before
     2026-12-02 night: groups of 4) or the GGUF blocks (fp32)."""
+    if route == "fp32" and fmt in DENSE:  # panels of 32 output features, k-major (CpuBackend._prepare_linear)
+        packed = torch.zeros((n + _PANEL - 1) // _PANEL, k, _PANEL, dtype=blocks.dtype)
+        mod.pack_dense(_buf(packed), _buf(blocks), n, k, blocks.stride(0), blocks.element_size())
+        return packed
     if route == "fp32":
         return blocks.clone()
     code = _INT8_FORMATS[fmt]
@@ -80,8 +92,8 @@ def call(mod, route, fmt, out, x, payload, m, n, k):
         except TypeError:  # a build from before the int8 modes: more than 16 rows there take fp32 activations
             mod.linear_int8(*args)
     else:
-        mod.linear(_buf(out), _buf(x), _buf(payload), _buf(None), m, n, k, k, _DTYPE_CODE[torch.float32],
-                   _WEIGHT_CODE[fmt])
+        code = _WEIGHT_CODE[spec.dtype_name(DENSE[fmt])] if fmt in DENSE else _WEIGHT_CODE[fmt]
+        mod.linear(_buf(out), _buf(x), _buf(payload), _buf(None), m, n, k, k, _DTYPE_CODE[torch.float32], code)
 
 
 def main(argv=None) -> int:
@@ -89,8 +101,8 @@ def main(argv=None) -> int:
     p.add_argument("build_a", help="directory with a built portinfer/_cpu*.so (the baseline)")
     p.add_argument("build_b", help="directory with a built portinfer/_cpu*.so (the change)")
     p.add_argument("--route", choices=("int8", "fp32"), default="int8")
-    p.add_argument("--format", default="q4_1", choices=("q4_0", "q4_1", "q8_0", "q4_k", "q5_k", "q6_k"),
-                   help="K-quants: K a multiple of 256, int8 route only")
+    p.add_argument("--format", default="q4_1", choices=("q4_0", "q4_1", "q8_0", "q4_k", "q5_k", "q6_k") + tuple(DENSE),
+                   help="K-quants: K a multiple of 256, int8 route only; f32 / f16 / bf16: fp32 route only")
     p.add_argument("--rows", type=int, nargs="+", default=[1, 4, 8], help="rows of x (M)")
     p.add_argument("--shapes", nargs="+", default=["1536x576", "576x1536", "576x576"], help="N x K")
     p.add_argument("--threads", type=int, default=1)
@@ -104,6 +116,8 @@ def main(argv=None) -> int:
         mod.set_num_threads(args.threads)
         if args.int8_path:
             mod.set_int8_path(args.int8_path)
+    if args.format in DENSE and args.route != "fp32":
+        raise SystemExit(f"--format {args.format}: dense weights have no int8 route (use --route fp32)")
     rows = []
     for i, shape in enumerate(args.shapes):
         n, k = (int(v) for v in shape.lower().split("x"))
