@@ -155,3 +155,18 @@ def test_cli_reports_bad_flags_before_loading(tmp_path, capsys):
     # the model path does not exist: a bad flag must be reported first, without loading anything
     assert cli.main(["generate", str(tmp_path / "nope"), "--prompt", "x", "--top-p", "2"]) == 2
     assert "top_p: expected a value in (0, 1], got 2.0" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_all_finite_catches_each_kind_of_non_finite_value(dtype):
+    """The per-step logits check (model.all_finite): a single NaN, +inf or -inf anywhere in a batch of
+    logits is caught, and finite values whose sum would overflow are not mistaken for an infinity."""
+    from portinfer.runtime.model import all_finite
+
+    big = torch.full((4, 1000), 3e38 if dtype == torch.float32 else 1.7e308, dtype=dtype)
+    assert all_finite(big) and all_finite(torch.randn(16, 4096, dtype=dtype))
+    assert all_finite(big[:, ::3])  # a strided view
+    for bad in (float("nan"), float("inf"), float("-inf")):
+        t = torch.randn(16, 4096, dtype=dtype)
+        t[11, 4001] = bad
+        assert not all_finite(t), bad
