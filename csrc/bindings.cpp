@@ -812,6 +812,7 @@ PYBIND11_MODULE(_cpu, m) {
         need(op, "out", out, weight_bytes(op, W_INT8 + fmt, N, K));
         need(op, "blocks", blocks, weight_bytes(op, int8_source_format(fmt), N, K));
         py::gil_scoped_release release;
+        std::lock_guard<std::mutex> lock(kernel_lock);  // panels in parallel on the pool
         int8_repack(ptr<uint8_t>(out.first), ptr<const uint8_t>(blocks.first), N, K, fmt);
     });
     m.def("linear_int8", [](Buf out, Buf x, Buf packed, Buf bias, int64_t M, int64_t N, int64_t K, int64_t xs, int adt,

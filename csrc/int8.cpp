@@ -12,13 +12,14 @@ int64_t int8_panel_bytes(int fmt, int64_t K) {
 }
 
 // the codes of row r of one record: u [32] unsigned (Q8_0: w + 128), placed as int8.h says
-static void put_codes(uint8_t* rec, int r, const uint8_t* u, int fmt) {
+template <int FMT>
+static inline void put_codes(uint8_t* rec, int r, const uint8_t* u) {
     for (int t = 0; t < QK; ++t) {
-        uint8_t& c = rec[int8_code_at(fmt, r, t)];
-        if (fmt == Q8_0) c = u[t];
+        uint8_t& c = rec[int8_code_at(FMT, r, t)];
+        if (FMT == Q8_0) c = u[t];
         else c |= (uint8_t)((u[t] & 15) << (t < 16 ? 0 : 4));
-        if (fmt == Q5_K) rec[256 + 4 * r + t % 4] |= (uint8_t)(((u[t] >> 4) & 1) << (t / 4));
-        if (fmt == Q6_K) rec[256 + 64 * (t / 16) + 4 * r + t % 4] |= (uint8_t)(((u[t] >> 4) & 3) << (2 * ((t % 16) / 4)));
+        if (FMT == Q5_K) rec[256 + 4 * r + t % 4] |= (uint8_t)(((u[t] >> 4) & 1) << (t / 4));
+        if (FMT == Q6_K) rec[256 + 64 * (t / 16) + 4 * r + t % 4] |= (uint8_t)(((u[t] >> 4) & 3) << (2 * ((t % 16) / 4)));
     }
 }
 
@@ -27,7 +28,9 @@ static void put_codes(uint8_t* rec, int r, const uint8_t* u, int fmt) {
 // GGUF's Q6_K (210 bytes): ql[128], qh[64], scales[16], fp16 d, w = d scales[j / 16] (u - 32); Q4_K
 // (144): fp16 d, fp16 dmin, scales[12] (8 x 6-bit sc, 8 x 6-bit m), qs[128]; Q5_K (176): qh[32]
 // before qs; w = d sc u - dmin m
-static void repack_row(uint8_t* panel, int r, const uint8_t* row, int64_t K, int fmt) {
+template <int FMT>
+static void repack_row(uint8_t* panel, int r, const uint8_t* row, int64_t K) {
+    constexpr int fmt = FMT;
     const int64_t qb = int8_quant_bytes(fmt);
     if (fmt == Q6_K || int8_has_header(fmt)) {
         const int wfmt = int8_source_format(fmt);
@@ -43,7 +46,7 @@ static void repack_row(uint8_t* panel, int r, const uint8_t* row, int64_t K, int
             }
             for (int sub = 0; sub < QK_K / QK; ++sub) {
                 uint8_t* rec = panel + int8_record_offset(fmt, j * (QK_K / QK) + sub);
-                put_codes(rec, r, u + sub * QK, fmt);
+                put_codes<FMT>(rec, r, u + sub * QK);
                 if (fmt == Q6_K) {
                     std::memcpy(rec + qb + 2 * r, sb + 208, 2);
                     rec[qb + 32 + r] = sb[192 + 2 * sub];
@@ -65,18 +68,43 @@ static void repack_row(uint8_t* panel, int r, const uint8_t* row, int64_t K, int
         uint8_t u[QK];
         for (int t = 0; t < QK; ++t)
             u[t] = fmt == Q8_0 ? (uint8_t)(blk[head + t] ^ 0x80) : (uint8_t)((blk[head + t % 16] >> (t < 16 ? 0 : 4)) & 15);
-        put_codes(rec, r, u, fmt);
+        put_codes<FMT>(rec, r, u);
         std::memcpy(rec + qb + 2 * r, blk, 2);
         if (fmt == Q4_1) std::memcpy(rec + qb + 32 + 2 * r, blk + 2, 2);
     }
 }
 
+struct RepackCall {
+    uint8_t* out;
+    const uint8_t* blocks;
+    int64_t N, K, pb, row_bytes;
+    int fmt;
+};
+
+// panel p: zeroed (rows past N stay zero), then each of its rows (tasks of panels)
+static void repack_task(void* ctx, int64_t p, int) {
+    const RepackCall& c = *(const RepackCall*)ctx;
+    uint8_t* panel = c.out + p * c.pb;
+    std::memset(panel, 0, (size_t)c.pb);
+    for (int64_t n = p * I8_ROWS; n < i8_min(c.N, (p + 1) * I8_ROWS); ++n) {
+        const uint8_t* row = c.blocks + n * c.row_bytes;
+        const int r = (int)(n % I8_ROWS);
+        switch (c.fmt) {
+            case Q8_0: repack_row<Q8_0>(panel, r, row, c.K); break;
+            case Q4_0: repack_row<Q4_0>(panel, r, row, c.K); break;
+            case Q4_1: repack_row<Q4_1>(panel, r, row, c.K); break;
+            case Q4_K: repack_row<Q4_K>(panel, r, row, c.K); break;
+            case Q5_K: repack_row<Q5_K>(panel, r, row, c.K); break;
+            default: repack_row<Q6_K>(panel, r, row, c.K); break;
+        }
+    }
+}
+
 void int8_repack(uint8_t* out, const uint8_t* blocks, int64_t N, int64_t K, int fmt) {
-    const int64_t pb = int8_panel_bytes(fmt, K), panels = i8_ceil_div(N, I8_ROWS);
     const int wfmt = int8_source_format(fmt);
-    const int64_t row_bytes = wfmt >= W_Q4_K ? K / QK_K * kquant_block_bytes(wfmt) : K / QK * quant_block_bytes(fmt);
-    std::memset(out, 0, (size_t)(panels * pb));
-    for (int64_t n = 0; n < N; ++n) repack_row(out + (n / I8_ROWS) * pb, (int)(n % I8_ROWS), blocks + n * row_bytes, K, fmt);
+    RepackCall c{out, blocks, N, K, int8_panel_bytes(fmt, K),
+                 wfmt >= W_Q4_K ? K / QK_K * kquant_block_bytes(wfmt) : K / QK * quant_block_bytes(fmt), fmt};
+    parallel_for(i8_ceil_div(N, I8_ROWS), repack_task, &c);
 }
 
 // weight row n of the repacked W, dequantized into w [K] (for rows of x with NaN / Inf, which
