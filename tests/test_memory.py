@@ -108,12 +108,15 @@ def cpu_only():
     _backend("cpu")
 
 
-@pytest.mark.parametrize("fmt,shape", [("f32", "test"), ("q4_0", "test"), ("q4_0", "test-layers")])
-def test_resident_memory_after_load_is_the_tensor_bytes(tmp_path, cpu_only, fmt, shape):
+@pytest.mark.parametrize("fmt,shape,backend", [("f32", "test", "cpu"), ("q4_0", "test", "cpu"),
+                                               ("q4_0", "test-layers", "cpu"), ("q4_0", "test", "cpu[int8]")])
+def test_resident_memory_after_load_is_the_tensor_bytes(tmp_path, cpu_only, fmt, shape, backend):
     """test-layers: a Q4_0 file whose blocks stay mapped while q/k/v and gate/up are concatenated
-    into copies; the sources' pages, read once for the copy, must not stay resident (1.5x before)."""
+    into copies; the sources' pages, read once for the copy, must not stay resident (1.5x before).
+    cpu[int8]: every block matrix repacked into the int8 route's panels (a copy), the file's pages not
+    kept beside them."""
     path = memory.write_gguf(tmp_path / f"model-{fmt}.gguf", memory.SHAPES[shape], fmt)
-    r = memory.measure(path, backend="cpu", dtype="fp32", max_len=256, threads=1)
+    r = memory.measure(path, backend=backend, dtype="fp32", max_len=256, threads=1)
     tensor_bytes = r["tensor_bytes"]
     assert r["load_bytes"] <= 1.15 * tensor_bytes + NOISE_BYTES, r
     assert r["step_bytes"] <= 1.15 * tensor_bytes + r["kv_cache_bytes"] + NOISE_BYTES, r
