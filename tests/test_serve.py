@@ -13,6 +13,7 @@ import re
 import signal
 import subprocess
 import sys
+import threading
 import time
 
 import pytest
@@ -453,3 +454,36 @@ def test_a_burst_of_prompts_is_prefilled_in_as_few_rows_as_possible(chat_dir, re
     for i, p in enumerate(prompts):
         want = reference.generate(p, max_new_tokens=6, temperature=0, eos_token_id=[]).token_ids
         assert [e.token_id for e in out[i] if e.kind == "token"] == list(want), i
+
+
+def test_an_idle_engine_builds_the_common_step_plans(chat_dir, reference):
+    """While nothing is queued or running, the loop builds the plans of a decode step of each batch
+    class and of a lone prompt's prefill step at each length class (so a first request of a class does
+    not trace and compile inside its latency), then leaves every cache row empty; a request afterwards
+    gets exactly its tokens alone. Without plans there is nothing to build."""
+    from portinfer.runtime.sampling import SamplingParams
+    from portinfer.serve.scheduler import Job, Scheduler
+
+    assert Scheduler(portinfer.load(chat_dir, plans=False), max_batch=4).to_warm == []
+    model = portinfer.load(chat_dir, plans=True)
+    sched = Scheduler(model, max_batch=4, max_context=64, prefill_chunk=32)
+    want = [(1, 1), (2, 1), (4, 1), (1, 16), (1, 24), (1, 32)]
+    assert sched.to_warm == want
+    sched.start()
+    try:
+        deadline = time.monotonic() + 120  # a class is on the warmed list once its step has finished
+        while len(sched.warmed) < len(want) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert [(r, t) for r, t, _ in sched.warmed] == want
+        assert all((rows, tokens, False, True) in model.decoder._plans for rows, tokens in want)
+        assert list(sched.cache.filled) == [0, 0, 0, 0] and sched.steps == 0
+        out = []
+        prompt = [3, 14, 15, 9, 2, 6]
+        done = threading.Event()
+        sched.submit([Job(prompt, 5, SamplingParams(temperature=0), index=0, ignore_eos=True,
+                          sink=lambda e: (out.append(e), e.kind in ("done", "error") and done.set()))])
+        assert done.wait(60)
+        want_ids = reference.generate(prompt, max_new_tokens=5, temperature=0, eos_token_id=[]).token_ids
+        assert [e.token_id for e in out if e.kind == "token"] == list(want_ids)
+    finally:
+        sched.shutdown()
