@@ -68,6 +68,19 @@ async def _one(http, body):
     return first, gaps, tokens
 
 
+async def _wait_for_idle_builds(url, timeout_s=300):
+    """Until a portinfer server's /health says no step plans are left to build while idle (other
+    servers do not say: no wait)."""
+    import httpx
+
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        left = httpx.get(url + "/health", timeout=10).json().get("plans_to_build", 0)
+        if not left:
+            return
+        time.sleep(0.2)
+
+
 async def run_level(url, concurrency, requests, body, timeout_s=600):
     import httpx
 
@@ -182,7 +195,9 @@ def run(args) -> int:
         prompt = " ".join(WORDS[i % len(WORDS)] for i in range(args.prompt_tokens))
         body = {"prompt": prompt, "max_tokens": args.max_tokens, "temperature": 0, "stream": True,
                 "ignore_eos": True, "stream_options": {"include_usage": True}}
-        # warm-up: first-use costs (step plans traced per shape class, allocations) stay out of the figures
+        # warm-up: first-use costs (step plans traced per shape class, allocations) stay out of the figures:
+        # the server's own idle builds first (portinfer's /health counts them down), then a burst and one
+        _wait_for_idle_builds(url)
         warm = min(max(args.concurrency), args.max_batch)
         asyncio.run(run_level(url, warm, warm, {**body, "max_tokens": 4}))
         asyncio.run(run_level(url, 1, 1, {**body, "max_tokens": 4}))

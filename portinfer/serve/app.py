@@ -82,7 +82,9 @@ def create_app(model, served_model_name=None, api_key=None, max_batch=8, max_con
     async def health():
         if scheduler is not None and (scheduler._thread is None or not scheduler._thread.is_alive()):
             raise APIError(503, "the engine loop is not running", "server_error")
-        return {"status": "ok"}
+        # step plans the engine still builds while idle (Scheduler._warm_one): ready, but first requests
+        # of those shape classes may wait for one build
+        return {"status": "ok", "plans_to_build": len(scheduler.to_warm) if scheduler is not None else 0}
 
     @app.get("/metrics")
     async def metrics_route():
