@@ -118,30 +118,44 @@ static inline int int8_code(const uint8_t* rec, int r, int t, int fmt) {
     return u;
 }
 
+// The scale factors of row r (< 16) in block b's record of a panel: w = scale u + offw for weights
+// 0..15 and w = scale1 u + offw for 16..31 (u: int8_code; Q8_0 u - 128, Q6_K u - 32, Q4_0 u - 8):
+// d, or d sc (the K-quants: d from the super-block's header; Q6_K: the half's int8 sc), and m for
+// Q4_1 or -dmin m for Q4_K / Q5_K (zero otherwise). The kernels take the codes' offsets as integers.
+static inline void int8_record_scales(float& scale, float& scale1, float& offw, const uint8_t* panel, int64_t b,
+                                      int r, int fmt) {
+    const uint8_t* sc = panel + int8_record_offset(fmt, b) + int8_quant_bytes(fmt);
+    offw = 0.f;
+    if (int8_has_header(fmt)) {
+        const uint8_t* hdr = panel + (b / int8_span(fmt)) * (int8_header_bytes(fmt) + int8_span(fmt) * int8_record_bytes(fmt));
+        scale = scale1 = int8_half(hdr + 2 * r) * (float)sc[r];
+        offw = -(int8_half(hdr + 32 + 2 * r) * (float)sc[16 + r]);
+        return;
+    }
+    const float d = int8_half(sc + 2 * r);
+    scale = scale1 = d;
+    if (fmt == Q4_1) offw = int8_half(sc + 32 + 2 * r);
+    if (fmt == Q6_K) {
+        scale = d * (float)(int8_t)sc[32 + r];
+        scale1 = d * (float)(int8_t)sc[48 + r];
+    }
+}
+
+// the integer offset of a format's unsigned codes: w = scale (u - int8_code_offset) (+ offw for Q4_1 and the
+// K-quants)
+static constexpr int int8_code_offset(int fmt) { return fmt == Q8_0 ? 128 : fmt == Q6_K ? 32 : fmt == Q4_0 ? 8 : 0; }
+
 // the 32 weights of row r (< 16) of block b of a repacked panel, dequantized into w[t * ws] (the
 // values of quant.dequantize: exact in fp32, or, for Q4_K / Q5_K, ggml's fp32 order d sc q - dmin m)
 static inline void int8_dequant_block(float* w, int64_t ws, const uint8_t* panel, int64_t b, int r, int fmt) {
     const uint8_t* rec = panel + int8_record_offset(fmt, b);
-    const uint8_t* sc = rec + int8_quant_bytes(fmt);
-    if (int8_has_header(fmt)) {
-        const uint8_t* hdr = rec - (b % int8_span(fmt)) * int8_record_bytes(fmt) - int8_header_bytes(fmt);
-        const float dsc = int8_half(hdr + 2 * r) * (float)sc[r], dmn = int8_half(hdr + 32 + 2 * r) * (float)sc[16 + r];
-        for (int t = 0; t < QK; ++t) w[t * ws] = dsc * (float)int8_code(rec, r, t, fmt) - dmn;
-        return;
+    float scale, scale1, offw;
+    int8_record_scales(scale, scale1, offw, panel, b, r, fmt);
+    const bool offset = fmt == Q4_1 || int8_has_header(fmt);
+    for (int t = 0; t < QK; ++t) {
+        const float v = (t < 16 ? scale : scale1) * (float)(int8_code(rec, r, t, fmt) - int8_code_offset(fmt));
+        w[t * ws] = offset ? v + offw : v;
     }
-    const float d = int8_half(sc + 2 * r);
-    if (fmt == Q8_0) {
-        for (int t = 0; t < QK; ++t) w[t * ws] = d * (float)(int8_code(rec, r, t, fmt) - 128);
-        return;
-    }
-    if (fmt == Q6_K) {
-        const int8_t* s6 = (const int8_t*)(sc + 32);
-        const float d0 = d * (float)s6[r], d1 = d * (float)s6[16 + r];
-        for (int t = 0; t < QK; ++t) w[t * ws] = (t < 16 ? d0 : d1) * (float)(int8_code(rec, r, t, fmt) - 32);
-        return;
-    }
-    const float m = fmt == Q4_1 ? int8_half(sc + 32 + 2 * r) : -8.0f * d;
-    for (int t = 0; t < QK; ++t) w[t * ws] = d * (float)int8_code(rec, r, t, fmt) + m;
 }
 
 // bytes of one repacked panel of 16 rows (a multiple of 64)

@@ -71,26 +71,6 @@ static bool quantize_row(int8_t* q, float* d, float* s, const float* x, int64_t 
 //   Q6_K: y += p_0 (d sc_0) d_x + p_1 (d sc_1) d_x
 // in fp32, the same on every path (the SIMD paths fuse the multiply-adds)
 
-// a record's per-row scale factors: scale (d, or d sc), scale1 (Q6_K's second half), offw (m, or
-// -dmin m; zero for Q4_0, Q8_0, Q6_K), for row r; hdr: the super-block's header (Q4_K / Q5_K)
-static inline void record_scales(float& scale, float& scale1, float& offw, const uint8_t* rec, const uint8_t* hdr,
-                                 int r, int fmt) {
-    const uint8_t* sc = rec + int8_quant_bytes(fmt);
-    scale1 = offw = 0.f;
-    if (int8_has_header(fmt)) {
-        scale = int8_half(hdr + 2 * r) * (float)sc[r];
-        offw = -(int8_half(hdr + 32 + 2 * r) * (float)sc[16 + r]);
-        return;
-    }
-    scale = int8_half(sc + 2 * r);
-    if (fmt == Q4_1) offw = int8_half(sc + 32 + 2 * r);
-    if (fmt == Q6_K) {
-        const int8_t* s6 = (const int8_t*)(sc + 32);
-        scale1 = scale * (float)s6[16 + r];
-        scale *= (float)s6[r];
-    }
-}
-
 #if I8_ISA == 0
 
 static void panel(float* y, const int8_t* q, const float* xd, const float* xs, const int32_t* xo, int R, int64_t K,
@@ -99,12 +79,11 @@ static void panel(float* y, const int8_t* q, const float* xd, const float* xs, c
     float acc[I8_PANEL_ROWS][I8_ROWS] = {};
     for (int64_t b = 0; b < nb; ++b) {
         const uint8_t* rec = p + int8_record_offset(fmt, b);
-        const uint8_t* hdr = rec - (b % int8_span(fmt)) * int8_record_bytes(fmt) - int8_header_bytes(fmt);
         for (int i = 0; i < I8_ROWS; ++i) {
             int u[QK];
             for (int t = 0; t < QK; ++t) u[t] = int8_code(rec, i, t, fmt);
             float scale, scale1, offw;
-            record_scales(scale, scale1, offw, rec, hdr, i, fmt);
+            int8_record_scales(scale, scale1, offw, p, b, i, fmt);
             for (int r = 0; r < R; ++r) {
                 const int8_t* x = q + r * K + b * QK;
                 const int32_t* o = xo + (r * nb + b) * 4;
@@ -144,268 +123,221 @@ static inline int32_t ld32(const int8_t* p) {
 // 2048 1.05-1.25x (Q4_0, Q8_0, Q4_1); 8192 over 4096 0.93-1.09x
 static const int64_t PREFETCH_AHEAD = 4096;
 
+// The vector width of a path (Vw): the panel's 16 rows in one zmm (AVX512-VNNI) or in two halves of
+// 8 rows, one ymm each (AVX-VNNI, AVX2: the low and high 32 bytes of each code vector). The kernel
+// below is written once over Vw. A row of x takes one dot-product instruction a quad (its 4 bytes
+// broadcast: vpdpbusd, or on AVX2 vpmaddubsw with the int16 pair sums added across quads while they
+// stay below 2^15 -- codes < 16: eight, < 32: four, < 64: two -- before one vpmaddwd), then one
+// convert, multiply and FMA per block (Q4_1 and the K-quants one more FMA for the offset, Q6_K one a
+// half): on zmm 512 multiply-adds in ~13 instructions. The codes are decoded once per block for the
+// R rows of x: the nibbles a mask and a shift, Q5_K's fifth bits and Q6_K's high bits one shift and
+// mask a vector. AVX2 takes Q8_0's codes (up to 255, which would overflow vpmaddubsw) signed: |w|
+// against x with w's sign.
 #if I8_ISA == 3
-// AVX512-VNNI: a code vector is 64 bytes, all 16 rows; a row of x takes one vpdpbusd a quad (its 4
-// bytes broadcast), then one convert, multiply and FMA per block (Q4_1 and the K-quants one more FMA
-// for the offset, Q6_K one a half): 512 multiply-adds in ~13 instructions. The codes are decoded
-// once per block for the R rows of x: the nibbles a mask and a shift, Q5_K's fifth bits and Q6_K's
-// high bits one shift and mask a vector.
-
-// the 8 quad vectors of one record (unsigned codes, t[j]: weights 4j .. 4j+3 of the 16 rows)
-template <int FMT>
-static inline void codes_512(__m512i* t, const uint8_t* rec) {
-    if constexpr (FMT == Q8_0) {
-        for (int j = 0; j < 8; ++j) t[j] = _mm512_loadu_si512(rec + 64 * j);
-        return;
+struct Vw {
+    using I = __m512i;
+    using F = __m512;
+    static constexpr int LANES = 16;  // output rows a vector holds
+    static constexpr int ROWS = 8;    // rows of x a call: 8 quad vectors, 8 rows' sums and the scales in 32 zmm
+    static constexpr bool SIGNED_Q8 = false;
+    static I load(const uint8_t* p) { return _mm512_loadu_si512(p); }
+    static I and_(I a, I b) { return _mm512_and_si512(a, b); }
+    static I or_(I a, I b) { return _mm512_or_si512(a, b); }
+    static I bytes(char c) { return _mm512_set1_epi8(c); }
+    static I high_nibbles(I v) { return _mm512_srli_epi16(v, 4); }
+    template <int N> static I shift(I a) {  // each 32-bit element left by N (right by -N)
+        if constexpr (N > 0) return _mm512_slli_epi32(a, N);
+        else if constexpr (N < 0) return _mm512_srli_epi32(a, -N);
+        else return a;
     }
-    const __m512i low = _mm512_set1_epi8(0x0f);
-    for (int j = 0; j < 4; ++j) {
-        const __m512i v = _mm512_loadu_si512(rec + 64 * j);
-        t[j] = _mm512_and_si512(v, low);
-        t[4 + j] = _mm512_and_si512(_mm512_srli_epi16(v, 4), low);
-    }
-    if constexpr (FMT == Q5_K) {  // bit j of each byte, moved to bit 4
-        const __m512i h = _mm512_loadu_si512(rec + 256), bit = _mm512_set1_epi8(0x10);
-        t[0] = _mm512_or_si512(t[0], _mm512_and_si512(_mm512_slli_epi32(h, 4), bit));
-        t[1] = _mm512_or_si512(t[1], _mm512_and_si512(_mm512_slli_epi32(h, 3), bit));
-        t[2] = _mm512_or_si512(t[2], _mm512_and_si512(_mm512_slli_epi32(h, 2), bit));
-        t[3] = _mm512_or_si512(t[3], _mm512_and_si512(_mm512_slli_epi32(h, 1), bit));
-        t[4] = _mm512_or_si512(t[4], _mm512_and_si512(h, bit));
-        t[5] = _mm512_or_si512(t[5], _mm512_and_si512(_mm512_srli_epi32(h, 1), bit));
-        t[6] = _mm512_or_si512(t[6], _mm512_and_si512(_mm512_srli_epi32(h, 2), bit));
-        t[7] = _mm512_or_si512(t[7], _mm512_and_si512(_mm512_srli_epi32(h, 3), bit));
-    }
-    if constexpr (FMT == Q6_K) {  // bits 2j, 2j+1 of each byte of vector v, moved to bits 4, 5
-        const __m512i two = _mm512_set1_epi8(0x30);
-        for (int v = 0; v < 2; ++v) {
-            const __m512i h = _mm512_loadu_si512(rec + 256 + 64 * v);
-            t[4 * v + 0] = _mm512_or_si512(t[4 * v + 0], _mm512_and_si512(_mm512_slli_epi32(h, 4), two));
-            t[4 * v + 1] = _mm512_or_si512(t[4 * v + 1], _mm512_and_si512(_mm512_slli_epi32(h, 2), two));
-            t[4 * v + 2] = _mm512_or_si512(t[4 * v + 2], _mm512_and_si512(h, two));
-            t[4 * v + 3] = _mm512_or_si512(t[4 * v + 3], _mm512_and_si512(_mm512_srli_epi32(h, 2), two));
-        }
-    }
-}
-
-static inline __m512 half16(const uint8_t* p) { return _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)p)); }
-static inline __m512 u8x16(const uint8_t* p) {
-    return _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i*)p)));
-}
-static inline __m512 i8x16(const uint8_t* p) {
-    return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i*)p)));
-}
-
-template <int FMT, int R>
-static void panel_r(float* y, const int8_t* q, const float* xd, const float* xs, const int32_t* xo, int64_t K,
-                    const uint8_t* p) {
-    const int64_t nb = K / QK;
-    constexpr bool KQ = int8_has_header(FMT);
-    constexpr int64_t REC = int8_record_bytes(FMT), QB = int8_quant_bytes(FMT);
-    constexpr int64_t SPAN = int8_span(FMT), HDR = int8_header_bytes(FMT);
-    __m512 acc[R];
-    for (int r = 0; r < R; ++r) acc[r] = _mm512_setzero_ps();
-    for (int64_t j = 0; j < nb / SPAN; ++j) {
-        const uint8_t* sb = p + j * (HDR + SPAN * REC);
-        __m512 dsb = _mm512_setzero_ps(), nmin = _mm512_setzero_ps();
-        if constexpr (KQ) {  // the super-block's header: d, -dmin
-            dsb = half16(sb);
-            nmin = _mm512_sub_ps(_mm512_setzero_ps(), half16(sb + 32));
-        }
-        for (int64_t bb = 0; bb < SPAN; ++bb) {
-            const int64_t b = j * SPAN + bb;
-            const uint8_t* rec = sb + HDR + bb * REC;
-            for (int64_t l = 0; l < REC; l += 64) __builtin_prefetch(rec + PREFETCH_AHEAD + l);
-            __m512i t[8];
-            codes_512<FMT>(t, rec);
-            __m512 scale, scale1 = _mm512_setzero_ps(), offw = _mm512_setzero_ps();
-            if constexpr (KQ) {
-                scale = _mm512_mul_ps(dsb, u8x16(rec + QB));
-                offw = _mm512_mul_ps(nmin, u8x16(rec + QB + 16));
-            } else if constexpr (FMT == Q6_K) {
-                const __m512 d = half16(rec + QB);
-                scale = _mm512_mul_ps(d, i8x16(rec + QB + 32));
-                scale1 = _mm512_mul_ps(d, i8x16(rec + QB + 48));
-            } else {
-                scale = half16(rec + QB);
-                if constexpr (FMT == Q4_1) offw = half16(rec + QB + 32);
+    static I set1(int32_t v) { return _mm512_set1_epi32(v); }
+    static I zero_i() { return _mm512_setzero_si512(); }
+    static F zero() { return _mm512_setzero_ps(); }
+    static F half(const uint8_t* p) { return _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)p)); }
+    static F u8(const uint8_t* p) { return _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i*)p))); }
+    static F i8(const uint8_t* p) { return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i*)p))); }
+    static F set1f(float v) { return _mm512_set1_ps(v); }
+    static F mul(F a, F b) { return _mm512_mul_ps(a, b); }
+    static F sub(F a, F b) { return _mm512_sub_ps(a, b); }
+    static F fmadd(F a, F b, F c) { return _mm512_fmadd_ps(a, b, c); }
+    static F cvt(I a) { return _mm512_cvtepi32_ps(a); }
+    static void store(float* p, F a) { _mm512_storeu_ps(p, a); }
+    // the int32 sums of quads k0 .. k0 + n - 1 of a row of x (x: that row's block) against t, added to
+    // p; all eight in two chains of four (one chain of eight left too few in flight for vpdpbusd's latency)
+    template <int FMT> static I dot(I p, const I* t, const int8_t* x, int k0, int n) {
+        if (n == 8) {
+            I p1 = zero_i();
+            for (int k = k0; k < k0 + 4; ++k) {
+                p = _mm512_dpbusd_epi32(p, t[k], set1(ld32(x + 4 * k)));
+                p1 = _mm512_dpbusd_epi32(p1, t[4 + k], set1(ld32(x + 16 + 4 * k)));
             }
-#pragma GCC unroll 8
-            for (int r = 0; r < R; ++r) {
-                const int8_t* xb = q + r * K + b * QK;
-                const int32_t* o = xo + (r * nb + b) * 4;  // int8_panel_offsets
-                const __m512 dx = _mm512_set1_ps(xd[r * nb + b]);
-                // two chains of four (a vpdpbusd's latency is several cycles)
-                __m512i p0 = _mm512_setzero_si512(), p1 = _mm512_setzero_si512();
-                if constexpr (FMT == Q6_K) p0 = _mm512_set1_epi32(o[0]), p1 = _mm512_set1_epi32(o[1]);
-                if constexpr (FMT == Q4_0) p0 = _mm512_set1_epi32(o[2]);  // -8 sum(q)
-                if constexpr (FMT == Q8_0) p0 = _mm512_set1_epi32(o[3]);  // -128 sum(q)
-                for (int k = 0; k < 4; ++k) {
-                    p0 = _mm512_dpbusd_epi32(p0, t[k], _mm512_set1_epi32(ld32(xb + 4 * k)));
-                    p1 = _mm512_dpbusd_epi32(p1, t[4 + k], _mm512_set1_epi32(ld32(xb + 16 + 4 * k)));
-                }
-                if constexpr (FMT == Q6_K) {
-                    acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(p0), _mm512_mul_ps(scale, dx), acc[r]);
-                    acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(p1), _mm512_mul_ps(scale1, dx), acc[r]);
-                } else {
-                    acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_add_epi32(p0, p1)), _mm512_mul_ps(scale, dx), acc[r]);
-                    if constexpr (FMT == Q4_1 || KQ) acc[r] = _mm512_fmadd_ps(offw, _mm512_set1_ps(xs[r * nb + b]), acc[r]);
-                }
-            }
+            return _mm512_add_epi32(p, p1);
         }
-    }
-    for (int r = 0; r < R; ++r) _mm512_storeu_ps(y + 16 * r, acc[r]);
-}
-
-static constexpr int PANEL_ROWS = 8;  // 8 quad vectors, 8 rows' sums and the scales in 32 zmm
-
-#else
-// AVX2 / AVX-VNNI: a panel as two halves of 8 rows (the low and high 32 bytes of each code vector),
-// each against up to 4 rows of x (16 ymm registers: the 8 quad vectors and 4 rows' sums). AVX-VNNI
-// takes a vpdpbusd a quad; AVX2 a vpmaddubsw a quad, the int16 pair sums added across quads while
-// they stay below 2^15 (codes < 16: eight, < 32: four, < 64: two) before one vpmaddwd. Q8_0's codes
-// (up to 255) would overflow vpmaddubsw: AVX2 takes them signed, |w| against x with w's sign.
-
-template <int FMT>
-static inline void codes_256(__m256i* t, const uint8_t* rec) {
-    if constexpr (FMT == Q8_0) {
-        for (int j = 0; j < 8; ++j) t[j] = _mm256_loadu_si256((const __m256i*)(rec + 64 * j));
-        return;
-    }
-    const __m256i low = _mm256_set1_epi8(0x0f);
-    for (int j = 0; j < 4; ++j) {
-        const __m256i v = _mm256_loadu_si256((const __m256i*)(rec + 64 * j));
-        t[j] = _mm256_and_si256(v, low);
-        t[4 + j] = _mm256_and_si256(_mm256_srli_epi16(v, 4), low);
-    }
-    if constexpr (FMT == Q5_K) {
-        const __m256i h = _mm256_loadu_si256((const __m256i*)(rec + 256)), bit = _mm256_set1_epi8(0x10);
-        t[0] = _mm256_or_si256(t[0], _mm256_and_si256(_mm256_slli_epi32(h, 4), bit));
-        t[1] = _mm256_or_si256(t[1], _mm256_and_si256(_mm256_slli_epi32(h, 3), bit));
-        t[2] = _mm256_or_si256(t[2], _mm256_and_si256(_mm256_slli_epi32(h, 2), bit));
-        t[3] = _mm256_or_si256(t[3], _mm256_and_si256(_mm256_slli_epi32(h, 1), bit));
-        t[4] = _mm256_or_si256(t[4], _mm256_and_si256(h, bit));
-        t[5] = _mm256_or_si256(t[5], _mm256_and_si256(_mm256_srli_epi32(h, 1), bit));
-        t[6] = _mm256_or_si256(t[6], _mm256_and_si256(_mm256_srli_epi32(h, 2), bit));
-        t[7] = _mm256_or_si256(t[7], _mm256_and_si256(_mm256_srli_epi32(h, 3), bit));
-    }
-    if constexpr (FMT == Q6_K) {
-        const __m256i two = _mm256_set1_epi8(0x30);
-        for (int v = 0; v < 2; ++v) {
-            const __m256i h = _mm256_loadu_si256((const __m256i*)(rec + 256 + 64 * v));
-            t[4 * v + 0] = _mm256_or_si256(t[4 * v + 0], _mm256_and_si256(_mm256_slli_epi32(h, 4), two));
-            t[4 * v + 1] = _mm256_or_si256(t[4 * v + 1], _mm256_and_si256(_mm256_slli_epi32(h, 2), two));
-            t[4 * v + 2] = _mm256_or_si256(t[4 * v + 2], _mm256_and_si256(h, two));
-            t[4 * v + 3] = _mm256_or_si256(t[4 * v + 3], _mm256_and_si256(_mm256_srli_epi32(h, 2), two));
-        }
-    }
-}
-
-// the int32 sums of quads k0 .. k0 + n - 1 of a row of x (x: that row's block) against t, added to p
-template <int FMT>
-static inline __m256i dot_quads(__m256i p, const __m256i* t, const int8_t* x, int k0, int n) {
-#if I8_ISA == 2
-    for (int k = k0; k < k0 + n; ++k) p = _mm256_dpbusd_avx_epi32(p, t[k], _mm256_set1_epi32(ld32(x + 4 * k)));
-    return p;
-#else
-    const __m256i ones = _mm256_set1_epi16(1);
-    if constexpr (FMT == Q8_0) {  // t holds w + 128: signed w, |w| <= 128 against x with w's sign
-        const __m256i flip = _mm256_set1_epi8((char)0x80);
-        for (int k = k0; k < k0 + n; ++k) {
-            const __m256i w = _mm256_xor_si256(t[k], flip), xk = _mm256_set1_epi32(ld32(x + 4 * k));
-            p = _mm256_add_epi32(p, _mm256_madd_epi16(_mm256_maddubs_epi16(_mm256_sign_epi8(w, w), _mm256_sign_epi8(xk, w)), ones));
-        }
+        for (int k = k0; k < k0 + n; ++k) p = _mm512_dpbusd_epi32(p, t[k], set1(ld32(x + 4 * k)));
         return p;
     }
-    // int16 pair sums added across quads while they stay below 2^15: codes < 16 eight, < 32 four, < 64 two
-    constexpr int SPAN16 = FMT == Q6_K ? 2 : FMT == Q5_K ? 4 : 8;
-    for (int k1 = k0; k1 < k0 + n; k1 += SPAN16) {
-        __m256i s = _mm256_maddubs_epi16(t[k1], _mm256_set1_epi32(ld32(x + 4 * k1)));
-        for (int k = k1 + 1; k < k1 + SPAN16 && k < k0 + n; ++k)
-            s = _mm256_add_epi16(s, _mm256_maddubs_epi16(t[k], _mm256_set1_epi32(ld32(x + 4 * k))));
-        p = _mm256_add_epi32(p, _mm256_madd_epi16(s, ones));
+};
+#else
+struct Vw {
+    using I = __m256i;
+    using F = __m256;
+    static constexpr int LANES = 8;  // output rows a vector holds: half a panel
+    static constexpr int ROWS = 4;   // rows of x a call: 8 quad vectors and 4 rows' sums in 16 ymm
+    static constexpr bool SIGNED_Q8 = I8_ISA == 1;
+    static I load(const uint8_t* p) { return _mm256_loadu_si256((const __m256i*)p); }
+    static I and_(I a, I b) { return _mm256_and_si256(a, b); }
+    static I or_(I a, I b) { return _mm256_or_si256(a, b); }
+    static I bytes(char c) { return _mm256_set1_epi8(c); }
+    static I high_nibbles(I v) { return _mm256_srli_epi16(v, 4); }
+    template <int N> static I shift(I a) {
+        if constexpr (N > 0) return _mm256_slli_epi32(a, N);
+        else if constexpr (N < 0) return _mm256_srli_epi32(a, -N);
+        else return a;
     }
-    return p;
+    static I set1(int32_t v) { return _mm256_set1_epi32(v); }
+    static I zero_i() { return _mm256_setzero_si256(); }
+    static F zero() { return _mm256_setzero_ps(); }
+    static F half(const uint8_t* p) { return _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)p)); }
+    static F u8(const uint8_t* p) { return _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i*)p))); }
+    static F i8(const uint8_t* p) { return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i*)p))); }
+    static F set1f(float v) { return _mm256_set1_ps(v); }
+    static F mul(F a, F b) { return _mm256_mul_ps(a, b); }
+    static F sub(F a, F b) { return _mm256_sub_ps(a, b); }
+    static F fmadd(F a, F b, F c) { return _mm256_fmadd_ps(a, b, c); }
+    static F cvt(I a) { return _mm256_cvtepi32_ps(a); }
+    static void store(float* p, F a) { _mm256_storeu_ps(p, a); }
+    template <int FMT> static I dot(I p, const I* t, const int8_t* x, int k0, int n) {
+#if I8_ISA == 2
+        for (int k = k0; k < k0 + n; ++k) p = _mm256_dpbusd_avx_epi32(p, t[k], set1(ld32(x + 4 * k)));
+        return p;
+#else
+        const __m256i ones = _mm256_set1_epi16(1);
+        if constexpr (FMT == Q8_0) {  // t holds w + 128: signed w, |w| <= 128 against x with w's sign
+            const __m256i flip = bytes((char)0x80);
+            for (int k = k0; k < k0 + n; ++k) {
+                const __m256i w = _mm256_xor_si256(t[k], flip), xk = set1(ld32(x + 4 * k));
+                p = _mm256_add_epi32(p, _mm256_madd_epi16(_mm256_maddubs_epi16(_mm256_sign_epi8(w, w), _mm256_sign_epi8(xk, w)), ones));
+            }
+            return p;
+        }
+        constexpr int SPAN16 = FMT == Q6_K ? 2 : FMT == Q5_K ? 4 : 8;
+        for (int k1 = k0; k1 < k0 + n; k1 += SPAN16) {
+            __m256i s = _mm256_maddubs_epi16(t[k1], set1(ld32(x + 4 * k1)));
+            for (int k = k1 + 1; k < k1 + SPAN16 && k < k0 + n; ++k)
+                s = _mm256_add_epi16(s, _mm256_maddubs_epi16(t[k], set1(ld32(x + 4 * k))));
+            p = _mm256_add_epi32(p, _mm256_madd_epi16(s, ones));
+        }
+        return p;
 #endif
+    }
+};
+#endif
+
+// the 8 quad vectors of one record's Vw::LANES rows at rec (unsigned codes, t[j]: weights 4j .. 4j+3)
+template <int FMT>
+static inline void codes(Vw::I* t, const uint8_t* rec) {
+    if constexpr (FMT == Q8_0) {
+        for (int j = 0; j < 8; ++j) t[j] = Vw::load(rec + 64 * j);
+        return;
+    }
+    const Vw::I low = Vw::bytes(0x0f);
+    for (int j = 0; j < 4; ++j) {
+        const Vw::I v = Vw::load(rec + 64 * j);
+        t[j] = Vw::and_(v, low);
+        t[4 + j] = Vw::and_(Vw::high_nibbles(v), low);
+    }
+    if constexpr (FMT == Q5_K) {  // bit j of each byte, moved to bit 4
+        const Vw::I h = Vw::load(rec + 256), bit = Vw::bytes(0x10);
+        t[0] = Vw::or_(t[0], Vw::and_(Vw::shift<4>(h), bit));
+        t[1] = Vw::or_(t[1], Vw::and_(Vw::shift<3>(h), bit));
+        t[2] = Vw::or_(t[2], Vw::and_(Vw::shift<2>(h), bit));
+        t[3] = Vw::or_(t[3], Vw::and_(Vw::shift<1>(h), bit));
+        t[4] = Vw::or_(t[4], Vw::and_(h, bit));
+        t[5] = Vw::or_(t[5], Vw::and_(Vw::shift<-1>(h), bit));
+        t[6] = Vw::or_(t[6], Vw::and_(Vw::shift<-2>(h), bit));
+        t[7] = Vw::or_(t[7], Vw::and_(Vw::shift<-3>(h), bit));
+    }
+    if constexpr (FMT == Q6_K) {  // bits 2j, 2j+1 of each byte of vector v, moved to bits 4, 5
+        const Vw::I two = Vw::bytes(0x30);
+        for (int v = 0; v < 2; ++v) {
+            const Vw::I h = Vw::load(rec + 256 + 64 * v);
+            t[4 * v + 0] = Vw::or_(t[4 * v + 0], Vw::and_(Vw::shift<4>(h), two));
+            t[4 * v + 1] = Vw::or_(t[4 * v + 1], Vw::and_(Vw::shift<2>(h), two));
+            t[4 * v + 2] = Vw::or_(t[4 * v + 2], Vw::and_(h, two));
+            t[4 * v + 3] = Vw::or_(t[4 * v + 3], Vw::and_(Vw::shift<-2>(h), two));
+        }
+    }
 }
 
-static inline __m256 half8(const uint8_t* p) { return _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)p)); }
-static inline __m256 u8x8(const uint8_t* p) {
-    return _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i*)p)));
-}
-static inline __m256 i8x8(const uint8_t* p) {
-    return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i*)p)));
-}
-
-// y [R][16] columns 8h .. 8h+7 = R <= 4 rows of x against half h of the panel at p
+// y [R][16] columns L h .. L h + L - 1 (L = Vw::LANES) = R <= Vw::ROWS rows of x against rows L h ..
+// of the panel at p: its codes at 4 L h bytes into each vector, its scales L h entries into each array
 template <int FMT, int R>
-static void half_r(float* y, const int8_t* q, const float* xd, const float* xs, const int32_t* xo, int64_t K,
-                   const uint8_t* p, int h) {
+static void lanes_r(float* y, const int8_t* q, const float* xd, const float* xs, const int32_t* xo, int64_t K,
+                    const uint8_t* p, int h) {
     const int64_t nb = K / QK;
     constexpr bool KQ = int8_has_header(FMT);
     constexpr int64_t REC = int8_record_bytes(FMT), QB = int8_quant_bytes(FMT);
     constexpr int64_t SPAN = int8_span(FMT), HDR = int8_header_bytes(FMT);
-    __m256 acc[R];
-    for (int r = 0; r < R; ++r) acc[r] = _mm256_setzero_ps();
+    const int64_t lh = Vw::LANES * h;  // the first row of these lanes
+    Vw::F acc[R];
+    for (int r = 0; r < R; ++r) acc[r] = Vw::zero();
     for (int64_t j = 0; j < nb / SPAN; ++j) {
         const uint8_t* sb = p + j * (HDR + SPAN * REC);
-        __m256 dsb = _mm256_setzero_ps(), nmin = _mm256_setzero_ps();
-        if constexpr (KQ) {
-            dsb = half8(sb + 16 * h);
-            nmin = _mm256_sub_ps(_mm256_setzero_ps(), half8(sb + 32 + 16 * h));
+        Vw::F dsb = Vw::zero(), nmin = Vw::zero();
+        if constexpr (KQ) {  // the super-block's header: d, -dmin
+            dsb = Vw::half(sb + 2 * lh);
+            nmin = Vw::sub(Vw::zero(), Vw::half(sb + 32 + 2 * lh));
         }
         for (int64_t bb = 0; bb < SPAN; ++bb) {
             const int64_t b = j * SPAN + bb;
             const uint8_t* rec = sb + HDR + bb * REC;
             if (h == 0)
                 for (int64_t l = 0; l < REC; l += 64) __builtin_prefetch(rec + PREFETCH_AHEAD + l);
-            __m256i t[8];
-            codes_256<FMT>(t, rec + 32 * h);
-            __m256 scale, scale1 = _mm256_setzero_ps(), offw = _mm256_setzero_ps();
+            Vw::I t[8];
+            codes<FMT>(t, rec + 4 * lh);
+            Vw::F scale, scale1 = Vw::zero(), offw = Vw::zero();
             if constexpr (KQ) {
-                scale = _mm256_mul_ps(dsb, u8x8(rec + QB + 8 * h));
-                offw = _mm256_mul_ps(nmin, u8x8(rec + QB + 16 + 8 * h));
+                scale = Vw::mul(dsb, Vw::u8(rec + QB + lh));
+                offw = Vw::mul(nmin, Vw::u8(rec + QB + 16 + lh));
             } else if constexpr (FMT == Q6_K) {
-                const __m256 d = half8(rec + QB + 16 * h);
-                scale = _mm256_mul_ps(d, i8x8(rec + QB + 32 + 8 * h));
-                scale1 = _mm256_mul_ps(d, i8x8(rec + QB + 48 + 8 * h));
+                const Vw::F d = Vw::half(rec + QB + 2 * lh);
+                scale = Vw::mul(d, Vw::i8(rec + QB + 32 + lh));
+                scale1 = Vw::mul(d, Vw::i8(rec + QB + 48 + lh));
             } else {
-                scale = half8(rec + QB + 16 * h);
-                if constexpr (FMT == Q4_1) offw = half8(rec + QB + 32 + 16 * h);
+                scale = Vw::half(rec + QB + 2 * lh);
+                if constexpr (FMT == Q4_1) offw = Vw::half(rec + QB + 32 + 2 * lh);
             }
+#pragma GCC unroll 8
             for (int r = 0; r < R; ++r) {
                 const int8_t* xb = q + r * K + b * QK;
                 const int32_t* o = xo + (r * nb + b) * 4;  // int8_panel_offsets
-                const __m256 dx = _mm256_set1_ps(xd[r * nb + b]);
+                const Vw::F dx = Vw::set1f(xd[r * nb + b]);
                 if constexpr (FMT == Q6_K) {
-                    const __m256i p0 = dot_quads<FMT>(_mm256_set1_epi32(o[0]), t, xb, 0, 4);
-                    const __m256i p1 = dot_quads<FMT>(_mm256_set1_epi32(o[1]), t, xb, 4, 4);
-                    acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p0), _mm256_mul_ps(scale, dx), acc[r]);
-                    acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p1), _mm256_mul_ps(scale1, dx), acc[r]);
+                    const Vw::I p0 = Vw::dot<FMT>(Vw::set1(o[0]), t, xb, 0, 4);
+                    const Vw::I p1 = Vw::dot<FMT>(Vw::set1(o[1]), t, xb, 4, 4);
+                    acc[r] = Vw::fmadd(Vw::cvt(p0), Vw::mul(scale, dx), acc[r]);
+                    acc[r] = Vw::fmadd(Vw::cvt(p1), Vw::mul(scale1, dx), acc[r]);
                 } else {
-                    __m256i p0 = _mm256_setzero_si256();
-                    if constexpr (FMT == Q4_0) p0 = _mm256_set1_epi32(o[2]);  // -8 sum(q)
-#if I8_ISA == 2
-                    if constexpr (FMT == Q8_0) p0 = _mm256_set1_epi32(o[3]);  // -128 sum(q) (AVX2: signed codes)
-#endif
-                    p0 = dot_quads<FMT>(p0, t, xb, 0, 8);
-                    acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p0), _mm256_mul_ps(scale, dx), acc[r]);
-                    if constexpr (FMT == Q4_1 || KQ) acc[r] = _mm256_fmadd_ps(offw, _mm256_set1_ps(xs[r * nb + b]), acc[r]);
+                    Vw::I p0 = Vw::zero_i();
+                    if constexpr (FMT == Q4_0) p0 = Vw::set1(o[2]);                     // -8 sum(q)
+                    if constexpr (FMT == Q8_0 && !Vw::SIGNED_Q8) p0 = Vw::set1(o[3]);  // -128 sum(q)
+                    p0 = Vw::dot<FMT>(p0, t, xb, 0, 8);
+                    acc[r] = Vw::fmadd(Vw::cvt(p0), Vw::mul(scale, dx), acc[r]);
+                    if constexpr (FMT == Q4_1 || KQ) acc[r] = Vw::fmadd(offw, Vw::set1f(xs[r * nb + b]), acc[r]);
                 }
             }
         }
     }
-    for (int r = 0; r < R; ++r) _mm256_storeu_ps(y + 16 * r + 8 * h, acc[r]);
+    for (int r = 0; r < R; ++r) Vw::store(y + 16 * r + lh, acc[r]);
 }
 
 template <int FMT, int R>
 static void panel_r(float* y, const int8_t* q, const float* xd, const float* xs, const int32_t* xo, int64_t K,
                     const uint8_t* p) {
-    half_r<FMT, R>(y, q, xd, xs, xo, K, p, 0);
-    half_r<FMT, R>(y, q, xd, xs, xo, K, p, 1);
+    for (int h = 0; h < I8_ROWS / Vw::LANES; ++h) lanes_r<FMT, R>(y, q, xd, xs, xo, K, p, h);
 }
 
-static constexpr int PANEL_ROWS = 4;
-#endif
+static constexpr int PANEL_ROWS = Vw::ROWS;
 
 template <int FMT>
 static void panel_f(float* y, const int8_t* q, const float* xd, const float* xs, const int32_t* xo, int R, int64_t K,

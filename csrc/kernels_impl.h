@@ -772,29 +772,16 @@ static void linear_quant_t(void* out, const float* A, int64_t lda, const uint8_t
 #include "kquant_impl.h"  // Q4_K / Q5_K / Q6_K: linear_kquant_t
 
 // block b of an int8-route panel (int8.h) as fp32: out[t * os + r] = weight t of row r (t < 32,
-// r < 16), the values of int8_dequant_block (d u + m, d sc u - dmin m, d sc (u - 32), d (u - 128)).
-// Loops over the 16 rows of one 4-byte element per row, so each vectorizes over rows.
+// r < 16), the values of int8_dequant_block (the same scales and order of operations). Loops over the
+// 16 rows of one 4-byte element per row, so each vectorizes over rows.
 template <int FMT>
 static inline void record_f32(float* out, int64_t os, const uint8_t* panel, int64_t b) {
+    constexpr int OFF = int8_code_offset(FMT);
+    constexpr bool OFFW = FMT == Q4_1 || int8_has_header(FMT);
     const uint8_t* rec = panel + int8_record_offset(FMT, b);
-    const uint8_t* sc = rec + int8_quant_bytes(FMT);
     float s0[I8_ROWS], s1[I8_ROWS], off[I8_ROWS];
     uint32_t e[I8_ROWS], h0[I8_ROWS], h1[I8_ROWS];
-    for (int r = 0; r < I8_ROWS; ++r) {
-        if constexpr (int8_has_header(FMT)) {
-            const uint8_t* hdr = rec - (b % int8_span(FMT)) * int8_record_bytes(FMT) - int8_header_bytes(FMT);
-            s0[r] = s1[r] = int8_half(hdr + 2 * r) * (float)sc[r];
-            off[r] = -(int8_half(hdr + 32 + 2 * r) * (float)sc[16 + r]);
-        } else if constexpr (FMT == Q6_K) {
-            const float d = int8_half(sc + 2 * r);
-            s0[r] = d * (float)(int8_t)sc[32 + r];
-            s1[r] = d * (float)(int8_t)sc[48 + r];
-            off[r] = 0.f;
-        } else {
-            s0[r] = s1[r] = int8_half(sc + 2 * r);
-            off[r] = FMT == Q4_1 ? int8_half(sc + 32 + 2 * r) : FMT == Q4_0 ? -8.0f * s0[r] : 0.f;
-        }
-    }
+    for (int r = 0; r < I8_ROWS; ++r) int8_record_scales(s0[r], s1[r], off[r], panel, b, r, FMT);
     if constexpr (FMT == Q5_K) std::memcpy(h0, rec + 256, sizeof h0);
     if constexpr (FMT == Q6_K) {
         std::memcpy(h0, rec + 256, sizeof h0);
@@ -804,7 +791,7 @@ static inline void record_f32(float* out, int64_t os, const uint8_t* panel, int6
         for (int j = 0; j < 8; ++j) {
             std::memcpy(e, rec + 64 * j, sizeof e);
             for (int i = 0; i < 4; ++i)
-                for (int r = 0; r < I8_ROWS; ++r) out[(4 * j + i) * os + r] = s0[r] * (float)((int)((e[r] >> (8 * i)) & 255) - 128);
+                for (int r = 0; r < I8_ROWS; ++r) out[(4 * j + i) * os + r] = s0[r] * (float)((int)((e[r] >> (8 * i)) & 255) - OFF);
         }
         return;
     }
@@ -822,15 +809,10 @@ static inline void record_f32(float* out, int64_t os, const uint8_t* panel, int6
                 if constexpr (FMT == Q6_K) {
                     ul |= (int)((h0[r] >> (8 * i + 2 * j)) & 3) << 4;
                     uh |= (int)((h1[r] >> (8 * i + 2 * j)) & 3) << 4;
-                    lo[r] = s0[r] * (float)(ul - 32);
-                    hi[r] = s1[r] * (float)(uh - 32);
-                } else if constexpr (int8_has_header(FMT)) {
-                    lo[r] = s0[r] * (float)ul + off[r];
-                    hi[r] = s1[r] * (float)uh + off[r];
-                } else {
-                    lo[r] = s0[r] * (float)ul + off[r];
-                    hi[r] = s0[r] * (float)uh + off[r];
                 }
+                const float vl = s0[r] * (float)(ul - OFF), vh = s1[r] * (float)(uh - OFF);
+                lo[r] = OFFW ? vl + off[r] : vl;
+                hi[r] = OFFW ? vh + off[r] : vh;
             }
         }
     }
