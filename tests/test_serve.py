@@ -336,10 +336,13 @@ def test_cancelled_streams_free_their_slots(server):
 
 def test_bench_serve_load_generator_counts_what_the_server_streams(server):
     """`portinfer bench serve`'s level: c clients, requests back to back; every generated token counted
-    (from the streamed usage), TTFT and inter-token gaps measured, nothing left running."""
-    from portinfer.bench.serve import combine_rounds, run_level
+    (from the streamed usage), TTFT and inter-token gaps measured, nothing left running. Before its
+    levels it waits until the server has built its idle step plans."""
+    from portinfer.bench.serve import _wait_for_idle_builds, combine_rounds, run_level
 
     url, _ = server
+    assert _wait_for_idle_builds(url, timeout_s=120) is None  # it ran (a coroutine would not have)
+    assert httpx.get(url + "/health").json()["plans_to_build"] == 0
     body = {"model": "tiny-chat", "prompt": "count these tokens", "max_tokens": 5, "temperature": 0, "stream": True,
             "ignore_eos": True, "stream_options": {"include_usage": True}}
     level = asyncio.run(run_level(url, 3, 7, body))

@@ -68,7 +68,7 @@ async def _one(http, body):
     return first, gaps, tokens
 
 
-async def _wait_for_idle_builds(url, timeout_s=300):
+def _wait_for_idle_builds(url, timeout_s=300):
     """Until a portinfer server's /health says no step plans are left to build while idle (other
     servers do not say: no wait)."""
     import httpx
