@@ -84,16 +84,16 @@ def prepared(mod, route, fmt, blocks, n, k):
 
 
 def call(mod, route, fmt, out, x, payload, m, n, k):
+    adt = _DTYPE_CODE[x.dtype]
     if route == "int8":  # every row count on the int8 kernels (mode 2, the cpu[int8-all] route)
-        args = (_buf(out), _buf(x), _buf(payload), _buf(None), m, n, k, k, _DTYPE_CODE[torch.float32],
-                _INT8_FORMATS[fmt])
+        args = (_buf(out), _buf(x), _buf(payload), _buf(None), m, n, k, k, adt, _INT8_FORMATS[fmt])
         try:
             mod.linear_int8(*args, 2)
         except TypeError:  # a build from before the int8 modes: more than 16 rows there take fp32 activations
             mod.linear_int8(*args)
     else:
         code = _WEIGHT_CODE[spec.dtype_name(DENSE[fmt])] if fmt in DENSE else _WEIGHT_CODE[fmt]
-        mod.linear(_buf(out), _buf(x), _buf(payload), _buf(None), m, n, k, k, _DTYPE_CODE[torch.float32], code)
+        mod.linear(_buf(out), _buf(x), _buf(payload), _buf(None), m, n, k, k, adt, code)
 
 
 def main(argv=None) -> int:
@@ -105,6 +105,8 @@ def main(argv=None) -> int:
                    help="K-quants: K a multiple of 256, int8 route only; f32 / f16 / bf16: fp32 route only")
     p.add_argument("--rows", type=int, nargs="+", default=[1, 4, 8], help="rows of x (M)")
     p.add_argument("--shapes", nargs="+", default=["1536x576", "576x1536", "576x576"], help="N x K")
+    p.add_argument("--act", choices=("fp32", "bf16"), default="fp32",
+                   help="activations' dtype (bf16 with bf16 weights: the avx512bf16 table's bf16 GEMM past the GEMV)")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--int8-path", help="the int8 path of both builds (default: the best this CPU has)")
     p.add_argument("--copies", type=int, default=2, help="weight copies per shape (2: in cache; 40+: from memory)")
@@ -124,8 +126,9 @@ def main(argv=None) -> int:
         blocks = blocks_for(n, k, args.format, seed=i)
         payloads = [[prepared(mod, args.route, args.format, blocks, n, k) for _ in range(args.copies)] for mod in mods]
         for m in args.rows:
-            x = torch.randn(m, k, generator=torch.Generator().manual_seed(100 + i))
-            outs = [torch.empty(m, n), torch.empty(m, n)]
+            act = torch.bfloat16 if args.act == "bf16" else torch.float32
+            x = torch.randn(m, k, generator=torch.Generator().manual_seed(100 + i)).to(act)
+            outs = [torch.empty(m, n, dtype=act), torch.empty(m, n, dtype=act)]
             reps = max(1, int(3e6 / (m * n * k * args.copies)))
             best = [float("inf"), float("inf")]
             for _ in range(args.turns):
@@ -135,19 +138,20 @@ def main(argv=None) -> int:
                         for payload in payloads[j]:
                             call(mod, args.route, args.format, outs[j], x, payload, m, n, k)
                     best[j] = min(best[j], (time.perf_counter() - t) / (reps * args.copies))
-            if not torch.allclose(outs[0], outs[1], rtol=1e-4, atol=1e-4 * float(outs[0].abs().max())):
+            tol = 1e-2 if args.act == "bf16" else 1e-4  # two bf16 kernels round their fp32 sums once each
+            if not torch.allclose(outs[0].float(), outs[1].float(), rtol=tol, atol=tol * float(outs[0].abs().max())):
                 raise SystemExit(f"{shape} M={m}: the builds disagree (max |diff| "
                                  f"{float((outs[0] - outs[1]).abs().max()):.3g})")
             gmac = [m * n * k / b / 1e9 for b in best]
             row = {"n": n, "k": k, "m": m, "us_a": best[0] * 1e6, "us_b": best[1] * 1e6, "gmac_s_a": gmac[0],
                    "gmac_s_b": gmac[1], "b_over_a": best[0] / best[1]}
             rows.append(row)
-            print(f"{args.route} {args.format} {n}x{k} M={m:<3d} threads={args.threads}: A {gmac[0]:6.1f}  "
+            print(f"{args.route} {args.format} x:{args.act} {n}x{k} M={m:<3d} threads={args.threads}: A {gmac[0]:6.1f}  "
                   f"B {gmac[1]:6.1f} GMAC/s  B/A {row['b_over_a']:.2f}", flush=True)
     if args.json:
         doc = {"provenance": provenance("python bench/kernel_ab.py " + " ".join(argv or sys.argv[1:])),
                "builds": [os.path.abspath(args.build_a), os.path.abspath(args.build_b)], "route": args.route,
-               "format": args.format, "threads": args.threads, "copies": args.copies,
+               "format": args.format, "act": args.act, "threads": args.threads, "copies": args.copies,
                "int8_path": args.int8_path or mods[1].get_int8_path(), "rows": rows}
         with open(args.json, "w") as f:
             json.dump(doc, f, indent=2)

@@ -1,7 +1,7 @@
 // The avx512bf16 kernel path: the avx512 kernel table with one more kernel, a bf16 x bf16 GEMM on
 // vdpbf16ps (AVX512-BF16: Cooper Lake, Sapphire Rapids and later Xeons, Zen 4/5). Chosen at run time
 // only where the CPU reports avx512bf16 (bindings.cpp, usable_paths); everything else -- decode
-// (M <= 4), other dtypes and weight formats -- is the avx512 table's.
+// (M <= 16, the GEMV: 1.5x this GEMM at 8 rows, equal at 16), other dtypes and weight formats -- is the avx512 table's.
 //
 // vdpbf16ps multiplies pairs of bf16 values exactly (8-bit significands: a product fits fp32's 24)
 // and adds the pair's two products to an fp32 accumulator, rounding to nearest even; it treats
@@ -29,7 +29,7 @@ namespace pi_avx512bf16 {
 static const int64_t KC = 256;       // k per block: [128 pairs][32] bf16 = 16 KiB
 static const int MR = 12;            // rows of the register tile
 static const int64_t MC_MAX = 1024;  // rows per task at most (a 1024 x 32 fp32 tile: 128 KiB, L2)
-static const int GEMV_MAX_M = 4;     // kernels_impl.h: up to this many rows, the avx512 GEMV
+static const int GEMV_MAX_M = 16;    // kernels_impl.h: up to this many rows, the avx512 GEMV
 
 static inline int64_t imin(int64_t a, int64_t b) { return a < b ? a : b; }
 static inline int64_t imax(int64_t a, int64_t b) { return a > b ? a : b; }

@@ -16,6 +16,7 @@ struct Vec {
     typedef __m256 V;
     static const int W = 8;
     static const int GEMM_MR = 3;
+    static const int GEMV_R = 4;  // rows of x per dense GEMV pass (kernels_impl.h)
     static const bool NIBBLE_LUT = false;  // no 16-entry permute: Q4 goes through int -> float conversions
     static inline V zero() { return _mm256_setzero_ps(); }
     static inline V set1(float a) { return _mm256_set1_ps(a); }

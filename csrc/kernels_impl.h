@@ -294,12 +294,16 @@ static void rope(void* out, const void* x, const int64_t* pos, const double* inv
 //
 // Dense W is packed at prepare time in panels of PANEL = 32 output features, k-major:
 // P [ceil(N/32)][K][32] (pack_dense in bindings.cpp). Quantized W stays GGUF blocks [N][K/32].
-// M <= GEMV_MAX_M: one pass over the weights, every row of x against each loaded weight.
-// Larger M: a GEMM over KC x 32 weight blocks (converted / dequantized to fp32 when needed)
-// with an MR x 32 register-tile micro-kernel.
+// M <= GEMV_MAX_M (decode, a server's step over up to 16 slots): each weight vector loaded once per
+// pass and used against GEMV_R rows of x (as many as the registers hold); more rows take further
+// passes over the same panel while it is in L2 (K in chunks of GEMV_KC), so the weights are read from
+// memory once per call. Larger M: a GEMM over KC x 32 weight blocks (converted / dequantized to fp32
+// when needed) with an MR x 32 register-tile micro-kernel.
 
 static const int NV = PANEL / W;  // vectors per panel row
-static const int GEMV_MAX_M = 4;
+static const int GEMV_R = Vec::GEMV_R;
+static const int GEMV_MAX_M = 16;
+static const int64_t GEMV_KC = 1024;  // k per chunk when a panel takes several passes (128 KiB of fp32)
 // block-quantized weights: rows of x per GEMV pass (decode of up to 8 sequences reads the weights
 // once; the GEMM path dequantizes every tile, which cost a batch of 8 ~4x one sequence)
 static const int QGEMV_MAX_M = 8;
@@ -396,14 +400,21 @@ static void gemm(void* out, const float* A, int64_t lda, const void* bias, int64
 
 // ---------------------------------------------------------------- dense weights
 
+// acc [R][32] (+)= A [R rows, lda][k0, k1) x P's rows k0..k1 (a panel, k-major [K][32] of WDT).
+// Few rows: two accumulator sets (even / odd k) so the FMA chains overlap; more rows (R x NV > 8
+// accumulators) are enough independent chains with one set.
 template <int WDT, int R>
-static void gemv_dense_panel(float* acc_out, const float* A, int64_t lda, const void* P, int64_t K) {
-    // two accumulator sets (even / odd k) so the FMA chains overlap
+static void gemv_dense_panel(float* acc, const float* A, int64_t lda, const void* P, int64_t k0, int64_t k1,
+                             bool init) {
+    constexpr bool DUAL = R * NV <= 8;
     V c0[R][NV], c1[R][NV];
     for (int r = 0; r < R; ++r)
-        for (int v = 0; v < NV; ++v) c0[r][v] = c1[r][v] = Vec::zero();
-    int64_t k = 0;
-    for (; k + 2 <= K; k += 2) {
+        for (int v = 0; v < NV; ++v) {
+            c0[r][v] = init ? Vec::zero() : Vec::load(acc + r * PANEL + v * W);
+            c1[r][v] = Vec::zero();
+        }
+    int64_t k = k0;
+    for (; k + 2 <= k1; k += 2) {
         if (WDT != DT_F32) {  // 16-bit weights: prefetch 8 KiB ahead (4 KiB: +40% from DRAM here; 8 KiB over 4
             // 1.03-1.06x, 16 KiB as 8; fp32 loses with it, or gains nothing at 16 KiB)
             __builtin_prefetch((const char*)P + (k + 128) * PANEL * 2);
@@ -415,23 +426,32 @@ static void gemv_dense_panel(float* acc_out, const float* A, int64_t lda, const 
             w0[v] = load_dt(P, WDT, k * PANEL + v * W);
             w1[v] = load_dt(P, WDT, (k + 1) * PANEL + v * W);
         }
-#pragma GCC unroll 4
+#pragma GCC unroll 8
         for (int r = 0; r < R; ++r) {
             V a0 = Vec::set1(A[r * lda + k]), a1 = Vec::set1(A[r * lda + k + 1]);
 #pragma GCC unroll 8
             for (int v = 0; v < NV; ++v) {
                 c0[r][v] = Vec::fma(a0, w0[v], c0[r][v]);
-                c1[r][v] = Vec::fma(a1, w1[v], c1[r][v]);
+                if (DUAL) c1[r][v] = Vec::fma(a1, w1[v], c1[r][v]);
+                else c0[r][v] = Vec::fma(a1, w1[v], c0[r][v]);
             }
         }
     }
-    if (k < K)
+    if (k < k1)
         for (int r = 0; r < R; ++r) {
             V a = Vec::set1(A[r * lda + k]);
             for (int v = 0; v < NV; ++v) c0[r][v] = Vec::fma(a, load_dt(P, WDT, k * PANEL + v * W), c0[r][v]);
         }
     for (int r = 0; r < R; ++r)
-        for (int v = 0; v < NV; ++v) Vec::store(acc_out + r * PANEL + v * W, Vec::add(c0[r][v], c1[r][v]));
+        for (int v = 0; v < NV; ++v)
+            Vec::store(acc + r * PANEL + v * W, DUAL ? Vec::add(c0[r][v], c1[r][v]) : c0[r][v]);
+}
+
+template <int WDT, int R>
+static inline void gemv_dense_dispatch(int r, float* acc, const float* A, int64_t lda, const void* P, int64_t k0,
+                                       int64_t k1, bool init) {
+    if (r == R) gemv_dense_panel<WDT, R>(acc, A, lda, P, k0, k1, init);
+    else if constexpr (R > 1) gemv_dense_dispatch<WDT, R - 1>(r, acc, A, lda, P, k0, k1, init);
 }
 
 template <int WDT>
@@ -443,19 +463,21 @@ static void linear_dense_t(void* out, const float* A, int64_t lda, const void* p
         // contiguous runs of panels, 2 per thread (as the int8 route's decode): a thread streams one
         // region; one panel a task made the threads' streams alternate panel by panel. One linear
         // from memory, 2 threads, f16, Qwen2-0.5B's 4864x896 / 896x4864 / 151936x896 (the head),
-        // builds alternated in one process: 1.05-1.5x with the prefetch distance below
+        // builds alternated in one process: 1.05-1.5x with the prefetch distance below.
+        // Rows past GEMV_R: passes of equal sizes over each chunk of the panel (L2 after the first)
         const int64_t per = imax(1, ceil_div(panels, 2 * (int64_t)pool_threads()));
+        const int64_t passes = ceil_div(M, GEMV_R), kc = passes > 1 ? GEMV_KC : K;
         auto task = [&](int64_t t, int) {
             for (int64_t p = t * per; p < imin(panels, (t + 1) * per); ++p) {
                 alignas(64) float acc[GEMV_MAX_M * PANEL];
                 const char* P = at(packed, p * panel_elems, WDT);
-                switch (M) {
-                    case 1: gemv_dense_panel<WDT, 1>(acc, A, lda, P, K); break;
-                    case 2: gemv_dense_panel<WDT, 2>(acc, A, lda, P, K); break;
-                    case 3: gemv_dense_panel<WDT, 3>(acc, A, lda, P, K); break;
-                    default: gemv_dense_panel<WDT, 4>(acc, A, lda, P, K); break;
-                }
-                int64_t n0 = p * PANEL;
+                for (int64_t k0 = 0; k0 < K; k0 += kc)
+                    for (int64_t pass = 0; pass < passes; ++pass) {
+                        const int64_t m0 = pass * M / passes, rows = (pass + 1) * M / passes - m0;
+                        gemv_dense_dispatch<WDT, GEMV_R>((int)rows, acc + m0 * PANEL, A + m0 * lda, lda, P, k0,
+                                                         imin(K, k0 + kc), k0 == 0);
+                    }
+                const int64_t n0 = p * PANEL;
                 write_out(out, adt, acc, PANEL, M, N, n0, imin(PANEL, N - n0), bias);
             }
         };
@@ -683,6 +705,119 @@ static inline void gemv_quant_row_dequant(float* y, const float* A, int64_t lda,
     }
 }
 
+// A batched decode step (QTILE_MIN_M..GEMV_MAX_M rows of x) on a Vec with a nibble table (AVX-512):
+// tiles of up to 4 weight rows x 4 rows of x, one accumulator each (16 zmm). Each block of the tile's
+// weight rows is dequantized into registers once per pass (the nibble table; Q8_0: int8 x d) and each
+// 32-value slice of x is loaded once per block for all of them. The one-weight-row kernels above load
+// every row of x for every weight row: at 8 rows of x that is 1 KiB of x per 18-byte Q4 block, from
+// L2 once x outgrows L1 (K = 4864: 70 GMAC/s on 2 threads against 127 at K = 896). More rows of x
+// take further passes of equal sizes over the same weight rows (L1), so a step of 16 rows reads the
+// weights from memory once (it was two calls, each streaming them).
+static const int QTILE_P = 4, QTILE_R = 4;
+static const int QTILE_MIN_M = 3;  // 3 rows: 1.1-1.8x the one-weight-row kernel; 2 rows: 0.9-1.6x, left there
+
+template <int FMT>
+static inline void quant_weights(V* w, const uint8_t* b, V iota, const float* f16) {
+    uint16_t h;
+    std::memcpy(&h, b, 2);
+    if constexpr (FMT == Q8_0) {
+        const V d = Vec::set1(f16[h]);
+#pragma GCC unroll 8
+        for (int v = 0; v < NV; ++v) w[v] = Vec::mul(Vec::load_i8((const int8_t*)(b + 2) + v * W), d);
+    } else if constexpr (Vec::NIBBLE_LUT) {
+        V table;
+        if (FMT == Q4_0) {
+            table = Vec::mul(iota, Vec::set1(f16[h]));
+        } else {
+            uint16_t m;
+            std::memcpy(&m, b + 2, 2);
+            table = Vec::fma(iota, Vec::set1(f16[h]), Vec::set1(f16[m]));
+        }
+        const uint8_t* qs = b + (FMT == Q4_0 ? 2 : 4);
+#pragma GCC unroll 8
+        for (int v = 0; v < NV / 2; ++v) Vec::nibbles_lut(qs + v * W, table, w[v], w[NV / 2 + v]);
+    } else {
+        dequant_block<FMT>(w, b);
+    }
+}
+
+// y[p * ys + r] = weight row p . x row r, for P weight rows (row_bytes apart) and R rows of x
+template <int FMT, int P, int R>
+static inline void quant_tile(float* y, int64_t ys, const float* A, int64_t lda, const uint8_t* rows,
+                              int64_t row_bytes, int64_t nblocks, const float* f16) {
+    constexpr int64_t bb = quant_block_bytes(FMT);
+    const V iota = Vec::iota(FMT == Q4_0 ? -8.0f : 0.0f);
+    V c[P][R];
+#pragma GCC unroll 4
+    for (int p = 0; p < P; ++p)
+#pragma GCC unroll 4
+        for (int r = 0; r < R; ++r) c[p][r] = Vec::zero();
+    for (int64_t blk = 0; blk < nblocks; ++blk) {
+        V w[P][NV];
+#pragma GCC unroll 4
+        for (int p = 0; p < P; ++p) {
+            const uint8_t* b = rows + p * row_bytes + blk * bb;
+            __builtin_prefetch(b + 3072);
+            quant_weights<FMT>(w[p], b, iota, f16);
+        }
+        const float* x = A + blk * QK;
+#pragma GCC unroll 4
+        for (int r = 0; r < R; ++r) {
+            V xv[NV];
+#pragma GCC unroll 8
+            for (int v = 0; v < NV; ++v) xv[v] = Vec::load(x + r * lda + v * W);
+#pragma GCC unroll 4
+            for (int p = 0; p < P; ++p)
+#pragma GCC unroll 8
+                for (int v = 0; v < NV; ++v) c[p][r] = Vec::fma(w[p][v], xv[v], c[p][r]);
+        }
+    }
+#pragma GCC unroll 4
+    for (int p = 0; p < P; ++p)
+#pragma GCC unroll 4
+        for (int r = 0; r < R; ++r) y[p * ys + r] = Vec::reduce_add(c[p][r]);
+}
+
+template <int FMT, int P, int R>
+static inline void quant_tile_dispatch(int p, int r, float* y, int64_t ys, const float* A, int64_t lda,
+                                       const uint8_t* rows, int64_t row_bytes, int64_t nblocks, const float* f16) {
+    if (p < P) {
+        if constexpr (P > 1) quant_tile_dispatch<FMT, P - 1, R>(p, r, y, ys, A, lda, rows, row_bytes, nblocks, f16);
+    } else if (r < R) {
+        if constexpr (R > 1) quant_tile_dispatch<FMT, P, R - 1>(p, r, y, ys, A, lda, rows, row_bytes, nblocks, f16);
+    } else {
+        quant_tile<FMT, P, R>(y, ys, A, lda, rows, row_bytes, nblocks, f16);
+    }
+}
+
+template <int FMT>
+static void gemv_quant_tiles(void* out, const float* A, int64_t lda, const uint8_t* blocks, const void* bias,
+                             int64_t M, int64_t N, int64_t K, int adt) {
+    const int64_t nblocks = K / QK, row_bytes = nblocks * quant_block_bytes(FMT);
+    const int64_t rows_per_task = ceil_div(imax(16, ceil_div(N, 8 * (int64_t)pool_threads())), QTILE_P) * QTILE_P;
+    const int64_t passes = ceil_div(M, QTILE_R);
+    const float* f16 = f16_table();
+    auto task = [&](int64_t t, int) {
+        const int64_t n1 = imin(N, (t + 1) * rows_per_task);
+        for (int64_t n = t * rows_per_task; n < n1; n += QTILE_P) {
+            const int np = (int)imin(QTILE_P, n1 - n);
+            for (int64_t pass = 0; pass < passes; ++pass) {
+                const int64_t m0 = pass * M / passes, rr = (pass + 1) * M / passes - m0;
+                float y[QTILE_P * QTILE_R];
+                quant_tile_dispatch<FMT, QTILE_P, QTILE_R>(np, (int)rr, y, QTILE_R, A + m0 * lda, lda,
+                                                          blocks + n * row_bytes, row_bytes, nblocks, f16);
+                for (int p = 0; p < np; ++p)
+                    for (int64_t r = 0; r < rr; ++r) {
+                        float v = y[p * QTILE_R + r];
+                        if (bias) v += load_scalar(bias, adt, n + p);
+                        store_scalar(out, adt, (m0 + r) * N + n + p, v);
+                    }
+            }
+        }
+    };
+    par(ceil_div(N, rows_per_task), task);
+}
+
 template <int FMT, int R>
 static void gemv_quant(void* out, const float* A, int64_t lda, const uint8_t* blocks, const void* bias, int64_t N,
                        int64_t K, int adt) {
@@ -726,6 +861,10 @@ static void gemv_quant(void* out, const float* A, int64_t lda, const uint8_t* bl
 template <int FMT>
 static void linear_quant_t(void* out, const float* A, int64_t lda, const uint8_t* blocks, const void* bias, int64_t M,
                            int64_t N, int64_t K, int adt) {
+    if (Vec::NIBBLE_LUT && M >= QTILE_MIN_M && M <= GEMV_MAX_M) {
+        gemv_quant_tiles<FMT>(out, A, lda, blocks, bias, M, N, K, adt);
+        return;
+    }
     if (M > QGEMV_MAX_M && M <= QGEMV_PASSES * QGEMV_MAX_M) {  // a wide decode step: GEMV passes of <= 8 rows
         for (int64_t m0 = 0; m0 < M; m0 += QGEMV_MAX_M)
             linear_quant_t<FMT>((char*)out + m0 * N * dtype_bytes(adt), A + m0 * lda, lda, blocks, bias,

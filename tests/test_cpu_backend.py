@@ -72,14 +72,17 @@ def test_decode_attention_split_over_keys(cpu, path, threads):
 
 @pytest.mark.parametrize("path", PATHS)
 def test_linear_large_shapes(cpu, path):
-    """K across several GEMM k-blocks, N not a multiple of the panel, M on both sides of the GEMV switch."""
+    """K across several GEMM k-blocks (and two GEMV k-chunks), N not a multiple of the panel, M on
+    both sides of the GEMV switch: one pass, several passes of equal sizes (9 = 5 + 4, 13 = 7 + 6 on
+    avx512; 3 + 3 + 3, ... on the 4-row paths), 16 rows (a server's step), then the GEMM (17, 29)."""
     cpu.set_simd(path)
     gen = torch.Generator().manual_seed(7)
     K, N = 1056, 77
     w = torch.randn(N, K, generator=gen) / K ** 0.5
-    for M in (3, 29):
+    dense = (w, w.to(torch.float16), w.to(torch.bfloat16))
+    for M in (1, 3, 5, 8, 9, 13, 16, 17, 29):
         x = torch.randn(M, K, generator=gen)
-        for weight in (w, w.to(torch.float16), quant.quantize(w, "q8_0"), quant.quantize(w, "q4_1")):
+        for weight in dense + ((quant.quantize(w, "q8_0"), quant.quantize(w, "q4_1")) if M in (3, 29) else ()):
             y = cpu.linear(x, cpu.prepare_linear(weight, torch.float32))
             y_ref = REFERENCE.linear(x, REFERENCE.prepare_linear(weight, torch.float32))
             assert relative_error(y, y_ref) <= budget("linear", torch.float32, K), (path, M, spec.weight_format(weight))
@@ -87,14 +90,15 @@ def test_linear_large_shapes(cpu, path):
 
 @pytest.mark.parametrize("path", PATHS)
 def test_bf16_linear_at_prefill(cpu, path):
-    """bf16 x and bf16 weights past the GEMV (M > 4): on avx512bf16 a GEMM of vdpbf16ps over k-pairs
-    (csrc/gemm_bf16.cpp), elsewhere the fp32 GEMM on converted values. Odd K (a zero-padded last
-    pair), K across 256-k blocks, N not a multiple of the 32-wide panel, every row remainder of the
-    12-row tile, x read in place with a row stride, a bias, and NaN / Inf rows: within the bf16 budget
-    of the float64 reference, non-finite values exactly where the reference has them."""
+    """bf16 x and bf16 weights, in the GEMV's passes (M <= 16) and past them: on avx512bf16 a GEMM of
+    vdpbf16ps over k-pairs (csrc/gemm_bf16.cpp), elsewhere the fp32 GEMM on converted values. Odd K (a
+    zero-padded last pair), K across 256-k blocks, N not a multiple of the 32-wide panel, row
+    remainders of the 12-row tile, x read in place with a row stride, a bias, and NaN / Inf rows:
+    within the bf16 budget of the float64 reference, non-finite values exactly where the reference has
+    them."""
     cpu.set_simd(path)
     gen = torch.Generator().manual_seed(13)
-    for M, K, N in ((5, 7, 33), (12, 255, 64), (13, 513, 77), (29, 1056, 40), (37, 64, 1)):
+    for M, K, N in ((5, 7, 33), (13, 513, 77), (17, 7, 33), (24, 255, 64), (29, 1056, 40), (37, 64, 1)):
         w = (torch.randn(N, K, generator=gen) / K ** 0.5).to(torch.bfloat16)
         x = torch.randn(M, K + 5, generator=gen).to(torch.bfloat16)[:, :K]  # row stride K + 5
         b = torch.randn(N, generator=gen).to(torch.bfloat16)
@@ -126,16 +130,21 @@ def test_avx512bf16_path_where_the_cpu_has_it(cpu):
 @pytest.mark.parametrize("path", PATHS)
 @pytest.mark.parametrize("fmt", ["q8_0", "q4_0", "q4_1"])
 def test_quantized_gemv_every_block_count_and_row_count(cpu, path, fmt):
-    """The GEMV over GGUF blocks (M <= 8) works U blocks at a time with a scalar tail: block counts
-    1, 3, 5 and 129 reach every tail length, M = 1..8 every unroll, N = 300 several row runs."""
+    """The GEMV over GGUF blocks (M <= 16) works U blocks at a time with a scalar tail: block counts
+    1, 3, 5 and 129 reach every tail length, M = 1..8 every unroll; on AVX-512, 3..16 rows take tiles
+    of 4 weight rows x up to 4 rows of x in passes of equal sizes (10 = 4 + 3 + 3, 13 = 4 + 4 + 5 ...),
+    and N = 302 leaves a tile of 2 weight rows at the end of the last run. 17: the GEMM. A bias on
+    some row counts."""
     cpu.set_simd(path)
     gen = torch.Generator().manual_seed(11)
     for K in (32, 96, 160, 4128):
-        w = quant.quantize(torch.randn(300, K, generator=gen) / K ** 0.5, fmt)
+        w = quant.quantize(torch.randn(302, K, generator=gen) / K ** 0.5, fmt)
+        b = torch.randn(302, generator=gen)
         wp, wr = cpu.prepare_linear(w, torch.float32), REFERENCE.prepare_linear(w, torch.float32)
-        for M in (1, 2, 3, 4, 5, 6, 7, 8, 9, 16, 17):  # 9..16: two GEMV passes; 17: the GEMM
+        for M in (1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 13, 16, 17):
             x = torch.randn(M, K, generator=gen) + 0.5  # a mean, so Q4_1's m * sum(x) term matters
-            y, y_ref = cpu.linear(x, wp), REFERENCE.linear(x, wr)
+            bias = b if M in (5, 13) else None
+            y, y_ref = cpu.linear(x, wp, bias), REFERENCE.linear(x, wr, bias)
             assert relative_error(y, y_ref) <= budget("linear", torch.float32, K), (K, M)
 
 
