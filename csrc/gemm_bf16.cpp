@@ -106,14 +106,15 @@ static void gemm_bf16(void* out, const uint16_t* x, int64_t xs, const uint16_t* 
     const int64_t panels = ceil_div(N, PANEL), threads = pool_threads();
     const uint16_t* A = x;
     int64_t lda = xs;
-    if (K % 2) {  // a zero column makes the last pair whole (x is read in place otherwise)
-        uint16_t* buf = (uint16_t*)scratch(0, 1, (size_t)(M * (K + 1) + 1) / 2 + 1);
+    if (K % 2 || (xs * 2) % 1024 == 0) {  // a zero column makes the last pair whole (x is read in place otherwise)
+        const int64_t ld = (K + 1) / 2 * 2 + 32;
+        uint16_t* buf = (uint16_t*)scratch(0, 1, (size_t)(M * ld) / 2 + 1);
         for (int64_t m = 0; m < M; ++m) {
-            std::memcpy(buf + m * (K + 1), x + m * xs, (size_t)K * 2);
-            buf[m * (K + 1) + K] = 0;
+            std::memcpy(buf + m * ld, x + m * xs, (size_t)K * 2);
+            buf[m * ld + K] = 0;
         }
         A = buf;
-        lda = K + 1;
+        lda = ld;
     }
     int64_t mc = imin(M, MC_MAX);
     if (panels < 2 * threads) mc = imin(mc, imax(MR, ceil_div(ceil_div(M, ceil_div(2 * threads, panels)), MR) * MR));

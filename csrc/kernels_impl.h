@@ -314,12 +314,17 @@ static const int64_t KC = 256;  // k per GEMM block: a 256 x 32 fp32 block is 32
 static const int MR = Vec::GEMM_MR;
 static const int64_t MC_MAX = 1024;  // rows per GEMM task at most (a 1024 x 32 fp32 tile: 128 KiB, L2)
 
-// x as fp32 rows: x itself or a converted copy (thread 0's slot 1, filled before any task runs)
+// x as fp32 rows: x itself or a converted copy (thread 0's slot 1, filled before any task runs).
+// Rows whose stride is a multiple of 4 KiB all fall in one L1 set, and the GEMM's register tile
+// reads 12 of them at once (4K aliasing): past the GEMV such an x is copied with a padded stride,
+// and a converted copy is always padded so
 static const float* x_as_f32(const void* x, int64_t M, int64_t K, int64_t xs, int adt, int64_t* lda) {
-    if (adt == DT_F32) { *lda = xs; return (const float*)x; }
-    float* buf = scratch(0, 1, (size_t)(M * K));
-    for (int64_t m = 0; m < M; ++m) row_to_f32(buf + m * K, at(x, m * xs, adt), adt, K);
-    *lda = K;
+    const bool aliased = (xs * 4) % 4096 == 0 && M > GEMV_MAX_M;
+    if (adt == DT_F32 && !aliased) { *lda = xs; return (const float*)x; }
+    const int64_t ld = (K * 4) % 4096 == 0 ? K + 16 : K;
+    float* buf = scratch(0, 1, (size_t)(M * ld));
+    for (int64_t m = 0; m < M; ++m) row_to_f32(buf + m * ld, at(x, m * xs, adt), adt, K);
+    *lda = ld;
     return buf;
 }
 

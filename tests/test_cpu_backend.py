@@ -86,6 +86,14 @@ def test_linear_large_shapes(cpu, path):
             y = cpu.linear(x, cpu.prepare_linear(weight, torch.float32))
             y_ref = REFERENCE.linear(x, REFERENCE.prepare_linear(weight, torch.float32))
             assert relative_error(y, y_ref) <= budget("linear", torch.float32, K), (path, M, spec.weight_format(weight))
+    # rows 4 KiB apart (K = 1024 fp32) go through a copy with a padded stride past the GEMV (4K aliasing);
+    # bf16 x converted to fp32 likewise
+    w = torch.randn(N, 1024, generator=gen) / 32
+    for x in (torch.randn(29, 1024, generator=gen), torch.randn(29, 1024, generator=gen).to(torch.bfloat16)):
+        for weight in (w, w.to(torch.float16)):
+            y = cpu.linear(x, cpu.prepare_linear(weight, x.dtype))
+            y_ref = REFERENCE.linear(x, REFERENCE.prepare_linear(weight, x.dtype))
+            assert relative_error(y, y_ref) <= budget("linear", x.dtype, 1024), (path, x.dtype, spec.weight_format(weight))
 
 
 @pytest.mark.parametrize("path", PATHS)
@@ -98,7 +106,9 @@ def test_bf16_linear_at_prefill(cpu, path):
     them."""
     cpu.set_simd(path)
     gen = torch.Generator().manual_seed(13)
-    for M, K, N in ((5, 7, 33), (13, 513, 77), (17, 7, 33), (24, 255, 64), (29, 1056, 40), (37, 64, 1)):
+    # (20, 507, 40), (19, 1019, 33): row strides of 1 and 2 KiB, copied with a padded stride (4K aliasing)
+    for M, K, N in ((5, 7, 33), (13, 513, 77), (17, 7, 33), (24, 255, 64), (29, 1056, 40), (37, 64, 1),
+                    (20, 507, 40), (19, 1019, 33)):
         w = (torch.randn(N, K, generator=gen) / K ** 0.5).to(torch.bfloat16)
         x = torch.randn(M, K + 5, generator=gen).to(torch.bfloat16)[:, :K]  # row stride K + 5
         b = torch.randn(N, generator=gen).to(torch.bfloat16)
@@ -112,6 +122,12 @@ def test_bf16_linear_at_prefill(cpu, path):
             finite = torch.isfinite(y_ref).all(dim=1)
             err = relative_error(y[finite], y_ref[finite])
             assert err <= budget("linear", torch.bfloat16, K), (path, M, K, N, err)
+    # an even K whose rows are 2 KiB apart, read through the padded copy
+    w = (torch.randn(40, 1024, generator=gen) / 32).to(torch.bfloat16)
+    x = torch.randn(23, 1024, generator=gen).to(torch.bfloat16)
+    y = cpu.linear(x, cpu.prepare_linear(w, torch.bfloat16))
+    y_ref = REFERENCE.linear(x, REFERENCE.prepare_linear(w, torch.bfloat16))
+    assert relative_error(y, y_ref) <= budget("linear", torch.bfloat16, 1024), path
 
 
 def test_avx512bf16_path_where_the_cpu_has_it(cpu):
