@@ -129,7 +129,13 @@ static void gemm_bf16(void* out, const uint16_t* x, int64_t xs, const uint16_t* 
             // tiles of as equal a height as MR allows (256 rows: 14 of 12 and 8 of 11, not 21 of 12 and
             // one of 4, whose 8 accumulators cannot hide vdpbf16ps' latency)
             const int64_t tiles = ceil_div(m1 - m0, MR), base = (m1 - m0) / tiles, extra = (m1 - m0) % tiles;
+            // the next k-block of the panel (kc x 32 bf16), prefetched a share per tile while these compute
+            const char* next = (const char*)(P + (p * K + k0 + KC) * PANEL);
+            const int64_t next_lines = k0 + KC < K ? imin(KC, K - k0 - KC) * PANEL * 2 / 64 : 0;
+            const int64_t per_tile = ceil_div(next_lines, tiles);
             for (int64_t t = 0, m = m0; t < tiles; ++t) {
+                for (int64_t l = t * per_tile; l < imin(next_lines, (t + 1) * per_tile); ++l)
+                    __builtin_prefetch(next + l * 64);
                 const int r = (int)(base + (t < extra));
                 micro_dispatch<MR>(r, acc + (m - m0) * PANEL, A + m * lda + k0, lda, B, kp, k0 == 0);
                 m += r;
