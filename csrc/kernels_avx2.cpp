@@ -17,6 +17,7 @@ struct Vec {
     static const int W = 8;
     static const int GEMM_MR = 3;
     static const int GEMV_R = 4;  // rows of x per dense GEMV pass (kernels_impl.h)
+    static const int DTILE_R = 2;  // rows of x per tile of dequantized weight rows (kernels_impl.h; 0: off)
     static const bool NIBBLE_LUT = false;  // no 16-entry permute: Q4 goes through int -> float conversions
     static inline V zero() { return _mm256_setzero_ps(); }
     static inline V set1(float a) { return _mm256_set1_ps(a); }

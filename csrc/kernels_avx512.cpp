@@ -19,6 +19,7 @@ struct Vec {
     static const int W = 16;
     static const int GEMM_MR = 12;
     static const int GEMV_R = 8;  // rows of x per dense GEMV pass (kernels_impl.h)
+    static const int DTILE_R = 4;  // rows of x per tile of dequantized weight rows (kernels_impl.h; 0: off)
     static inline V zero() { return _mm512_setzero_ps(); }
     static inline V set1(float a) { return _mm512_set1_ps(a); }
     static inline V load(const float* p) { return _mm512_loadu_ps(p); }

@@ -11,6 +11,7 @@ struct Vec {
     static const int W = 8;
     static const int GEMM_MR = 2;
     static const int GEMV_R = 4;  // rows of x per dense GEMV pass (kernels_impl.h)
+    static const int DTILE_R = 0;  // rows of x per tile of dequantized weight rows (kernels_impl.h; 0: off)
     static const bool NIBBLE_LUT = false;  // no 16-entry permute: Q4 goes through int -> float conversions
     static inline V zero() { V r; for (int i = 0; i < W; ++i) r.x[i] = 0.f; return r; }
     static inline V set1(float a) { V r; for (int i = 0; i < W; ++i) r.x[i] = a; return r; }

@@ -234,86 +234,23 @@ static void gemv_kquant(void* out, const float* A, int64_t lda, const uint8_t* b
     par(ceil_div(N, rows_per_task), task);
 }
 
-// A batched decode step (QTILE_MIN_M..GEMV_MAX_M rows of x) on AVX-512: each run of 4 weight rows is
-// dequantized once into fp32 (kq_dequant, a thread's scratch: 16 KiB a row of K = 1024, L1 / L2), then
-// tiles of those 4 rows x up to 4 rows of x, one accumulator each, in passes of equal sizes over the
-// rows of x, as gemv_quant_tiles. The one-row kernels above load all of x for every weight row and
-// per sub-block scale each partial sum; here a weight is decoded once per call and each 16-value
-// slice of x loaded once for 4 weight rows.
-template <int P, int R>
-static inline void f32_rows_tile(float* y, int64_t ys, const float* w, int64_t ldw, const float* A, int64_t lda,
-                                 int64_t K) {
-    V c[P][R];
-#pragma GCC unroll 4
-    for (int p = 0; p < P; ++p)
-#pragma GCC unroll 4
-        for (int r = 0; r < R; ++r) c[p][r] = Vec::zero();
-    for (int64_t k = 0; k < K; k += W) {
-        V wv[P];
-#pragma GCC unroll 4
-        for (int p = 0; p < P; ++p) wv[p] = Vec::load(w + p * ldw + k);
-#pragma GCC unroll 4
-        for (int r = 0; r < R; ++r) {
-            const V xv = Vec::load(A + r * lda + k);
-#pragma GCC unroll 4
-            for (int p = 0; p < P; ++p) c[p][r] = Vec::fma(wv[p], xv, c[p][r]);
-        }
-    }
-#pragma GCC unroll 4
-    for (int p = 0; p < P; ++p)
-#pragma GCC unroll 4
-        for (int r = 0; r < R; ++r) y[p * ys + r] = Vec::reduce_add(c[p][r]);
-}
-
-template <int P, int R>
-static inline void f32_rows_tile_dispatch(int p, int r, float* y, int64_t ys, const float* w, int64_t ldw,
-                                          const float* A, int64_t lda, int64_t K) {
-    if (p < P) {
-        if constexpr (P > 1) f32_rows_tile_dispatch<P - 1, R>(p, r, y, ys, w, ldw, A, lda, K);
-    } else if (r < R) {
-        if constexpr (R > 1) f32_rows_tile_dispatch<P, R - 1>(p, r, y, ys, w, ldw, A, lda, K);
-    } else {
-        f32_rows_tile<P, R>(y, ys, w, ldw, A, lda, K);
-    }
-}
-
+// A batched decode step (QTILE_MIN_M..GEMV_MAX_M rows of x) where Vec::DTILE_R is set (AVX-512,
+// AVX2): gemv_dequant_tiles over kq_dequant. The one-row kernels above load all of x for every weight
+// row and scale every sub-block's partial sum per row of x; here a weight is decoded once per call.
 template <int FMT>
 static void gemv_kquant_tiles(void* out, const float* A, int64_t lda, const uint8_t* blocks, const void* bias,
                               int64_t M, int64_t N, int64_t K, int adt) {
     constexpr int64_t bb = kquant_block_bytes(FMT);
     const int64_t nsb = K / QK_K, row_bytes = nsb * bb;
-    const int64_t rows_per_task = ceil_div(imax(16, ceil_div(N, 8 * (int64_t)pool_threads())), QTILE_P) * QTILE_P;
-    const int64_t passes = ceil_div(M, QTILE_R);
     const float* f16 = f16_table();
-    const int64_t tasks = ceil_div(N, rows_per_task);
-    for (int t = 0; t < pool_threads(); ++t) scratch(t, 4, (size_t)(QTILE_P * K));  // taken before any task runs
-    auto task = [&](int64_t t, int thread) {
-        float* w = scratch(thread, 4, (size_t)(QTILE_P * K));
-        const int64_t n1 = imin(N, (t + 1) * rows_per_task);
-        for (int64_t n = t * rows_per_task; n < n1; n += QTILE_P) {
-            const int np = (int)imin(QTILE_P, n1 - n);
-            for (int p = 0; p < np; ++p) {
-                const uint8_t* row = blocks + (n + p) * row_bytes;
-                for (int64_t sb = 0; sb < nsb; ++sb) {
+    gemv_dequant_tiles(out, A, lda, bias, M, N, K, adt, [&](float* w, int64_t n) {
+        const uint8_t* row = blocks + n * row_bytes;
+        for (int64_t sb = 0; sb < nsb; ++sb) {
 #pragma GCC unroll 4
-                    for (int64_t off = 0; off < bb; off += 64) __builtin_prefetch(row + (sb + 8) * bb + off);
-                    kq_dequant<FMT>(w + p * K + sb * QK_K, row + sb * bb, f16);
-                }
-            }
-            for (int64_t pass = 0; pass < passes; ++pass) {
-                const int64_t m0 = pass * M / passes, rr = (pass + 1) * M / passes - m0;
-                float y[QTILE_P * QTILE_R];
-                f32_rows_tile_dispatch<QTILE_P, QTILE_R>(np, (int)rr, y, QTILE_R, w, K, A + m0 * lda, lda, K);
-                for (int p = 0; p < np; ++p)
-                    for (int64_t r = 0; r < rr; ++r) {
-                        float v = y[p * QTILE_R + r];
-                        if (bias) v += load_scalar(bias, adt, n + p);
-                        store_scalar(out, adt, (m0 + r) * N + n + p, v);
-                    }
-            }
+            for (int64_t off = 0; off < bb; off += 64) __builtin_prefetch(row + (sb + 8) * bb + off);
+            kq_dequant<FMT>(w + sb * QK_K, row + sb * bb, f16);
         }
-    };
-    par(tasks, task);
+    });
 }
 
 // ---------------------------------------------------------------- entry
@@ -321,7 +258,7 @@ static void gemv_kquant_tiles(void* out, const float* A, int64_t lda, const uint
 template <int FMT>
 static void linear_kquant_t(void* out, const float* A, int64_t lda, const uint8_t* blocks, const void* bias,
                             int64_t M, int64_t N, int64_t K, int adt) {
-    if (Vec::NIBBLE_LUT && M >= QTILE_MIN_M && M <= GEMV_MAX_M) {  // AVX-512 (the Q4 / Q8_0 tiles' machines)
+    if (Vec::DTILE_R > 0 && M >= QTILE_MIN_M && M <= GEMV_MAX_M) {
         gemv_kquant_tiles<FMT>(out, A, lda, blocks, bias, M, N, K, adt);
         return;
     }
