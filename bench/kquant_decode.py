@@ -2,6 +2,7 @@
 
     python bench/kquant_decode.py --shape qwen2-1.5b [--shape qwen2-0.5b] [-n 16] [-r 3]
         [--backend 'cpu[fp32]' --backend 'cpu[int8]'] [--mix q4_k_m|q5_k_m] [--memory] [--json FILE]
+    python bench/kquant_decode.py --shape qwen2-1.5b --write FILE.gguf     (only the file)
 
 The file is written here with random block bytes (finite fp16 scales) in llama.cpp's Q4_K_M mix
 (llama-quant.cpp): Q6_K for the output matrix (the token embedding when tied) and for attn_v /
@@ -173,8 +174,15 @@ def main(argv=None):
                    help="also the resident memory after load, per backend, in a fresh process "
                         "(portinfer.bench.memory.measure: load_ratio = RSS growth / the file's tensor bytes)")
     p.add_argument("--json", help="write the results with provenance here")
+    p.add_argument("--write", metavar="FILE",
+                   help="only write the (first) shape's file here and stop, for other benchmarks "
+                        "(e.g. bench/step_plans.py --model FILE)")
     args = p.parse_args(argv)
     shapes = args.shape or ["qwen2-1.5b"]
+    if args.write:
+        formats = write_k_mix(Path(args.write), shapes[0], args.mix)
+        print(f"wrote {args.write}: {shapes[0]}, {args.mix} ({len(formats)} matrices)")
+        return 0
     command = shlex.join(["python", "bench/kquant_decode.py"] + (argv if argv is not None else sys.argv[1:]))
     prov = provenance(command)
     rows = []
