@@ -37,15 +37,16 @@ def run_script(*args):
     return done.value.code
 
 
-@pytest.mark.parametrize("route,fmt", [("int8", "q4_1"), ("fp32", "q8_0")])
-def test_same_build_twice_reports_every_case(tmp_path, builds, route, fmt):
+@pytest.mark.parametrize("route,fmt,act", [("int8", "q4_1", "fp32"), ("fp32", "q8_0", "fp32"),
+                                           ("fp32", "bf16", "bf16")])
+def test_same_build_twice_reports_every_case(tmp_path, builds, route, fmt, act):
     out = tmp_path / "ab.json"
-    assert run_script(*builds, "--route", route, "--format", fmt, "--rows", "1", "3", "--shapes", "40x64",
-                      "8x96", "--turns", "1", "--copies", "1", "--json", str(out)) == 0
+    assert run_script(*builds, "--route", route, "--format", fmt, "--act", act, "--rows", "1", "3", "--shapes",
+                      "40x64", "8x96", "--turns", "1", "--copies", "1", "--json", str(out)) == 0
     doc = json.loads(out.read_text())
     assert [(r["n"], r["k"], r["m"]) for r in doc["rows"]] == [(40, 64, 1), (40, 64, 3), (8, 96, 1), (8, 96, 3)]
     assert all(r["us_a"] > 0 and r["us_b"] > 0 and r["b_over_a"] > 0 for r in doc["rows"])
-    assert doc["route"] == route and doc["provenance"]["cpu"]
+    assert doc["route"] == route and doc["act"] == act and doc["provenance"]["cpu"]
 
 
 def test_builds_that_disagree_stop_the_run(monkeypatch, builds):

@@ -23,6 +23,15 @@ def _script():
     return mod
 
 
+def test_kquant_decode_write_only_writes_the_file_it_would_measure(tmp_path):
+    """--write FILE: the same bytes the benchmark decodes, and nothing run (for step_plans.py --model)."""
+    script = _script()
+    assert script.main(["--shape", "tiny", "--write", str(tmp_path / "w.gguf")]) == 0
+    formats = script.write_k_mix(tmp_path / "ref.gguf", "tiny", "q4_k_m")
+    assert (tmp_path / "w.gguf").read_bytes() == (tmp_path / "ref.gguf").read_bytes()
+    assert set(formats.values()) == {"q4_k", "q6_k"}
+
+
 @pytest.mark.parametrize("mix", ["q4_k_m", "q5_k_m"])
 def test_kquant_decode_both_routes(tmp_path, mix):
     out = tmp_path / "r.json"
