@@ -9,6 +9,7 @@
 #include <cstddef>
 #include <cstdint>
 #include <cstring>
+#include <type_traits>  // std::integral_constant (kernels_impl.h: tile_dispatch)
 #include <vector>
 
 enum DType : int { DT_F32 = 0, DT_F16 = 1, DT_BF16 = 2 };

@@ -106,7 +106,10 @@ static void gemm_bf16(void* out, const uint16_t* x, int64_t xs, const uint16_t* 
     const int64_t panels = ceil_div(N, PANEL), threads = pool_threads();
     const uint16_t* A = x;
     int64_t lda = xs;
-    if (K % 2 || (xs * 2) % 1024 == 0) {  // a zero column makes the last pair whole (x is read in place otherwise)
+    // x is read in place, except through a copy with a padded stride when K is odd (a zero column makes
+    // the last pair whole) or its rows are a multiple of 1 KiB apart (the tile's 12 rows would share L1
+    // sets: 4K aliasing)
+    if (K % 2 || (xs * 2) % 1024 == 0) {
         const int64_t ld = (K + 1) / 2 * 2 + 32;
         uint16_t* buf = (uint16_t*)scratch(0, 1, (size_t)(M * ld) / 2 + 1);
         for (int64_t m = 0; m < M; ++m) {

@@ -783,37 +783,38 @@ static inline void quant_tile(float* y, int64_t ys, const float* A, int64_t lda,
         for (int r = 0; r < R; ++r) y[p * ys + r] = Vec::reduce_add(c[p][r]);
 }
 
-template <int FMT, int P, int R>
-static inline void quant_tile_dispatch(int p, int r, float* y, int64_t ys, const float* A, int64_t lda,
-                                       const uint8_t* rows, int64_t row_bytes, int64_t nblocks, const float* f16) {
+// tile(P, R) with the compile-time tile shape (p, r) <= (P, R): both arguments std::integral_constant
+template <int P, int R, class Tile>
+static inline void tile_dispatch(int p, int r, Tile&& tile) {
     if (p < P) {
-        if constexpr (P > 1) quant_tile_dispatch<FMT, P - 1, R>(p, r, y, ys, A, lda, rows, row_bytes, nblocks, f16);
+        if constexpr (P > 1) tile_dispatch<P - 1, R>(p, r, tile);
     } else if (r < R) {
-        if constexpr (R > 1) quant_tile_dispatch<FMT, P, R - 1>(p, r, y, ys, A, lda, rows, row_bytes, nblocks, f16);
+        if constexpr (R > 1) tile_dispatch<P, R - 1>(p, r, tile);
     } else {
-        quant_tile<FMT, P, R>(y, ys, A, lda, rows, row_bytes, nblocks, f16);
+        tile(std::integral_constant<int, P>{}, std::integral_constant<int, R>{});
     }
 }
 
-template <int FMT>
-static void gemv_quant_tiles(void* out, const float* A, int64_t lda, const uint8_t* blocks, const void* bias,
-                             int64_t M, int64_t N, int64_t K, int adt) {
-    const int64_t nblocks = K / QK, row_bytes = nblocks * quant_block_bytes(FMT);
-    const int64_t rows_per_task = ceil_div(imax(16, ceil_div(N, 8 * (int64_t)pool_threads())), QTILE_P) * QTILE_P;
-    const int64_t passes = ceil_div(M, QTILE_R);
-    const float* f16 = f16_table();
-    auto task = [&](int64_t t, int) {
+// The driver of the batched-decode tiles: tasks are contiguous runs of weight rows (as gemv_quant's),
+// taken P at a time; prepare(n, np, thread) once per P rows, then passes of equal sizes over the rows
+// of x, tile(n, np, rr, m0, y, thread) filling y[p * R + r] = weight row n + p . x row m0 + r; the bias
+// added and stored here.
+template <int P, int R, class Prepare, class Tile>
+static void gemv_row_tiles(void* out, const void* bias, int64_t M, int64_t N, int adt, Prepare prepare, Tile tile) {
+    const int64_t rows_per_task = ceil_div(imax(16, ceil_div(N, 8 * (int64_t)pool_threads())), P) * P;
+    const int64_t passes = ceil_div(M, R);
+    auto task = [&](int64_t t, int thread) {
         const int64_t n1 = imin(N, (t + 1) * rows_per_task);
-        for (int64_t n = t * rows_per_task; n < n1; n += QTILE_P) {
-            const int np = (int)imin(QTILE_P, n1 - n);
+        for (int64_t n = t * rows_per_task; n < n1; n += P) {
+            const int np = (int)imin(P, n1 - n);
+            prepare(n, np, thread);
             for (int64_t pass = 0; pass < passes; ++pass) {
                 const int64_t m0 = pass * M / passes, rr = (pass + 1) * M / passes - m0;
-                float y[QTILE_P * QTILE_R];
-                quant_tile_dispatch<FMT, QTILE_P, QTILE_R>(np, (int)rr, y, QTILE_R, A + m0 * lda, lda,
-                                                          blocks + n * row_bytes, row_bytes, nblocks, f16);
+                float y[P * R];
+                tile(n, np, (int)rr, m0, y, thread);
                 for (int p = 0; p < np; ++p)
                     for (int64_t r = 0; r < rr; ++r) {
-                        float v = y[p * QTILE_R + r];
+                        float v = y[p * R + r];
                         if (bias) v += load_scalar(bias, adt, n + p);
                         store_scalar(out, adt, (m0 + r) * N + n + p, v);
                     }
@@ -821,6 +822,22 @@ static void gemv_quant_tiles(void* out, const float* A, int64_t lda, const uint8
         }
     };
     par(ceil_div(N, rows_per_task), task);
+}
+
+template <int FMT>
+static void gemv_quant_tiles(void* out, const float* A, int64_t lda, const uint8_t* blocks, const void* bias,
+                             int64_t M, int64_t N, int64_t K, int adt) {
+    const int64_t nblocks = K / QK, row_bytes = nblocks * quant_block_bytes(FMT);
+    const float* f16 = f16_table();
+    gemv_row_tiles<QTILE_P, QTILE_R>(
+        out, bias, M, N, adt, [](int64_t, int, int) {},
+        [&](int64_t n, int np, int rr, int64_t m0, float* y, int) {
+            tile_dispatch<QTILE_P, QTILE_R>(np, rr, [&](auto P, auto R) {
+                quant_tile<FMT, decltype(P)::value, decltype(R)::value>(y, QTILE_R, A + m0 * lda, lda,
+                                                                        blocks + n * row_bytes, row_bytes, nblocks,
+                                                                        f16);
+            });
+        });
 }
 
 // Tiles over dequantized weight rows (K-quants on AVX-512 and AVX2; Q8_0 / Q4 on AVX2 measured
@@ -857,46 +874,25 @@ static inline void f32_rows_tile(float* y, int64_t ys, const float* w, int64_t l
         for (int r = 0; r < R; ++r) y[p * ys + r] = Vec::reduce_add(c[p][r]);
 }
 
-template <int P, int R>
-static inline void f32_rows_tile_dispatch(int p, int r, float* y, int64_t ys, const float* w, int64_t ldw,
-                                          const float* A, int64_t lda, int64_t K) {
-    if (p < P) {
-        if constexpr (P > 1) f32_rows_tile_dispatch<P - 1, R>(p, r, y, ys, w, ldw, A, lda, K);
-    } else if (r < R) {
-        if constexpr (R > 1) f32_rows_tile_dispatch<P, R - 1>(p, r, y, ys, w, ldw, A, lda, K);
-    } else {
-        f32_rows_tile<P, R>(y, ys, w, ldw, A, lda, K);
-    }
-}
-
 // dequant(float* dst, int64_t n): weight row n as K fp32 values (K a multiple of W)
 template <class Dequant>
 static void gemv_dequant_tiles(void* out, const float* A, int64_t lda, const void* bias, int64_t M, int64_t N,
                                int64_t K, int adt, Dequant dequant) {
     if constexpr (DTILE_R > 0) {
-        const int64_t rows_per_task = ceil_div(imax(16, ceil_div(N, 8 * (int64_t)pool_threads())), DTILE_P) * DTILE_P;
-        const int64_t passes = ceil_div(M, DTILE_R);
         for (int t = 0; t < pool_threads(); ++t) scratch(t, 4, (size_t)(DTILE_P * K));  // before any task runs
-        auto task = [&](int64_t t, int thread) {
-            float* w = scratch(thread, 4, (size_t)(DTILE_P * K));
-            const int64_t n1 = imin(N, (t + 1) * rows_per_task);
-            for (int64_t n = t * rows_per_task; n < n1; n += DTILE_P) {
-                const int np = (int)imin(DTILE_P, n1 - n);
+        // each thread's DTILE_P dequantized rows: its own scratch, written by prepare, read by tile
+        gemv_row_tiles<DTILE_P, DTILE_R>(
+            out, bias, M, N, adt,
+            [&](int64_t n, int np, int thread) {
+                float* w = scratch(thread, 4, (size_t)(DTILE_P * K));
                 for (int p = 0; p < np; ++p) dequant(w + p * K, n + p);
-                for (int64_t pass = 0; pass < passes; ++pass) {
-                    const int64_t m0 = pass * M / passes, rr = (pass + 1) * M / passes - m0;
-                    float y[DTILE_P * (DTILE_R > 0 ? DTILE_R : 1)];
-                    f32_rows_tile_dispatch<DTILE_P, DTILE_R>(np, (int)rr, y, DTILE_R, w, K, A + m0 * lda, lda, K);
-                    for (int p = 0; p < np; ++p)
-                        for (int64_t r = 0; r < rr; ++r) {
-                            float v = y[p * DTILE_R + r];
-                            if (bias) v += load_scalar(bias, adt, n + p);
-                            store_scalar(out, adt, (m0 + r) * N + n + p, v);
-                        }
-                }
-            }
-        };
-        par(ceil_div(N, rows_per_task), task);
+            },
+            [&](int64_t, int np, int rr, int64_t m0, float* y, int thread) {
+                const float* w = scratch(thread, 4, (size_t)(DTILE_P * K));
+                tile_dispatch<DTILE_P, DTILE_R>(np, rr, [&](auto P, auto R) {
+                    f32_rows_tile<decltype(P)::value, decltype(R)::value>(y, DTILE_R, w, K, A + m0 * lda, lda, K);
+                });
+            });
     }
 }
 
