@@ -2,8 +2,8 @@
 
 Every ratio is measured side by side in one run (issue 4's targets):
   - GEMM, fp32 (M=128, K=N=1024; M=256 and 512, K=N=2048) and bf16 x and weights (M=128 and 256,
-    K=N=2048; 128x576 -> 1536): GFLOP/s vs torch.matmul (the bf16 rows on the avx512bf16 path where
-    the CPU has it);
+    K=N=2048; 128x576 -> 1536): GFLOP/s vs torch.matmul (the bf16 rows on the amx path where the
+    CPU's tiles are usable, with the avx512bf16 path beside it; else on avx512bf16 where the CPU has it);
   - GEMV (M=1) with fp32 and bf16 weights of >= 64 MiB (twice this machine's L3, so the
     weights stream from DRAM as in LLM decode): weight bytes/s vs the copy bandwidth;
   - Q8_0 / Q4_0 / Q4_1 GEMV: quantized bytes/s vs the copy bandwidth;
@@ -124,9 +124,15 @@ def run(quick=False, threads=None):
         ours, theirs = measure(lambda: cpu.linear(x, wp), repeats=reps), measure(lambda: torch.matmul(x, wt),
                                                                                  repeats=reps)
         flops = 2 * m * n * k
+        extra = {}
+        if dtype == torch.bfloat16 and cpu.simd() == "amx":  # the tiles and the vector path side by side
+            cpu.set_simd("avx512bf16")
+            vec = measure(lambda: cpu.linear(x, wp), repeats=reps)
+            cpu.set_simd("amx")
+            extra = {"avx512bf16_GFLOPs": flops / vec.min_s / 1e9, "amx_vs_avx512bf16": vec.min_s / ours.min_s}
         row(f"gemm {spec.dtype_name(dtype)} M={m} K={k} N={n}", cpu_GFLOPs=flops / ours.min_s / 1e9,
             torch_GFLOPs=flops / theirs.min_s / 1e9, ratio_vs_torch=theirs.min_s / ours.min_s,
-            median_ratio_vs_torch=theirs.median_s / ours.median_s, simd=cpu.simd(), target=target)
+            median_ratio_vs_torch=theirs.median_s / ours.median_s, simd=cpu.simd(), target=target, **extra)
 
     # ---------------------------------------------------------------- GEMV, dense weights, vs copy bandwidth
     k = 4096

@@ -17,10 +17,12 @@
 #include "common.h"
 #include "plan.h"
 #include "int8.h"
+#if defined(__x86_64__)
+#include "amx.h"
+#endif
 
 namespace py = pybind11;
 
-void pack_dense(void* packed, const void* w, int64_t N, int64_t K, int64_t ws, int64_t elem_bytes);
 void embedding(void* out, const int64_t* ids, const void* table, int64_t N, int64_t H, int64_t ts, int64_t elem_bytes);
 void embedding_prepared(void* out, const int64_t* ids, const void* weights, int64_t N, int64_t H, int wfmt, int dt);
 
@@ -41,6 +43,10 @@ std::vector<Path> usable_paths() {
     const bool avx512 = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
                         __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("avx512vl") &&
                         __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
+    // amx: where the tiles are usable (amx.h: the CPU has them, the kernel granted them, the self-check
+    // passed), or the software tile unit stands in for them (tests)
+    if (avx512 && __builtin_cpu_supports("avx512bf16") && (amx_emulation() || amx_state().bf16))
+        paths.push_back({"amx", table_amx()});
     if (avx512 && __builtin_cpu_supports("avx512bf16")) paths.push_back({"avx512bf16", table_avx512bf16()});
     if (avx512) paths.push_back({"avx512", table_avx512()});
     if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c"))
@@ -60,7 +66,11 @@ void select_path(const std::string& name) {
         }
     std::string names;
     for (const Path& p : usable_paths()) names += std::string(names.empty() ? "" : ", ") + p.name;
-    throw py::value_error("simd: expected one of the paths usable on this CPU (" + names + "), got '" + name + "'");
+    std::string why;
+#if defined(__x86_64__)
+    if (name == "amx") why = " (amx needs AMX tiles this process may use and AVX512-BF16; AMX here: " + amx_state().status + ")";
+#endif
+    throw py::value_error("simd: expected one of the paths usable on this CPU (" + names + "), got '" + name + "'" + why);
 }
 
 const KernelTable& kernels() {
@@ -81,6 +91,7 @@ struct Int8Path {
     const Int8Kernels* kernels;
     bool usable;
     const char* needs;
+    bool amx = false;  // needs ends with the AMX status (amx.h)
 };
 
 std::vector<Int8Path> int8_paths_compiled() {
@@ -88,10 +99,14 @@ std::vector<Int8Path> int8_paths_compiled() {
 #if defined(__x86_64__)
     __builtin_cpu_init();
     const bool avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
-    paths.push_back({"avx512vnni", int8_kernels_avx512vnni(),
-                     avx2 && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-                         __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512vnni"),
-                     "AVX512F, AVX512BW, AVX512VL and AVX512-VNNI"});
+    const bool vnni512 = avx2 && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+                         __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512vnni");
+    // amx: the AVX512-VNNI kernels for 1-3 rows of x, tiles for more; needs what the amx kernel path needs
+    paths.push_back({"amx", int8_kernels_amx(),
+                     vnni512 && __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("avx512bf16") &&
+                         (amx_emulation() || amx_state().int8),
+                     "AMX tiles this process may use (AMX here: ", true});
+    paths.push_back({"avx512vnni", int8_kernels_avx512vnni(), vnni512, "AVX512F, AVX512BW, AVX512VL and AVX512-VNNI"});
     paths.push_back({"avxvnni", int8_kernels_avxvnni(), avx2 && __builtin_cpu_supports("avxvnni"),
                      "AVX2, FMA, F16C and AVX-VNNI"});
     paths.push_back({"avx2", int8_kernels_avx2(), avx2, "AVX2, FMA and F16C"});
@@ -113,9 +128,14 @@ std::string int8_usable_names() {
 void select_int8_path(const std::string& name) {
     for (const Int8Path& p : int8_paths_compiled())
         if (name == p.name) {
-            if (!p.usable)
-                throw py::value_error("int8 path '" + name + "': needs a CPU with " + p.needs +
+            if (!p.usable) {
+                std::string needs = p.needs;
+#if defined(__x86_64__)
+                if (p.amx) needs += amx_state().status + ")";
+#endif
+                throw py::value_error("int8 path '" + name + "': needs a CPU with " + needs +
                                       ", which this one lacks; usable here: " + int8_usable_names());
+            }
             int8_active = p.kernels;
             return;
         }
@@ -614,6 +634,38 @@ PYBIND11_MODULE(_cpu, m) {
         return names;
     }, "instruction-set paths usable on this CPU, best first");
     m.def("get_simd", [] { kernels(); return std::string(active.name); });
+    m.def("amx_status", [] {
+        py::dict d;
+#if defined(__x86_64__)
+        const AmxState& s = amx_state();
+        d["status"] = s.status;
+        d["bf16"] = s.bf16;
+        d["int8"] = s.int8;
+        d["emulation"] = amx_emulation();
+#else
+        d["status"] = std::string("absent: not an x86-64 build");
+        d["bf16"] = d["int8"] = d["emulation"] = false;
+#endif
+        return d;
+    }, "whether the AMX tiles are usable here (asked once: amx.h), and whether the software tile unit stands in");
+#if defined(__x86_64__)
+    m.def("set_amx_emulation", [](bool on) {
+        std::lock_guard<std::mutex> lock(kernel_lock);
+        amx_set_emulation(on);
+    }, "the amx paths on the software tile unit (tests: any AVX512-BF16 / AVX512-VNNI CPU)");
+    m.def("_amx_request_permission", [] { return amx_request_permission(); },
+          "the arch_prctl request itself, asked whatever the CPU reports: '' granted, else the refusal (tests)");
+    m.def("_amx_selfcheck_forked", [] {
+        py::gil_scoped_release release;
+        std::lock_guard<std::mutex> lock(kernel_lock);
+        return amx_selfcheck_forked();
+    }, "the self-check on the hardware tiles in a forked child: '' agreed, else why not (tests)");
+    m.def("_amx_selfcheck_reference", [] {
+        py::gil_scoped_release release;
+        std::lock_guard<std::mutex> lock(kernel_lock);
+        return amx_selfcheck_run(false);
+    }, "the self-check's comparison with the avx512vnni / avx512bf16 kernels in place of the tiles: 0 agree (tests)");
+#endif
     m.def("set_simd", [](const std::string& name) {
         std::lock_guard<std::mutex> lock(kernel_lock);
         select_path(name);

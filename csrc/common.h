@@ -154,6 +154,8 @@ struct KernelTable {
 
 // dense weights are packed in panels of PANEL output features: [ceil(N/PANEL)][K][PANEL], zero padded
 static const int PANEL = 32;
+// P [ceil(N/32)][K][32] = W [N, K] (row stride ws elements), padded with zeros; elem_bytes 2 or 4 (layout.cpp)
+void pack_dense(void* packed, const void* w, int64_t N, int64_t K, int64_t ws, int64_t elem_bytes);
 
 const KernelTable* table_portable();
 #if defined(__x86_64__)
@@ -161,6 +163,11 @@ const KernelTable* table_avx2();
 const KernelTable* table_avx512();
 // the avx512 table whose linear runs bf16 x bf16 GEMMs on vdpbf16ps (gemm_bf16.cpp)
 const KernelTable* table_avx512bf16();
+// gemm_bf16.cpp's pieces the amx path shares (AVX512-BF16 CPUs only): a [kc][32] block of a bf16
+// panel interleaved into k-pairs, dst [ceil(kc/2)][32 outputs][2] (an odd last k paired with zero);
+// acc [rows][32] fp32 + bias [n0 ..] stored as bf16 into columns n0 .. n0 + 31 (< N) of y [rows][N]
+void bf16_pack_pairs(uint16_t* dst, const uint16_t* src, int64_t kc);
+void bf16_store_rows(uint16_t* y, const float* acc, const uint16_t* bias, int64_t rows, int64_t N, int64_t n0);
 #endif
 
 // every fp16 bit pattern as fp32 (256 KiB, built on first use; layout.cpp): a GGUF block's scale is

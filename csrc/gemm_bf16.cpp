@@ -62,6 +62,19 @@ static void pack_pairs(uint16_t* dst, const uint16_t* src, int64_t kc) {
     }
 }
 
+// y [rows][N] columns n0 .. n0 + 31 (those below N) = acc [rows][32] + bias [n0 ..], as bf16
+static void store_rows(uint16_t* y, const float* acc, const uint16_t* bias, int64_t rows, int64_t N, int64_t n0) {
+    const int64_t n = imin(PANEL, N - n0);
+    const __mmask16 k0 = (__mmask16)((1u << imin(16, n)) - 1), k1 = (__mmask16)((1u << imax(0, n - 16)) - 1);
+    const __m512 b0 = bias ? to_f32(_mm256_maskz_loadu_epi16(k0, bias + n0)) : _mm512_setzero_ps();
+    const __m512 b1 = bias ? to_f32(_mm256_maskz_loadu_epi16(k1, bias + n0 + 16)) : _mm512_setzero_ps();
+    for (int64_t m = 0; m < rows; ++m) {
+        const float* a = acc + m * PANEL;
+        _mm256_mask_storeu_epi16(y + m * N + n0, k0, to_bf16(_mm512_add_ps(_mm512_loadu_ps(a), b0)));
+        _mm256_mask_storeu_epi16(y + m * N + n0 + 16, k1, to_bf16(_mm512_add_ps(_mm512_loadu_ps(a + 16), b1)));
+    }
+}
+
 // acc [R][32] (+)= A [R rows, lda][2 kp] x B [kp][64]: per pair of k, two loads of B, one 32-bit
 // broadcast of A per row, two vdpbf16ps per row
 template <int R>
@@ -144,16 +157,7 @@ static void gemm_bf16(void* out, const uint16_t* x, int64_t xs, const uint16_t* 
                 m += r;
             }
         }
-        const int64_t n0 = p * PANEL, n = imin(PANEL, N - n0);
-        const __mmask16 k0 = (__mmask16)((1u << imin(16, n)) - 1), k1 = (__mmask16)((1u << imax(0, n - 16)) - 1);
-        const __m512 b0 = bias ? to_f32(_mm256_maskz_loadu_epi16(k0, bias + n0)) : _mm512_setzero_ps();
-        const __m512 b1 = bias ? to_f32(_mm256_maskz_loadu_epi16(k1, bias + n0 + 16)) : _mm512_setzero_ps();
-        uint16_t* y = (uint16_t*)out;
-        for (int64_t m = m0; m < m1; ++m) {
-            const float* a = acc + (m - m0) * PANEL;
-            _mm256_mask_storeu_epi16(y + m * N + n0, k0, to_bf16(_mm512_add_ps(_mm512_loadu_ps(a), b0)));
-            _mm256_mask_storeu_epi16(y + m * N + n0 + 16, k1, to_bf16(_mm512_add_ps(_mm512_loadu_ps(a + 16), b1)));
-        }
+        store_rows((uint16_t*)out + m0 * N, acc, bias, m1 - m0, N, p * PANEL);
     };
     parallel_for(panels * mchunks, [](void* ctx, int64_t t, int thread) { (*(decltype(task)*)ctx)(t, thread); },
                  &task);
@@ -178,6 +182,11 @@ static KernelTable make_table() {
 }  // namespace pi_avx512bf16
 
 #pragma GCC pop_options
+
+void bf16_pack_pairs(uint16_t* dst, const uint16_t* src, int64_t kc) { pi_avx512bf16::pack_pairs(dst, src, kc); }
+void bf16_store_rows(uint16_t* y, const float* acc, const uint16_t* bias, int64_t rows, int64_t N, int64_t n0) {
+    pi_avx512bf16::store_rows(y, acc, bias, rows, N, n0);
+}
 
 const KernelTable* table_avx512bf16() {
     static const KernelTable table = pi_avx512bf16::make_table();

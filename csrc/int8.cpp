@@ -131,7 +131,7 @@ struct Int8Call {
 // The integer offsets of one quantized row q [nb * 32]: per block [-32 S0, -32 S1, -8 S, -128 S] (S0,
 // S1: the sums of weights 0..15 and 16..31, S = S0 + S1), where Q6_K's halves, Q4_0's and Q8_0's sums
 // start (their codes are unsigned: u - 32, n - 8, w + 128)
-static void int8_panel_offsets(int32_t* xo, const int8_t* q, int64_t nb) {
+void int8_panel_offsets(int32_t* xo, const int8_t* q, int64_t nb) {
     for (int64_t b = 0; b < nb; ++b) {
         int s0 = 0, s1 = 0;
         for (int t = 0; t < 16; ++t) {

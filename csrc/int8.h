@@ -47,8 +47,9 @@ static const int I8_ROWS = 16;
 // rows of x (sequences of a decode step) that run on int8 activations by default; more rows are a
 // prefill, which runs on fp32 activations unless set_int8_prefill(true)
 static const int I8_DECODE_MAX_M = 16;
-// rows of x a panel call takes at most on any path (Int8Kernels::rows)
-static const int I8_PANEL_ROWS = 8;
+// rows of x a panel call takes at most on any path (Int8Kernels::rows: 16 on the amx path, whose
+// tiles hold 16 rows; 8 or 4 on the others)
+static const int I8_PANEL_ROWS = 16;
 
 struct Int8Kernels {
     const char* name;
@@ -158,6 +159,8 @@ static inline void int8_dequant_block(float* w, int64_t ws, const uint8_t* panel
     }
 }
 
+// the integer offsets of one quantized row q [nb * 32] (xo [nb][4]: Int8Kernels::panel's xo; int8.cpp)
+void int8_panel_offsets(int32_t* xo, const int8_t* q, int64_t nb);
 // bytes of one repacked panel of 16 rows (a multiple of 64)
 int64_t int8_panel_bytes(int fmt, int64_t K);
 // out [ceil(N/16) panels] = GGUF blocks [N][K/32] of format fmt (K-quants: super-blocks [N][K/256]), repacked

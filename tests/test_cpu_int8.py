@@ -247,7 +247,7 @@ def test_paths_listed_and_missing_ones_refused():
             with pytest.raises(ValueError, match="lacks"):
                 CpuBackend.set_int8_path(name)
     with pytest.raises(ValueError, match="usable on this CPU"):
-        CpuBackend.set_int8_path("amx")
+        CpuBackend.set_int8_path("vnni9000")
     # forcing the portable kernel path makes the int8 route portable too (until chosen otherwise)
     CpuBackend.set_simd("portable")
     assert CpuBackend.int8_path() == "portable"

@@ -176,6 +176,12 @@ class CpuBackend(Backend):
         return _cpu.get_simd()
 
     @staticmethod
+    def amx_status() -> str:
+        """'usable' where the amx paths run on AMX tiles; otherwise why not ('absent: ...', 'disabled:
+        ...', 'refused: ...' by the kernel, 'failed: ...' the self-check). Asked once a process."""
+        return _cpu.amx_status()["status"]
+
+    @staticmethod
     def int8_paths() -> list:
         """int8-route paths usable on this CPU, best first ('avx512vnni', 'avxvnni', 'avx2', 'portable')."""
         return list(_cpu.int8_paths())
@@ -191,7 +197,8 @@ class CpuBackend(Backend):
 
     def info(self):
         out = {"simd": self.simd(), "simd_usable": "/".join(self.simd_paths()), "threads": self.num_threads(),
-               "quant_route": self.quant_route, "quant_routes": "/".join(QUANT_ROUTES)}
+               "quant_route": self.quant_route, "quant_routes": "/".join(QUANT_ROUTES),
+               "amx": self.amx_status()}
         if self.quant_route in _INT8_ROUTES:
             out["int8_path"] = self.int8_path()
             out["int8_formats"] = "/".join(_INT8_FORMATS)  # the block formats on int8 activations
