@@ -4,6 +4,8 @@ Every ratio is measured side by side in one run (issue 4's targets):
   - GEMM, fp32 (M=128, K=N=1024; M=256 and 512, K=N=2048) and bf16 x and weights (M=128 and 256,
     K=N=2048; 128x576 -> 1536): GFLOP/s vs torch.matmul (the bf16 rows on the amx path where the
     CPU's tiles are usable, with the avx512bf16 path beside it; else on avx512bf16 where the CPU has it);
+  - vdpbf16ps' own ceiling (a register-only loop on every thread, where the CPU has AVX512-BF16) and
+    each bf16 GEMM's share of it, ours and torch's;
   - GEMV (M=1) with fp32 and bf16 weights of >= 64 MiB (twice this machine's L3, so the
     weights stream from DRAM as in LLM decode): weight bytes/s vs the copy bandwidth;
   - Q8_0 / Q4_0 / Q4_1 GEMV: quantized bytes/s vs the copy bandwidth;
@@ -112,6 +114,17 @@ def run(quick=False, threads=None):
         rows.append({"name": name, **fields})
         print(name, fields, flush=True)
 
+    # ---------------------------------------------------------------- vdpbf16ps' own ceiling
+    # registers only, every thread: what no bf16 GEMM on the vector units (ours or oneDNN's) can beat
+    dot_peak = None
+    if "avx512bf16" in cpu.simd_paths():
+        from portinfer.backends.cpu import _cpu
+        iters = 200_000
+        probe = measure(lambda: _cpu.bf16_dot_peak(iters), repeats=reps)
+        dot_peak = _cpu.bf16_dot_peak(1) * iters / probe.min_s  # flops of one round x rounds / s
+        row("vdpbf16ps peak (register-only, 24 chains a thread)", GFLOPs=dot_peak / 1e9,
+            GFLOPs_per_thread=dot_peak / 1e9 / cpu.num_threads())
+
     # ---------------------------------------------------------------- GEMM (prefill) vs torch.matmul
     # fp32 (issue 13: >= 0.95x at 256x2048x2048) and bf16 x bf16 weights (>= 1.0x; oneDNN's bf16 path)
     for dtype, m, k, n, target in ((torch.float32, 128, 1024, 1024, 0.9), (torch.float32, 256, 2048, 2048, 0.95),
@@ -130,6 +143,9 @@ def run(quick=False, threads=None):
             vec = measure(lambda: cpu.linear(x, wp), repeats=reps)
             cpu.set_simd("amx")
             extra = {"avx512bf16_GFLOPs": flops / vec.min_s / 1e9, "amx_vs_avx512bf16": vec.min_s / ours.min_s}
+        elif dtype == torch.bfloat16 and dot_peak:  # both sides against the instruction's ceiling
+            extra = {"cpu_share_of_vdpbf16ps_peak": flops / ours.min_s / dot_peak,
+                     "torch_share_of_vdpbf16ps_peak": flops / theirs.min_s / dot_peak}
         row(f"gemm {spec.dtype_name(dtype)} M={m} K={k} N={n}", cpu_GFLOPs=flops / ours.min_s / 1e9,
             torch_GFLOPs=flops / theirs.min_s / 1e9, ratio_vs_torch=theirs.min_s / ours.min_s,
             median_ratio_vs_torch=theirs.median_s / ours.median_s, simd=cpu.simd(), target=target, **extra)

@@ -653,6 +653,16 @@ PYBIND11_MODULE(_cpu, m) {
         std::lock_guard<std::mutex> lock(kernel_lock);
         amx_set_emulation(on);
     }, "the amx paths on the software tile unit (tests: any AVX512-BF16 / AVX512-VNNI CPU)");
+    m.def("bf16_dot_peak", [](int64_t iters) {
+        __builtin_cpu_init();
+        if (!__builtin_cpu_supports("avx512bf16") || !__builtin_cpu_supports("avx512f"))
+            throw py::value_error("bf16_dot_peak: needs a CPU with AVX512-BF16, which this one lacks");
+        if (iters < 1) throw py::value_error("bf16_dot_peak: iters must be >= 1, got " + std::to_string(iters));
+        py::gil_scoped_release release;
+        std::lock_guard<std::mutex> lock(kernel_lock);
+        return bf16_dot_peak_flops(iters);
+    }, py::arg("iters"), "vdpbf16ps' register-only ceiling (benchmarks): every pool thread runs iters rounds of 24 "
+       "chains; returns the flops done");
     m.def("_amx_request_permission", [] { return amx_request_permission(); },
           "the arch_prctl request itself, asked whatever the CPU reports: '' granted, else the refusal (tests)");
     m.def("_amx_selfcheck_forked", [] {

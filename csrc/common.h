@@ -168,6 +168,8 @@ const KernelTable* table_avx512bf16();
 // acc [rows][32] fp32 + bias [n0 ..] stored as bf16 into columns n0 .. n0 + 31 (< N) of y [rows][N]
 void bf16_pack_pairs(uint16_t* dst, const uint16_t* src, int64_t kc);
 void bf16_store_rows(uint16_t* y, const float* acc, const uint16_t* bias, int64_t rows, int64_t N, int64_t n0);
+// vdpbf16ps' register-only ceiling: runs `iters` rounds of 24 chains on every pool thread, returns the flops
+double bf16_dot_peak_flops(int64_t iters);
 #endif
 
 // every fp16 bit pattern as fp32 (256 KiB, built on first use; layout.cpp): a GGUF block's scale is

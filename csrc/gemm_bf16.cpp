@@ -179,9 +179,39 @@ static KernelTable make_table() {
     return t;
 }
 
+// The instruction's own ceiling (bench/cpu_kernels.py): `iters` rounds of 24 independent vdpbf16ps
+// chains, registers only (no load, no store: nothing a GEMM could do faster). Returns a sum of the
+// accumulators so that nothing is optimized away.
+static float dot_peak(int64_t iters, float seed) {
+    __m512 c[24];
+    for (int j = 0; j < 24; ++j) c[j] = _mm512_set1_ps(seed * (float)j);
+    const __m512bh a = (__m512bh)_mm512_set1_epi32((int32_t)0x3f803f80), b = (__m512bh)_mm512_set1_epi32(0);
+    for (int64_t i = 0; i < iters; ++i) {
+#pragma GCC unroll 24
+        for (int j = 0; j < 24; ++j) c[j] = _mm512_dpbf16_ps(c[j], a, b);
+    }
+    __m512 t = c[0];
+    for (int j = 1; j < 24; ++j) t = _mm512_add_ps(t, c[j]);
+    return _mm512_reduce_add_ps(t);
+}
+
 }  // namespace pi_avx512bf16
 
 #pragma GCC pop_options
+
+// flops of the probe on every pool thread at once: iters x 24 instructions x 16 lanes x 2 pairs x 2
+double bf16_dot_peak_flops(int64_t iters) {
+    struct Ctx {
+        int64_t iters;
+        float sink[256];
+    } ctx{iters, {}};
+    const int threads = pool_threads();
+    parallel_for(threads, [](void* p, int64_t t, int) {
+        Ctx& c = *(Ctx*)p;
+        c.sink[t % 256] = pi_avx512bf16::dot_peak(c.iters, (float)t);
+    }, &ctx);
+    return (double)threads * (double)iters * 24.0 * 64.0;
+}
 
 void bf16_pack_pairs(uint16_t* dst, const uint16_t* src, int64_t kc) { pi_avx512bf16::pack_pairs(dst, src, kc); }
 void bf16_store_rows(uint16_t* y, const float* acc, const uint16_t* bias, int64_t rows, int64_t N, int64_t n0) {

@@ -29,7 +29,9 @@ HARDWARE = STATUS["bf16"] and STATUS["int8"]
 # the emulated paths need what the amx paths' other kernels need: AVX512-BF16 and AVX512-VNNI
 _cpu.set_amx_emulation(True)
 EMULABLE = "amx" in CpuBackend.simd_paths() and "amx" in CpuBackend.int8_paths()
-_cpu.set_amx_emulation(False)
+_cpu.set_amx_emulation(STATUS["emulation"])  # on from the start only with PORTINFER_CPU_AMX=emulate
+not_emulating = pytest.mark.skipif(STATUS["emulation"], reason="PORTINFER_CPU_AMX=emulate: the software tile unit "
+                                                               "stands in for the hardware in this process")
 needs_emulation = pytest.mark.skipif(not EMULABLE, reason="the software tile unit runs the amx kernels' AVX512-BF16 "
                                                           "/ AVX512-VNNI code, which this CPU lacks")
 REFERENCE = ReferenceBackend(exact=True)
@@ -48,15 +50,15 @@ def emulated():
     default_simd = CpuBackend.simd()
     _cpu.set_amx_emulation(True)
     yield
-    _cpu.set_amx_emulation(False)
+    _cpu.set_amx_emulation(STATUS["emulation"])
     _cpu.set_int8_prefill(False)
     CpuBackend.set_simd(default_simd)
 
 
+@not_emulating
 def test_status_says_why_and_refusals_name_it():
     """The status is 'usable' exactly where both paths are offered; otherwise it says why (absent,
     disabled, refused, failed) and asking for either path repeats that reason."""
-    assert STATUS["emulation"] is False
     flags = _cpu_flags()
     if flags is not None and not {"amx_tile", "amx_bf16", "amx_int8"} <= flags:
         assert STATUS["status"].startswith("absent: this CPU does not report amx-tile"), STATUS
@@ -73,6 +75,7 @@ def test_status_says_why_and_refusals_name_it():
         CpuBackend.set_int8_path("amx")
 
 
+@not_emulating
 def test_permission_request_outcome_matches_the_cpu():
     """The request itself (arch_prctl ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA), made whatever the CPU
     reports: granted ('') where the CPU and kernel have AMX tiles, refused with the kernel's reason
@@ -134,6 +137,7 @@ def test_selfcheck_expected_answers_agree_with_the_other_paths():
     assert _cpu._amx_selfcheck_reference() == 0
 
 
+@not_emulating
 @needs_emulation
 def test_selfcheck_child_that_dies_is_reported_not_fatal():
     """The self-check runs the tile instructions in a forked child. Where the CPU has no tiles the

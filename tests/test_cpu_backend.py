@@ -306,3 +306,19 @@ def test_rope_angles_kept_between_calls_follow_their_values(cpu, path, dtype, st
     check(x[:1], pos[:1], rotary)  # fewer positions: a prefix of the last table's key
     check(x[..., :48].contiguous(), pos, spec.RotaryParams.from_theta(48, 10000.0, style=style))
     check(x, pos, spec.RotaryParams.from_theta(64, 10000.0, rotary_dim=32, style=style))
+
+
+@pytest.mark.skipif("avx512bf16" not in PATHS, reason="the vdpbf16ps probe needs a CPU with AVX512-BF16")
+def test_bf16_dot_peak_probe_counts_its_flops(cpu):
+    """bench/cpu_kernels.py's ceiling: every pool thread runs iters rounds of 24 vdpbf16ps (16 lanes x
+    2 pairs x 2 flops); the count it returns is what the benchmark divides by its time."""
+    from portinfer.backends.cpu import _cpu
+    default_threads = cpu.num_threads()
+    try:
+        for threads in (1, 3):
+            cpu.set_num_threads(threads)
+            assert _cpu.bf16_dot_peak(10) == threads * 10 * 24 * 64
+    finally:
+        cpu.set_num_threads(default_threads)
+    with pytest.raises(ValueError, match="iters must be >= 1"):
+        _cpu.bf16_dot_peak(0)
