@@ -40,7 +40,7 @@ bool amx_emulation();
 
 // the kernel table of the amx path: avx512bf16's, its bf16 x bf16 linear at M > 16 on tiles
 const KernelTable* table_amx();
-// the int8 route on tiles: panels of 4..16 rows of x on TDPBSUD, fewer rows on AVX512-VNNI
+// the int8 route on tiles: panel calls of 16 rows of x on TDPBSUD, fewer rows on AVX512-VNNI
 const Int8Kernels* int8_kernels_amx();
 
 // amx_kernels.cpp: the self-check's work (no thread pool: it runs in a forked child). 0 when the

@@ -20,7 +20,8 @@
 // the quantized x against the block's 16 rows of codes (Q8_0's straight from the panel; the 4-bit and
 // K-quant codes decoded by the AVX512-VNNI path's `codes` into a 512-byte buffer), the int32 sums
 // stored and scaled in fp32 exactly as that path does: the same bits as avx512vnni for every format.
-// Fewer than AMX_MIN_ROWS rows of x run on the AVX512-VNNI kernel (a tile of 1-3 rows does little).
+// Fewer than AMX_MIN_ROWS (16) rows of x run on the AVX512-VNNI kernel: a block's tile round is a
+// chain (load, dot, store, read back) that only a full tile of rows is sure to pay for.
 //
 // Never run on AMX hardware by its authors (no Sapphire Rapids was at hand): the self-check (amx.cpp)
 // is what stands between an error here and wrong numbers on such a machine.
@@ -355,7 +356,11 @@ static KernelTable make_table() {
 // ============================================================================
 // int8 panels
 
-static const int AMX_MIN_ROWS = 4;  // fewer rows of x: the AVX512-VNNI kernel (not tuned on hardware)
+// Fewer rows of x: the AVX512-VNNI kernel. A decode step of up to 15 sequences stays on it, a prefill
+// (or a step of 16) takes tiles. Not tuned on hardware: per 32-weight block a tile round is tilezero,
+// two tileloads, one TDPBSUD, a tilestored and the epilogue reading the sums back, a serial chain,
+// where the vector kernel's 8 vpdpbusd a row of x overlap freely; only 16 rows a round surely pay.
+static const int AMX_MIN_ROWS = 16;
 
 // R rows of x: C 0 [R][16] int32, A 1 [R][32 bytes], B 2 [8 quads][16 columns]; for Q6_K's halves
 // C 3, 4, A 5, 6 [R][16 bytes], B 7 [4 quads][16 columns]. The key: 16 + R.
@@ -375,7 +380,7 @@ static void int8_configure(int R) {
     U::loaded() = 16 + R;
 }
 
-// y [R][16] = R (AMX_MIN_ROWS .. 16) rows of x against the panel at p (Int8Kernels::panel)
+// y [R][16] = R (<= 16) rows of x against the panel at p (Int8Kernels::panel)
 template <class U, int FMT>
 static void panel_tiles(float* y, const int8_t* q, const float* xd, const float* xs, const int32_t* xo, int R, int64_t K,
                         const uint8_t* p) {
@@ -474,8 +479,13 @@ static void panel_unit(float* y, const int8_t* q, const float* xd, const float* 
 
 static void panel(float* y, const int8_t* q, const float* xd, const float* xs, const int32_t* xo, int R, int64_t K,
                   const uint8_t* p, int fmt) {
-    if (R < AMX_MIN_ROWS) pi_amx_vnni::panel(y, q, xd, xs, xo, R, K, p, fmt);
-    else if (emulate.load(std::memory_order_relaxed)) panel_unit<EmuTiles>(y, q, xd, xs, xo, R, K, p, fmt);
+    if (R < AMX_MIN_ROWS) {  // the VNNI kernel, at most pi_amx_vnni::PANEL_ROWS rows a call
+        const int64_t nb = K / QK;
+        for (int r0 = 0; r0 < R; r0 += pi_amx_vnni::PANEL_ROWS) {
+            const int n = R - r0 < pi_amx_vnni::PANEL_ROWS ? R - r0 : pi_amx_vnni::PANEL_ROWS;
+            pi_amx_vnni::panel(y + 16 * r0, q + r0 * K, xd + r0 * nb, xs + r0 * nb, xo + r0 * nb * 4, n, K, p, fmt);
+        }
+    } else if (emulate.load(std::memory_order_relaxed)) panel_unit<EmuTiles>(y, q, xd, xs, xo, R, K, p, fmt);
     else panel_unit<HwTiles>(y, q, xd, xs, xo, R, K, p, fmt);
 }
 
@@ -486,9 +496,9 @@ static const Int8Kernels int8_kernels = {"amx", pi_amx_vnni::quantize_row, panel
 // the hardware in a forked child (single-threaded, on buffers allocated before the fork)
 
 struct SelfCheck {
-    // int8: one panel of 16 rows, K = 256, 13 rows of x, in each of three formats that take the three
-    // B shapes (Q8_0 straight from the panel, Q4_0 decoded, Q6_K in halves)
-    static const int R = 13;
+    // int8: one panel of 16 rows, K = 256, 16 rows of x (the tile rounds the path runs), in each of three
+    // formats that take the three B shapes (Q8_0 straight from the panel, Q4_0 decoded, Q6_K in halves)
+    static const int R = 16;
     static const int64_t K8 = 256;
     std::vector<uint8_t> panels[3];
     std::vector<int8_t> q;

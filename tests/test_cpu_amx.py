@@ -202,8 +202,8 @@ def test_bf16_gemm_on_emulated_tiles_does_not_depend_on_threads(emulated, thread
 @needs_emulation
 @pytest.mark.parametrize("fmt", FORMATS)
 def test_int8_panels_on_emulated_tiles_equal_avx512vnni(emulated, fmt):
-    """Every block format, rows of x from 1 (the VNNI kernel) through 4 (the first on tiles) to 16
-    and beyond (chunks): the same bits as the avx512vnni path."""
+    """Every block format, rows of x from 1 through 15 a panel call (the VNNI kernel, 8 rows a call)
+    to 16 a call (tiles: 16, 32, 48 rows): the same bits as the avx512vnni path."""
     _cpu.set_int8_prefill(True)
     K = 512 if fmt.endswith("_k") else 160
     g = torch.Generator().manual_seed(len(fmt) + K)
@@ -211,7 +211,7 @@ def test_int8_panels_on_emulated_tiles_equal_avx512vnni(emulated, fmt):
     b = torch.randn(37, generator=g)
     be = CpuBackend(quant_route="int8")
     wp = be.prepare_linear(w, torch.float32)
-    for M in (1, 3, 4, 5, 13, 16, 17, 40):
+    for M in (1, 3, 9, 13, 16, 17, 32, 40, 48):
         x = torch.randn(M, K, generator=g)
         out = {}
         for path in ("amx", "avx512vnni"):
@@ -235,7 +235,7 @@ def test_hardware_tiles_equal_the_software_tile_unit():
         for fmt in FORMATS:
             K = 512
             w = quant.quantize(torch.randn(70, K, generator=g) / math.sqrt(K), fmt)
-            x = torch.randn(29, K, generator=g)
+            x = torch.randn(48, K, generator=g)  # panel calls of 16 rows: tiles
             wp = be.prepare_linear(w, torch.float32)
             be.set_int8_path("amx")
             y_hw = be.linear(x, wp, None)
