@@ -665,12 +665,23 @@ PYBIND11_MODULE(_cpu, m) {
        "chains; returns the flops done");
     m.def("_amx_request_permission", [] { return amx_request_permission(); },
           "the arch_prctl request itself, asked whatever the CPU reports: '' granted, else the refusal (tests)");
-    m.def("_amx_selfcheck_forked", [] {
+    // the self-check's own answers come from AVX512-BF16 / AVX512-VNNI code (the software tile unit's
+    // epilogues): refused, not run, on a CPU without them
+    auto selfcheck_cpu = [](const char* op) {
+        __builtin_cpu_init();
+        if (!__builtin_cpu_supports("avx512f") || !__builtin_cpu_supports("avx512bw") ||
+            !__builtin_cpu_supports("avx512vl") || !__builtin_cpu_supports("avx512dq") ||
+            !__builtin_cpu_supports("avx512bf16") || !__builtin_cpu_supports("avx512vnni"))
+            throw py::value_error(std::string(op) + ": needs a CPU with AVX512-BF16 and AVX512-VNNI, which this one lacks");
+    };
+    m.def("_amx_selfcheck_forked", [selfcheck_cpu] {
+        selfcheck_cpu("_amx_selfcheck_forked");
         py::gil_scoped_release release;
         std::lock_guard<std::mutex> lock(kernel_lock);
         return amx_selfcheck_forked();
     }, "the self-check on the hardware tiles in a forked child: '' agreed, else why not (tests)");
-    m.def("_amx_selfcheck_reference", [] {
+    m.def("_amx_selfcheck_reference", [selfcheck_cpu] {
+        selfcheck_cpu("_amx_selfcheck_reference");
         py::gil_scoped_release release;
         std::lock_guard<std::mutex> lock(kernel_lock);
         return amx_selfcheck_run(false);
