@@ -9,6 +9,8 @@ Every ratio is measured side by side in one run (issue 4's targets):
   - GEMV (M=1) with fp32 and bf16 weights of >= 64 MiB (twice this machine's L3, so the
     weights stream from DRAM as in LLM decode): weight bytes/s vs the copy bandwidth;
   - Q8_0 / Q4_0 / Q4_1 GEMV: quantized bytes/s vs the copy bandwidth;
+  - the int8 route at prefill (cpu[int8-all]: a Q4_0 linear of 128 rows) on every int8 path usable here
+    (amx, avx512vnni, avxvnni, avx2, portable), beside the fp32 route's GEMM on the same blocks;
   - attention decode (1 query, 2048 keys, 14 q heads over 2 kv heads, D=64) and
     prefill (S=512, causal) vs torch.nn.functional.scaled_dot_product_attention.
 Copy bandwidth = (bytes read + bytes written) / time of a 256 MiB torch tensor copy, read bandwidth =
@@ -180,6 +182,24 @@ def run(quick=False, threads=None):
             median_ratio_vs_copy_bandwidth=qw.nbytes / ours.median_s / copy, read_GBps=read / 1e9,
             ratio_vs_read_bandwidth=qw.nbytes / ours.min_s / read, target=0.8)
         del qw, wp
+
+    # ---------------------------------------------------------------- int8 route at prefill, every int8 path
+    # cpu[int8-all] (prompts on int8 activations): one Q4_0 linear of 128 rows on each int8 path usable
+    # here (amx's tiles where usable), GMAC/s side by side, against the fp32 route's GEMM on the same blocks
+    q8all, q32 = backends.get("cpu", quant_route="int8-all"), backends.get("cpu", quant_route="fp32")
+    qw = random_blocks("q4_0", 2048, 2048, gen)
+    x = torch.randn(128, 2048, generator=gen)
+    wp8, wp32 = q8all.prepare_linear(qw), q32.prepare_linear(qw)
+    fp32_route = measure(lambda: q32.linear(x, wp32), repeats=reps)
+    default_path = q8all.int8_path()
+    macs = 128 * 2048 * 2048
+    for path in q8all.int8_paths():
+        q8all.set_int8_path(path)
+        t = measure(lambda: q8all.linear(x, wp8), repeats=reps)
+        row(f"int8 route prefill q4_0 M=128 K=2048 N=2048 path={path}", GMACs=macs / t.min_s / 1e9,
+            fp32_route_GMACs=macs / fp32_route.min_s / 1e9, vs_fp32_route=fp32_route.min_s / t.min_s)
+    q8all.set_int8_path(default_path)
+    del qw, wp8, wp32
 
     # ---------------------------------------------------------------- attention vs torch SDPA
     i32 = torch.int32
