@@ -72,9 +72,7 @@ AmxState compute_state() {
         s.status = "absent: this CPU does not report amx-tile, amx-bf16 and amx-int8";
         return s;
     }
-    if (!__builtin_cpu_supports("avx512f") || !__builtin_cpu_supports("avx512bw") || !__builtin_cpu_supports("avx512vl") ||
-        !__builtin_cpu_supports("avx512dq") || !__builtin_cpu_supports("avx512bf16") ||
-        !__builtin_cpu_supports("avx512vnni") || !__builtin_cpu_supports("fma") || !__builtin_cpu_supports("f16c")) {
+    if (!amx_vector_isa()) {
         s.status = "absent: the CPU reports AMX without the AVX512-BF16 and AVX512-VNNI the amx paths also use";
         return s;
     }
@@ -97,6 +95,18 @@ AmxState compute_state() {
 }
 
 }  // namespace
+
+bool amx_vector_isa() {
+#if defined(__x86_64__)
+    __builtin_cpu_init();
+    return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512dq") &&
+           __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512bf16") &&
+           __builtin_cpu_supports("avx512vnni") && __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
+           __builtin_cpu_supports("f16c");
+#else
+    return false;
+#endif
+}
 
 std::string amx_request_permission() {
 #if defined(__linux__) && defined(__x86_64__)

@@ -30,6 +30,9 @@ struct AmxState {
     std::string status;  // "usable", or why not: "absent: ...", "disabled: ...", "refused: ...", "failed: ..."
 };
 const AmxState& amx_state();
+// the vector extensions the amx paths' other kernels, and the software tile unit, also run on (AVX-512 F/BW/
+// DQ/VL, AVX512-BF16, AVX512-VNNI, AVX2, FMA, F16C): every AMX CPU has them
+bool amx_vector_isa();
 // the permission request itself (ARCH_REQ_XCOMP_PERM), made whether or not the CPU reports AMX; ""
 // when granted, else the kernel's refusal (tests: the refusal path on a CPU without AMX)
 std::string amx_request_permission();

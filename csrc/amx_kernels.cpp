@@ -93,7 +93,7 @@ struct HwTiles {
     template <int C, int A, int B> static void dp_su8() {
         asm volatile("tdpbsud %%tmm%c2, %%tmm%c1, %%tmm%c0" ::"i"(C), "i"(A), "i"(B));
     }
-    // the configuration this thread's tiles hold (a key: 0 none, else the kernel's): reloaded on change
+    // the int8 configuration this thread's tiles hold (16 + R; 0 none or another): reloaded on change
     static int& loaded() {
         static thread_local int key = 0;
         return key;
@@ -218,8 +218,6 @@ std::atomic<bool> emulate{emulate_from_env()};
 
 static const int64_t KC = 512;       // k per block: [256 pairs][32 outputs] bf16 = 32 KiB of B, in L1
 static const int64_t MC_MAX = 1024;  // rows per task at most (a 1024 x 32 fp32 accumulator: 128 KiB, L2)
-static const int GEMV_MAX_M = 16;    // up to this many rows: the avx512 GEMV (as gemm_bf16.cpp)
-static const int BF16_KEY = 1;       // HwTiles::loaded() while bf16_config is loaded
 
 // every tile 16 rows x 64 bytes: C 0-3 (fp32), A 4-5 (32 bf16 of k), B 6-7 (16 k-pairs x 16 columns)
 static const TileConfig bf16_config =
@@ -240,7 +238,7 @@ template <class U>
 static void bf16_task(const Bf16Job& j, int64_t t, float* acc, uint16_t* B) {
     const int64_t p = t / j.mchunks, m0 = (t % j.mchunks) * j.mc, m1 = imin(j.Mp, m0 + j.mc);
     U::configure(&bf16_config);
-    U::loaded() = BF16_KEY;
+    U::loaded() = 0;  // not an int8 configuration (int8_configure reloads its own)
     const int64_t sa = j.lda * 2;  // bytes between rows of A
     for (int64_t k0 = 0; k0 < j.K; k0 += KC) {
         const int64_t kc = imin(KC, j.K - k0), kp = ceil_div(kc, 2), kps = ceil_div(kc, 32) * 16;
@@ -286,7 +284,6 @@ static void bf16_task(const Bf16Job& j, int64_t t, float* acc, uint16_t* B) {
         }
     }
     U::release();
-    U::loaded() = 0;
     if (m0 < j.M) bf16_store_rows(j.y + m0 * j.N, acc, j.bias, imin(m1, j.M) - m0, j.N, p * PANEL);
 }
 
@@ -337,7 +334,7 @@ static void gemm(void* out, const uint16_t* x, int64_t xs, const uint16_t* P, co
 
 static void linear(void* out, const void* x, const void* weights, const void* bias, int64_t M, int64_t N, int64_t K,
                    int64_t xs, int adt, int wfmt) {
-    if (wfmt == W_BF16 && adt == DT_BF16 && M > GEMV_MAX_M && K > 0 && N > 0) {
+    if (bf16_gemm_takes(M, K, adt, wfmt)) {
         const uint16_t *xx = (const uint16_t*)x, *w = (const uint16_t*)weights, *b = (const uint16_t*)bias;
         if (emulate.load(std::memory_order_relaxed)) gemm<EmuTiles>(out, xx, xs, w, b, M, N, K);
         else gemm<HwTiles>(out, xx, xs, w, b, M, N, K);

@@ -45,7 +45,7 @@ std::vector<Path> usable_paths() {
                         __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
     // amx: where the tiles are usable (amx.h: the CPU has them, the kernel granted them, the self-check
     // passed), or the software tile unit stands in for them (tests)
-    if (avx512 && __builtin_cpu_supports("avx512bf16") && (amx_emulation() || amx_state().bf16))
+    if (amx_vector_isa() && (amx_emulation() || amx_state().bf16))
         paths.push_back({"amx", table_amx()});
     if (avx512 && __builtin_cpu_supports("avx512bf16")) paths.push_back({"avx512bf16", table_avx512bf16()});
     if (avx512) paths.push_back({"avx512", table_avx512()});
@@ -103,8 +103,7 @@ std::vector<Int8Path> int8_paths_compiled() {
                          __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512vnni");
     // amx: the AVX512-VNNI kernels for 1-3 rows of x, tiles for more; needs what the amx kernel path needs
     paths.push_back({"amx", int8_kernels_amx(),
-                     vnni512 && __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("avx512bf16") &&
-                         (amx_emulation() || amx_state().int8),
+                     amx_vector_isa() && (amx_emulation() || amx_state().int8),
                      "AMX tiles this process may use (AMX here: ", true});
     paths.push_back({"avx512vnni", int8_kernels_avx512vnni(), vnni512, "AVX512F, AVX512BW, AVX512VL and AVX512-VNNI"});
     paths.push_back({"avxvnni", int8_kernels_avxvnni(), avx2 && __builtin_cpu_supports("avxvnni"),
@@ -668,10 +667,7 @@ PYBIND11_MODULE(_cpu, m) {
     // the self-check's own answers come from AVX512-BF16 / AVX512-VNNI code (the software tile unit's
     // epilogues): refused, not run, on a CPU without them
     auto selfcheck_cpu = [](const char* op) {
-        __builtin_cpu_init();
-        if (!__builtin_cpu_supports("avx512f") || !__builtin_cpu_supports("avx512bw") ||
-            !__builtin_cpu_supports("avx512vl") || !__builtin_cpu_supports("avx512dq") ||
-            !__builtin_cpu_supports("avx512bf16") || !__builtin_cpu_supports("avx512vnni"))
+        if (!amx_vector_isa())
             throw py::value_error(std::string(op) + ": needs a CPU with AVX512-BF16 and AVX512-VNNI, which this one lacks");
     };
     m.def("_amx_selfcheck_forked", [selfcheck_cpu] {

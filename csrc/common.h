@@ -152,6 +152,15 @@ struct KernelTable {
     void (*attention)(const AttentionArgs* a);
 };
 
+// rows of x up to which every path's linear runs its GEMV (decode: a server's step over up to 16
+// slots, kernels_impl.h); more rows are a prefill
+static const int GEMV_MAX_M = 16;
+// whether a bf16 x bf16 GEMM (gemm_bf16.cpp's vdpbf16ps, amx_kernels.cpp's tiles) takes a linear call:
+// bf16 activations and weights past the GEMV
+static inline bool bf16_gemm_takes(int64_t M, int64_t K, int adt, int wfmt) {
+    return wfmt == W_BF16 && adt == DT_BF16 && M > GEMV_MAX_M && K > 0;
+}
+
 // dense weights are packed in panels of PANEL output features: [ceil(N/PANEL)][K][PANEL], zero padded
 static const int PANEL = 32;
 // P [ceil(N/32)][K][32] = W [N, K] (row stride ws elements), padded with zeros; elem_bytes 2 or 4 (layout.cpp)

@@ -29,7 +29,6 @@ namespace pi_avx512bf16 {
 static const int64_t KC = 256;       // k per block: [128 pairs][32] bf16 = 16 KiB
 static const int MR = 12;            // rows of the register tile
 static const int64_t MC_MAX = 1024;  // rows per task at most (a 1024 x 32 fp32 tile: 128 KiB, L2)
-static const int GEMV_MAX_M = 16;    // kernels_impl.h: up to this many rows, the avx512 GEMV
 
 static inline int64_t imin(int64_t a, int64_t b) { return a < b ? a : b; }
 static inline int64_t imax(int64_t a, int64_t b) { return a > b ? a : b; }
@@ -165,7 +164,7 @@ static void gemm_bf16(void* out, const uint16_t* x, int64_t xs, const uint16_t* 
 
 static void linear(void* out, const void* x, const void* weights, const void* bias, int64_t M, int64_t N, int64_t K,
                    int64_t xs, int adt, int wfmt) {
-    if (wfmt == W_BF16 && adt == DT_BF16 && M > GEMV_MAX_M && K > 0) {
+    if (bf16_gemm_takes(M, K, adt, wfmt)) {
         gemm_bf16(out, (const uint16_t*)x, xs, (const uint16_t*)weights, (const uint16_t*)bias, M, N, K);
         return;
     }

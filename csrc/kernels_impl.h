@@ -302,7 +302,6 @@ static void rope(void* out, const void* x, const int64_t* pos, const double* inv
 
 static const int NV = PANEL / W;  // vectors per panel row
 static const int GEMV_R = Vec::GEMV_R;
-static const int GEMV_MAX_M = 16;
 static const int64_t GEMV_KC = 1024;  // k per chunk when a panel takes several passes (128 KiB of fp32)
 // block-quantized weights: rows of x per GEMV pass (decode of up to 8 sequences reads the weights
 // once; the GEMM path dequantizes every tile, which cost a batch of 8 ~4x one sequence)

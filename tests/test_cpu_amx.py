@@ -126,7 +126,7 @@ def test_fallback_when_not_usable_or_disabled(setting):
         assert simd == "amx" and int8 == "amx"
     else:
         assert simd != "amx" and int8 != "amx", (status, simd, int8)
-        assert simd == CpuBackend.simd_paths()[0] or "amx" == CpuBackend.simd_paths()[0]
+        assert simd == [p for p in CpuBackend.simd_paths() if p != "amx"][0], (simd, CpuBackend.simd_paths())
 
 
 @needs_emulation
@@ -180,7 +180,7 @@ def test_bf16_gemm_on_emulated_tiles_matches_the_reference(emulated, M, N, K):
 
 
 @needs_emulation
-@pytest.mark.parametrize("threads", [1, 2, 3])
+@pytest.mark.parametrize("threads", [2, 3])
 def test_bf16_gemm_on_emulated_tiles_does_not_depend_on_threads(emulated, threads):
     """Rows are chunked across threads when there are few panels; every output's sum runs in the
     same order however the tasks fall."""
